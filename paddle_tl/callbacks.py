@@ -1,0 +1,163 @@
+"""Training features as `paddle.Model` callbacks: epoch records, VisualDL,
+checkpoints, early stopping and a NaN guard. The loop stays hapi's own.
+
+hapi numbers epochs from 0 in every `fit` call; a resumed run starts `fit`
+part-way, so the callbacks add `RunState.start_epoch` to get the run's epoch.
+"""
+
+import math
+import random
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from paddle_tl.backend import import_paddle
+from paddle_tl.checkpoint import save_checkpoint
+
+paddle = import_paddle()
+Callback = paddle.callbacks.Callback
+
+
+@dataclass
+class RunState:
+    """What the callbacks share and what a checkpoint records to resume."""
+    seed: int
+    class_names: list
+    start_epoch: int = 0
+    epochs_done: int = 0
+    best_top1: float = -1.0
+    best_epoch: int = -1
+    epochs_without_improvement: int = 0
+    history: list = field(default_factory=list)  # one dict per finished epoch
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    paddle.seed(seed)
+
+
+def metric_names(topk):
+    """hapi's Accuracy names its results acc (one k) or acc_topK; ours are topK."""
+    if len(topk) == 1:
+        return {"acc": f"top{topk[0]}"}
+    return {f"acc_top{k}": f"top{k}" for k in topk}
+
+
+class EpochRecorder(Callback):
+    """Averages the training loss over the epoch and the eval loss over the eval
+    set (hapi's own logs hold only the last batch's loss), and records one
+    history row per epoch. Seeds each epoch from (seed, epoch) so a resumed
+    run draws the same shuffles and augmentations as an uninterrupted one."""
+
+    def __init__(self, state, names, evaluates, listeners):
+        super().__init__()
+        self.state, self.names, self.evaluates = state, names, evaluates
+        self.listeners = listeners  # objects with on_record(row), told in order
+
+    def _epoch(self, local_epoch):
+        return self.state.start_epoch + local_epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        seed_everything(self.state.seed + self._epoch(epoch))
+        self.row = {"epoch": self._epoch(epoch) + 1, "lr": float(self.model._optimizer.get_lr())}
+        self._sums = [0.0, 0]
+
+    def on_train_batch_end(self, step, logs=None):
+        loss = float(logs["loss"][0])
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss became {loss} at epoch {self.row['epoch']}, step {step + 1}; "
+                "the run stopped and its last checkpoint (latest.pdparams) is intact. "
+                "Try a smaller Optimizer.lr.learning_rate or add warm-up.")
+        self._sums[0] += loss * logs["batch_size"]
+        self._sums[1] += logs["batch_size"]
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.row["train_loss"] = self._sums[0] / max(1, self._sums[1])
+        self.row.update({f"train_{ours}": float(logs[theirs]) for theirs, ours in self.names.items()})
+        if not self.evaluates(epoch):
+            self._finish()
+
+    def on_eval_begin(self, logs=None):
+        self._eval_sums = [0.0, 0]
+
+    def on_eval_batch_end(self, step, logs=None):
+        self._eval_sums[0] += float(logs["loss"][0]) * logs["batch_size"]
+        self._eval_sums[1] += logs["batch_size"]
+
+    def on_eval_end(self, logs=None):
+        self.row["eval_loss"] = self._eval_sums[0] / max(1, self._eval_sums[1])
+        self.row.update({f"eval_{ours}": float(logs[theirs]) for theirs, ours in self.names.items()})
+        self._finish()
+
+    def _finish(self):
+        self.state.history.append(self.row)
+        self.state.epochs_done = self.row["epoch"]
+        for listener in self.listeners:
+            listener.on_record(self.row)
+
+
+class VisualDLLogger(Callback):
+    """Into RUN/vdl: per epoch `train/*` and `eval/*` (loss, topK, lr), and
+    every `log_interval` steps `train_step/*` (the batch's loss, the running
+    accuracy, the learning rate)."""
+
+    def __init__(self, logdir, state, names, log_interval, steps_per_epoch):
+        super().__init__()
+        from visualdl import LogWriter
+        self.writer = LogWriter(logdir=str(logdir))
+        self.state, self.names = state, names
+        self.log_interval, self.steps_per_epoch = log_interval, steps_per_epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = self.state.start_epoch + epoch
+
+    def on_train_batch_end(self, step, logs=None):
+        if (step + 1) % self.log_interval:
+            return
+        global_step = self._epoch * self.steps_per_epoch + step + 1
+        self.writer.add_scalar("train_step/loss", float(logs["loss"][0]), global_step)
+        self.writer.add_scalar("train_step/lr", float(self.model._optimizer.get_lr()), global_step)
+        for theirs, ours in self.names.items():
+            self.writer.add_scalar(f"train_step/{ours}", float(logs[theirs]), global_step)
+
+    def on_record(self, row):
+        for key, value in row.items():
+            if key == "lr":
+                self.writer.add_scalar("train/lr", value, row["epoch"])
+            elif key != "epoch":
+                split, _, name = key.partition("_")  # "eval_top1" -> eval/top1
+                self.writer.add_scalar(f"{split}/{name}", value, row["epoch"])
+        self.writer.flush()
+
+    def on_train_end(self, logs=None):
+        self.writer.close()
+
+
+class Checkpointer(Callback):
+    """After each epoch (and its evaluation): `latest` always, `best_model`
+    when eval top-1 improved; stops training after `patience` epochs without
+    improvement."""
+
+    def __init__(self, run_dir, state, patience):
+        super().__init__()
+        self.run_dir, self.state, self.patience = run_dir, state, patience
+
+    def on_record(self, row):
+        network, optimizer = self.model.network, self.model._optimizer
+        if "eval_top1" in row:
+            if row["eval_top1"] > self.state.best_top1:
+                self.state.best_top1, self.state.best_epoch = row["eval_top1"], row["epoch"]
+                self.state.epochs_without_improvement = 0
+                save_checkpoint(self.run_dir / "best_model", network, state=self.state.to_dict())
+            else:
+                self.state.epochs_without_improvement += 1
+        save_checkpoint(self.run_dir / "latest", network, optimizer, self.state.to_dict())
+        if self.patience and self.state.epochs_without_improvement >= self.patience:
+            print(f"early stopping: no better eval top-1 for {self.patience} epochs "
+                  f"(best {self.state.best_top1:.4f} at epoch {self.state.best_epoch})")
+            self.model.stop_training = True

@@ -1,0 +1,135 @@
+"""Checkpoints of a run folder, written atomically, and resuming from them.
+
+A checkpoint is three files sharing a prefix: `<prefix>.pdparams` (a plain
+state dict: what eval and export load), `<prefix>.pdopt` (optimizer and
+scheduler state) and `<prefix>.state.json` (epoch, best score, history). Each
+file is written to a temporary name and renamed, so a kill leaves either the
+old or the new file, never a torn one; `state.json` is renamed last and
+records the sha256 of the other two, so a resume can tell that the three
+belong together.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from paddle_tl.backend import import_paddle
+from paddle_tl.errors import UserError
+
+paddle = import_paddle()
+
+STATE_SUFFIX = ".state.json"
+
+
+class CheckpointError(UserError, RuntimeError):
+    pass
+
+
+def _atomic_write(path, write):
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    write(tmp)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(prefix, network, optimizer=None, state=None):
+    prefix = str(prefix)
+    _atomic_write(prefix + ".pdparams", lambda tmp: paddle.save(network.state_dict(), str(tmp)))
+    files = {"pdparams": _sha256(prefix + ".pdparams")}
+    if optimizer is not None:
+        opt_state = optimizer_state_by_structured_name(network, optimizer)
+        _atomic_write(prefix + ".pdopt", lambda tmp: paddle.save(opt_state, str(tmp)))
+        files["pdopt"] = _sha256(prefix + ".pdopt")
+    record = dict(state or {}, files=files)
+    _atomic_write(prefix + STATE_SUFFIX, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+
+
+def load_state(prefix):
+    """The state record of a checkpoint, after checking its files belong to it."""
+    path = Path(str(prefix) + STATE_SUFFIX)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {prefix} ({path.name} missing)")
+    record = json.loads(path.read_text())
+    for ext, digest in record.get("files", {}).items():
+        file = Path(f"{prefix}.{ext}")
+        if not file.is_file() or _sha256(file) != digest:
+            raise CheckpointError(f"checkpoint {prefix} is incomplete: {file.name} does not match "
+                                  f"{path.name} (the run was probably killed while saving)")
+    return record
+
+
+def resolve_resume(resume):
+    """Global.resume names a run folder (its latest checkpoint) or a prefix."""
+    path = Path(resume)
+    if path.is_dir():
+        path = path / "latest"
+    for suffix in (".pdparams", STATE_SUFFIX):
+        if str(path).endswith(suffix):
+            path = Path(str(path)[: -len(suffix)])
+    if not Path(str(path) + STATE_SUFFIX).is_file():
+        raise CheckpointError(f"Global.resume: no checkpoint found at {resume} "
+                              f"(expected {path}{STATE_SUFFIX})")
+    return path
+
+
+def load_weights(network, path):
+    """Load a `.pdparams` (or prefix) into the network, refusing partial fits."""
+    path = Path(str(path))
+    if path.suffix != ".pdparams":
+        path = Path(str(path) + ".pdparams")
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    state = paddle.load(str(path))
+    own = network.state_dict()
+    missing = [k for k in own if k not in state]
+    wrong = [k for k in own if k in state and list(state[k].shape) != list(own[k].shape)]
+    if missing or wrong:
+        example = (missing or wrong)[0]
+        raise CheckpointError(f"{path} does not fit this model: {len(missing)} tensors missing, "
+                              f"{len(wrong)} of another shape (e.g. {example}); "
+                              "was it trained with another Arch.name or number of classes?")
+    network.set_state_dict(state)
+    return path
+
+
+def optimizer_state_by_structured_name(network, optimizer):
+    """Paddle keys optimizer state by generated parameter names
+    (`conv2d_3.w_0_velocity_0`), which change with construction order; store
+    them under structured names (`features.0.0.weight`) so that a fresh
+    process can map them back."""
+    to_structured = {p.name: n for n, p in network.named_parameters()}
+    return _rename_state(optimizer.state_dict(), to_structured)
+
+
+def restore_optimizer(network, optimizer, path):
+    to_generated = {n: p.name for n, p in network.named_parameters()}
+    optimizer.set_state_dict(_rename_state(paddle.load(str(path)), to_generated))
+
+
+def _rename_state(state, mapping):
+    # Accumulator keys are "<param name>_<accumulator>_<n>"; match the longest
+    # parameter name that prefixes the key.
+    names = sorted(mapping, key=len, reverse=True)
+
+    def rename(key):
+        for name in names:
+            if key == name or key.startswith(name + "_"):
+                return mapping[name] + key[len(name):]
+        return key
+
+    renamed = {}
+    for key, value in state.items():
+        if isinstance(value, dict) and key != "LR_Scheduler":
+            value = {rename(k): v for k, v in value.items()}  # e.g. AMP master_weights
+        renamed[rename(key)] = value
+    return renamed

@@ -1,0 +1,307 @@
+"""The run configuration: YAML with PaddleClas-style sections, `-o` overrides,
+validated into typed dataclasses before any work starts.
+
+Every key a user can write is a dataclass field below, so the schema, its
+defaults and its documentation live in one place. Validation refuses unknown
+keys (naming the closest valid one), wrong types and impossible values.
+"""
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import yaml
+
+from paddle_tl.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A config that cannot be run; the message names the offending key."""
+
+
+@dataclass
+class GlobalConfig:
+    output_dir: str = "output/run"
+    epochs: int = 10
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    seed: int = 42
+    pretrained_model: Optional[str] = None  # weights of a finished run (eval/export)
+    save_inference_dir: str = "inference"
+    resume: Optional[str] = None  # a run folder or checkpoint prefix
+    amp: bool = False  # automatic mixed precision (GPU only)
+    eval_interval: int = 1  # evaluate every N epochs
+    early_stopping_patience: int = 0  # epochs without a better eval top-1; 0 = off
+    log_interval: int = 10  # steps between progress-bar/VisualDL training points
+
+    def validate(self, at):
+        _require(self.epochs >= 1, f"{at}.epochs", "must be >= 1")
+        _require(self.eval_interval >= 1, f"{at}.eval_interval", "must be >= 1")
+        _require(self.early_stopping_patience >= 0, f"{at}.early_stopping_patience", "must be >= 0")
+        _require(self.log_interval >= 1, f"{at}.log_interval", "must be >= 1")
+
+
+@dataclass
+class ArchConfig:
+    name: str = "mobilenet_v2"
+    # "imagenet", false, a .pdparams path or a torchvision .pth path
+    pretrained: Union[bool, str] = "imagenet"
+    pretrained_sha256: Optional[str] = None  # refuse a weights file that does not match
+    num_classes: Optional[int] = None  # taken from the training data when not given
+    input_size: Optional[int] = None  # overrides the architecture's table
+    kwargs: dict = field(default_factory=dict)  # extra constructor arguments, e.g. {scale: 0.25}
+
+    def validate(self, at):
+        _require(self.pretrained is not True, f"{at}.pretrained",
+                 "true is ambiguous: write 'imagenet' or a weights file path")
+        _require(self.num_classes is None or self.num_classes >= 2, f"{at}.num_classes", "must be >= 2")
+        _require(self.input_size is None or self.input_size >= 32, f"{at}.input_size", "must be >= 32")
+
+
+@dataclass
+class TransferConfig:
+    strategy: Literal["auto", "linear_probe", "partial", "full"] = "auto"
+    freeze_stages: Optional[int] = None  # partial: bottom stages kept frozen (default: half)
+    body_lr_mult: float = 0.1  # learning rate of trainable body layers relative to the head
+    bn: Literal["freeze", "train"] = "freeze"  # BatchNorm statistics of frozen stages
+
+    def validate(self, at):
+        _require(self.freeze_stages is None or self.freeze_stages >= 0, f"{at}.freeze_stages", "must be >= 0")
+        _require(self.body_lr_mult > 0, f"{at}.body_lr_mult", "must be > 0")
+
+
+@dataclass
+class LossConfig:
+    name: Literal["CrossEntropy"] = "CrossEntropy"
+    label_smoothing: float = 0.0
+
+    def validate(self, at):
+        _require(0 <= self.label_smoothing < 1, f"{at}.label_smoothing", "must be in [0, 1)")
+
+
+@dataclass
+class LRConfig:
+    name: Literal["Cosine", "Step", "Constant"] = "Cosine"
+    learning_rate: float = 0.01
+    warmup_epochs: float = 0.0
+    warmup_start_lr: float = 0.0
+    step_epochs: int = 10  # Step: decay every N epochs
+    gamma: float = 0.1  # Step: decay factor
+
+    def validate(self, at):
+        _require(self.learning_rate > 0, f"{at}.learning_rate", "must be > 0")
+        _require(self.warmup_epochs >= 0, f"{at}.warmup_epochs", "must be >= 0")
+        _require(self.warmup_start_lr >= 0, f"{at}.warmup_start_lr", "must be >= 0")
+        _require(self.step_epochs >= 1, f"{at}.step_epochs", "must be >= 1")
+        _require(0 < self.gamma <= 1, f"{at}.gamma", "must be in (0, 1]")
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["Momentum", "SGD", "Adam", "AdamW"] = "Momentum"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr: LRConfig = field(default_factory=LRConfig)
+
+    def validate(self, at):
+        _require(0 <= self.momentum < 1, f"{at}.momentum", "must be in [0, 1)")
+        _require(self.weight_decay >= 0, f"{at}.weight_decay", "must be >= 0")
+
+
+@dataclass
+class DatasetConfig:
+    name: Literal["ImageFolder", "ListFile", "elpv"] = "ImageFolder"
+    root: Optional[str] = None  # ImageFolder: folder of class sub-folders; ListFile: base of relative paths
+    list_file: Optional[str] = None  # ListFile: "relative/path.jpg label" per line
+    label_names_file: Optional[str] = None  # ListFile: one class name per line, in label order
+    split: Optional[Literal["train", "eval"]] = None  # elpv: side of the split; default: the loader's own
+    label_mode: Literal["four_class", "binary"] = "four_class"  # elpv
+    cell_type: Literal["all", "mono", "poly"] = "all"  # elpv
+    eval_fraction: float = 0.25  # elpv
+    split_seed: int = 0  # elpv: the split is deterministic for a given seed
+
+    def validate(self, at):
+        if self.name == "ImageFolder":
+            _require(self.root is not None, f"{at}.root", "is required for the ImageFolder dataset")
+        if self.name == "ListFile":
+            _require(self.list_file is not None, f"{at}.list_file", "is required for the ListFile dataset")
+        _require(0 < self.eval_fraction < 1, f"{at}.eval_fraction", "must be in (0, 1)")
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation; resize, crop and normalisation come from the
+    architecture's table so that training, evaluation and export agree."""
+    crop_scale: list = field(default_factory=lambda: [0.35, 1.0])  # RandomResizedCrop area range
+    hflip: bool = True
+    vflip: bool = False
+    color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0 = off
+
+    def validate(self, at):
+        ok = (len(self.crop_scale) == 2 and all(isinstance(v, (int, float)) for v in self.crop_scale)
+              and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1)
+        _require(ok, f"{at}.crop_scale", "must be [low, high] with 0 < low <= high <= 1")
+        _require(0 <= self.color_jitter <= 1, f"{at}.color_jitter", "must be in [0, 1]")
+
+
+@dataclass
+class LoaderConfig:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    batch_size: int = 32
+    num_workers: int = 2
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # used by Train only
+
+    def validate(self, at):
+        _require(self.batch_size >= 1, f"{at}.batch_size", "must be >= 1")
+        _require(self.num_workers >= 0, f"{at}.num_workers", "must be >= 0")
+
+
+@dataclass
+class DataLoaderConfig:
+    Train: LoaderConfig = field(default_factory=LoaderConfig)
+    Eval: LoaderConfig = field(default_factory=LoaderConfig)
+
+
+@dataclass
+class MetricConfig:
+    topk: list = field(default_factory=lambda: [1, 5])
+
+    def validate(self, at):
+        ok = bool(self.topk) and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in self.topk)
+        _require(ok, f"{at}.topk", "must be a non-empty list of positive integers")
+
+
+@dataclass
+class Config:
+    Global: GlobalConfig = field(default_factory=GlobalConfig)
+    Arch: ArchConfig = field(default_factory=ArchConfig)
+    Transfer: TransferConfig = field(default_factory=TransferConfig)
+    Loss: LossConfig = field(default_factory=LossConfig)
+    Optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    DataLoader: DataLoaderConfig = field(default_factory=DataLoaderConfig)
+    Metric: MetricConfig = field(default_factory=MetricConfig)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def save(self, path):
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _require(ok, key, problem):
+    if not ok:
+        raise ConfigError(f"{key}: {problem}")
+
+
+# ---------------------------------------------------------------- loading
+
+def load_config(path=None, overrides=()):
+    """Read YAML (or start from defaults when path is None), apply `-o` overrides
+    ("Section.key=value", value parsed as YAML) and validate."""
+    raw = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for override in overrides:
+        apply_override(raw, override)
+    return from_dict(raw)
+
+
+def apply_override(raw, override):
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {override!r}: expected Section.key=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: value {text!r} is not valid YAML: {exc}") from exc
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {'.'.join(parts[:i + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(raw):
+    return _build(Config, raw, "")
+
+
+def _build(cls, raw, at):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{at or 'config'}: expected a mapping, got {type(raw).__name__} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            raise ConfigError(_unknown_key_message(_join(at, str(key)), str(key), names))
+    kwargs = {name: _convert(hints[name], raw[name], _join(at, name)) for name in names if name in raw}
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate(at)
+    return obj
+
+
+def _unknown_key_message(full_key, key, valid):
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    section = full_key[: -len(key)]
+    hint = f"; did you mean '{section}{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    return f"unknown config key '{full_key}'{hint}"
+
+
+def _join(at, name):
+    return f"{at}.{name}" if at else name
+
+
+def _convert(hint, value, at):
+    """Check `value` against the type hint, converting only where it is lossless
+    (an int where a float is expected)."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, at)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint_text = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{at}: {value!r} is not one of {', '.join(map(str, choices))}{hint_text}")
+        return value
+    if origin is Union:
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(option, value, at)
+            except ConfigError:
+                continue
+        expected = " or ".join("null" if o is type(None) else o.__name__ for o in options)
+        raise ConfigError(f"{at}: expected {expected}, got {type(value).__name__} {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint in (str, bool, list, dict):
+        if isinstance(value, hint):
+            return value
+    else:
+        raise TypeError(f"config schema uses an unsupported type {hint} at {at}")
+    raise ConfigError(f"{at}: expected {hint.__name__}, got {type(value).__name__} {value!r}")

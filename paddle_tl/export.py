@@ -1,0 +1,119 @@
+"""Export a fine-tuned run as a static Paddle Inference model (`paddle-tl
+export`, `tools/export_model.py`), and check before anyone deploys it that the
+exported model computes what the trained network does."""
+
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from paddle_tl.backend import import_paddle
+from paddle_tl.data import DataError, build_dataset
+from paddle_tl.inference import FIXED_PREPROCESS, META_FILE, ExportError, Predictor
+from paddle_tl.run_folder import trained_model
+from paddle_tl.transforms import eval_transform
+
+paddle = import_paddle()
+
+__all__ = ["ExportError", "export"]
+
+PREFIX = "inference"
+# paddle.jit.save writes a PIR program (.json, Paddle 3 default) or a legacy ProgramDesc (.pdmodel).
+MODEL_FILES = (f"{PREFIX}.json", f"{PREFIX}.pdmodel")
+PARAMS_FILE = f"{PREFIX}.pdiparams"
+
+META_HEADER = """\
+# Written by paddle_tl export. Preprocessing, in order: decode to 8-bit RGB
+# (upright per EXIF), resize the short side to resize_short (bilinear), center-crop
+# input_size x input_size, multiply by scale, subtract mean and divide by std per
+# channel (channel_order), HWC -> CHW float32. Input "image": [N, 3, input_size,
+# input_size]; output: logits [N, num_classes] (apply softmax for probabilities).
+"""
+
+
+def export(cfg, parity_images=8, tolerance=1e-4):
+    """Write Global.save_inference_dir from Global.pretrained_model and return
+    the folder. Unless parity_images is 0, up to that many Eval images go
+    through both the trained network and the exported model; a logit
+    difference beyond `tolerance` or any different top-1 raises ExportError."""
+    # On CPU both sides compute in plain fp32, so the tolerance means the same on every machine.
+    paddle.set_device("cpu")
+    network, spec, pre, class_names = trained_model(cfg)
+    out_dir = Path(cfg.Global.save_inference_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"Global.save_inference_dir: {out_dir} is a file, not a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    model_file = _save_static(network, pre.input_size, out_dir)
+    meta = {
+        "arch": spec.name,
+        "num_classes": cfg.Arch.num_classes or len(class_names),
+        "class_names": list(class_names),
+        "preprocess": {**pre.to_dict(), **FIXED_PREPROCESS},
+        "model_file": model_file,
+        "params_file": PARAMS_FILE,
+        "paddle_version": paddle.__version__,
+        "exported_from": str(cfg.Global.pretrained_model),
+    }
+    (out_dir / META_FILE).write_text(META_HEADER + yaml.safe_dump(meta, sort_keys=False))
+
+    if parity_images > 0:
+        images, source = _parity_inputs(cfg, pre, class_names, parity_images)
+        check_parity(network, Predictor(out_dir), images, tolerance, source)
+    print(f"exported {spec.name} ({len(class_names)} classes) to {out_dir}")
+    return out_dir
+
+
+def _save_static(network, input_size, out_dir):
+    """Save the network in inference form; returns the model file's name.
+
+    The network is in eval mode (trained_model), so every BatchNorm, frozen or
+    not, is traced with its running statistics."""
+    for name in MODEL_FILES:
+        # a stale model file from an older export would make the folder ambiguous
+        (out_dir / name).unlink(missing_ok=True)
+    input_spec = [paddle.static.InputSpec([None, 3, input_size, input_size], "float32", "image")]
+    paddle.jit.save(network, str(out_dir / PREFIX), input_spec=input_spec)
+    written = [name for name in MODEL_FILES if (out_dir / name).is_file()]
+    if not written or not (out_dir / PARAMS_FILE).is_file():
+        raise ExportError(f"paddle.jit.save wrote no {' or '.join(MODEL_FILES)} + {PARAMS_FILE} in {out_dir}")
+    return written[0]
+
+
+def _parity_inputs(cfg, pre, class_names, count):
+    """(images [N, 3, S, S], what they are): Eval images spread over the whole
+    split (so over its classes), else deterministic random inputs."""
+    try:
+        dataset = build_dataset(cfg.DataLoader.Eval.dataset, "eval", eval_transform(pre), class_names=class_names)
+    except DataError as exc:
+        reason = f"Eval dataset unavailable: {exc}"
+    else:
+        if len(dataset):
+            picks = np.unique(np.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().astype(int))
+            return np.stack([dataset[int(i)][0] for i in picks]), f"{len(picks)} Eval images"
+        reason = "the Eval dataset has no readable images"
+    size = pre.input_size
+    images = np.random.RandomState(0).standard_normal((count, 3, size, size)).astype(np.float32)
+    return images, f"{count} random inputs ({reason})"
+
+
+def check_parity(network, predictor, images, tolerance, source="inputs"):
+    """Compare the dynamic network with the exported model on `images`; print
+    one line, raise ExportError on a mismatch. Returns (max abs logit
+    difference, number of top-1 disagreements)."""
+    with paddle.no_grad():
+        expected = network(paddle.to_tensor(images)).numpy()
+    exported = predictor.predict_arrays(images)
+    max_diff = float(np.abs(expected - exported).max())
+    disagreements = int((expected.argmax(axis=1) != exported.argmax(axis=1)).sum())
+    print(f"parity on {source}: max |logit difference| {max_diff:.2e} (tolerance {tolerance:g}), "
+          f"top-1 agreement {len(images) - disagreements}/{len(images)}")
+    problems = []
+    if not max_diff <= tolerance:  # `not <=` so that NaN logits fail too
+        problems.append(f"max |logit difference| {max_diff:.2e} > {tolerance:g}")
+    if disagreements:
+        problems.append(f"{disagreements} of {len(images)} top-1 predictions differ")
+    if problems:
+        raise ExportError(f"the exported model in {predictor.model_dir} does not reproduce the trained network "
+                          f"({'; '.join(problems)}); do not deploy it")
+    return max_diff, disagreements

@@ -1,0 +1,58 @@
+"""The run folder (Global.output_dir): creating it safely, and reading a
+finished run back for evaluation and export."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+from paddle_tl.checkpoint import STATE_SUFFIX, load_weights
+from paddle_tl.config import ConfigError
+from paddle_tl.transforms import Preprocess
+from paddle_tl.zoo import build_model, get_spec
+
+
+def prepare_output_dir(path, resuming):
+    """Create the run folder, refusing early what cannot work. A finished or
+    half-finished run already there is moved aside, never overwritten."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"Global.output_dir: {path} exists and is a file, not a folder")
+    if path.is_dir() and any(path.iterdir()) and not resuming:
+        aside = path.with_name(f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+        path.rename(aside)
+        print(f"{path} already held a run; moved it to {aside}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"Global.output_dir: cannot create {path}: {exc.strerror}") from exc
+    if not os.access(path, os.W_OK):
+        raise ConfigError(f"Global.output_dir: {path} is not writable")
+    return path
+
+
+def write_json(path, data):
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def trained_model(cfg):
+    """The fine-tuned network named by Global.pretrained_model, with its
+    preprocessing and class names (recorded in the checkpoint's state)."""
+    if not cfg.Global.pretrained_model:
+        raise ConfigError("Global.pretrained_model: required; point it at a run's best_model "
+                          "(e.g. -o Global.pretrained_model=output/run/best_model)")
+    prefix = str(cfg.Global.pretrained_model)
+    if prefix.endswith(".pdparams"):
+        prefix = prefix[: -len(".pdparams")]
+    state_file = Path(prefix + STATE_SUFFIX)
+    if not state_file.is_file():
+        raise ConfigError(f"Global.pretrained_model: {state_file} not found; expected a checkpoint "
+                          "written by paddle_tl training (e.g. RUN/best_model)")
+    class_names = json.loads(state_file.read_text())["class_names"]
+    spec = get_spec(cfg.Arch.name)
+    network = build_model(spec.name, cfg.Arch.num_classes or len(class_names), **cfg.Arch.kwargs)
+    load_weights(network, prefix)
+    network.eval()
+    return network, spec, Preprocess.from_spec(spec, cfg.Arch.input_size), class_names

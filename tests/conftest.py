@@ -1,0 +1,45 @@
+"""Shared fixtures: the ../shared data folder, tiny generated datasets, and a
+private HOME (paddle and VisualDL write caches under it)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture(autouse=True)
+def private_home(tmp_path_factory, monkeypatch):
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def shared_dir():
+    """../shared beside the checkout (weights and datasets); skips without it."""
+    if not SHARED_DIR.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DIR} is absent (it sits beside the checkout in CI)")
+    return SHARED_DIR
+
+
+@pytest.fixture
+def tiny_image_folder(tmp_path):
+    """Factory: make_folder(name="data", classes=("cat", "dog", "fox"), per_class=6,
+    size=(48, 40)) -> Path of root/<class>/<images>, alternating PNG and JPEG,
+    each image one random colour (the same for the same arguments)."""
+
+    def make_folder(name="data", classes=("cat", "dog", "fox"), per_class=6, size=(48, 40)):
+        rng = np.random.RandomState(0)
+        root = tmp_path / name
+        for class_name in classes:
+            (root / class_name).mkdir(parents=True)
+            for i in range(per_class):
+                colour = tuple(int(v) for v in rng.randint(0, 256, size=3))
+                suffix = "png" if i % 2 == 0 else "jpg"
+                Image.new("RGB", size, colour).save(root / class_name / f"{class_name}_{i}.{suffix}")
+        return root
+
+    return make_folder
