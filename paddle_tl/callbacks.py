@@ -23,6 +23,7 @@ class RunState:
     """What the callbacks share and what a checkpoint records to resume."""
     seed: int
     class_names: list
+    epochs: int  # Global.epochs the learning-rate schedule was built for
     start_epoch: int = 0
     epochs_done: int = 0
     best_top1: float = -1.0
@@ -143,12 +144,14 @@ class Checkpointer(Callback):
     when eval top-1 improved; stops training after `patience` epochs without
     improvement."""
 
-    def __init__(self, run_dir, state, patience):
+    def __init__(self, run_dir, network, state, patience):
         super().__init__()
-        self.run_dir, self.state, self.patience = run_dir, state, patience
+        # The whole network, which is more than the model being fit when only
+        # the head trains on cached features.
+        self.run_dir, self.network, self.state, self.patience = run_dir, network, state, patience
 
     def on_record(self, row):
-        network, optimizer = self.model.network, self.model._optimizer
+        network, optimizer = self.network, self.model._optimizer
         if "eval_top1" in row:
             if row["eval_top1"] > self.state.best_top1:
                 self.state.best_top1, self.state.best_epoch = row["eval_top1"], row["epoch"]

@@ -111,9 +111,14 @@ def optimizer_state_by_structured_name(network, optimizer):
     return _rename_state(optimizer.state_dict(), to_structured)
 
 
-def restore_optimizer(network, optimizer, path):
+def restore_optimizer(network, optimizer, path, with_schedule=True):
+    """Optimizer state from `path`; the learning-rate schedule's position too
+    unless `with_schedule` is false (a schedule built afresh)."""
     to_generated = {n: p.name for n, p in network.named_parameters()}
-    optimizer.set_state_dict(_rename_state(paddle.load(str(path)), to_generated))
+    state = _rename_state(paddle.load(str(path)), to_generated)
+    if not with_schedule:  # keep the new schedule at its start
+        state["LR_Scheduler"] = optimizer._learning_rate.state_dict()
+    optimizer.set_state_dict(state)
 
 
 def _rename_state(state, mapping):

@@ -8,6 +8,7 @@ keys (naming the closest valid one), wrong types and impossible values.
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,10 +67,16 @@ class TransferConfig:
     freeze_stages: Optional[int] = None  # partial: bottom stages kept frozen (default: half)
     body_lr_mult: float = 0.1  # learning rate of trainable body layers relative to the head
     bn: Literal["freeze", "train"] = "freeze"  # BatchNorm statistics of frozen stages
+    # With the whole body frozen, compute its features once and train the head
+    # on them; cache_views views per training image (the plain one, then
+    # random augmentations), epoch e training on view e mod cache_views.
+    cache_features: bool = True
+    cache_views: int = 2
 
     def validate(self, at):
         _require(self.freeze_stages is None or self.freeze_stages >= 0, f"{at}.freeze_stages", "must be >= 0")
         _require(self.body_lr_mult > 0, f"{at}.body_lr_mult", "must be > 0")
+        _require(self.cache_views >= 1, f"{at}.cache_views", "must be >= 1")
 
 
 @dataclass
@@ -123,10 +130,8 @@ class DatasetConfig:
     split_seed: int = 0  # elpv: the split is deterministic for a given seed
 
     def validate(self, at):
-        if self.name == "ImageFolder":
-            _require(self.root is not None, f"{at}.root", "is required for the ImageFolder dataset")
-        if self.name == "ListFile":
-            _require(self.list_file is not None, f"{at}.list_file", "is required for the ListFile dataset")
+        # root / list_file are checked when the dataset is built: eval and
+        # export configs need not describe the training data.
         _require(0 < self.eval_fraction < 1, f"{at}.eval_fraction", "must be in (0, 1)")
 
 
@@ -249,7 +254,10 @@ def _build(cls, raw, at):
     for key in raw:
         if key not in names:
             raise ConfigError(_unknown_key_message(_join(at, str(key)), str(key), names))
-    kwargs = {name: _convert(hints[name], raw[name], _join(at, name)) for name in names if name in raw}
+    # Sections left out are built from their defaults too, so that their
+    # checks run (an ImageFolder without a root is refused, not crashed on).
+    kwargs = {name: _convert(hints[name], raw.get(name, {}), _join(at, name)) for name in names
+              if name in raw or dataclasses.is_dataclass(hints[name])}
     obj = cls(**kwargs)
     if hasattr(obj, "validate"):
         obj.validate(at)
@@ -265,6 +273,9 @@ def _unknown_key_message(full_key, key, valid):
 
 def _join(at, name):
     return f"{at}.{name}" if at else name
+
+
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _convert(hint, value, at):
@@ -296,6 +307,8 @@ def _convert(hint, value, at):
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -132,6 +132,9 @@ def build_dataset(cfg, side, transform, class_names=None):
     """
     if side not in ("train", "eval"):
         raise ValueError(f"side must be 'train' or 'eval', got {side!r}")
+    required = {"ImageFolder": "root", "ListFile": "list_file"}.get(cfg.name)
+    if required and getattr(cfg, required) is None:
+        raise DataError(f"DataLoader.{side.capitalize()}.dataset.{required}: required for the {cfg.name} dataset")
     if cfg.name == "ImageFolder":
         samples, names = _image_folder(cfg.root)
     elif cfg.name == "ListFile":

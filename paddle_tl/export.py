@@ -44,7 +44,7 @@ def export(cfg, parity_images=8, tolerance=1e-4):
         raise ExportError(f"Global.save_inference_dir: {out_dir} is a file, not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    model_file = _save_static(network, pre.input_size, out_dir)
+    model_file = save_static(network, pre.input_size, out_dir)
     meta = {
         "arch": spec.name,
         "num_classes": cfg.Arch.num_classes or len(class_names),
@@ -64,7 +64,7 @@ def export(cfg, parity_images=8, tolerance=1e-4):
     return out_dir
 
 
-def _save_static(network, input_size, out_dir):
+def save_static(network, input_size, out_dir):
     """Save the network in inference form; returns the model file's name.
 
     The network is in eval mode (trained_model), so every BatchNorm, frozen or

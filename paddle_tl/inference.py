@@ -83,22 +83,15 @@ def softmax(logits):
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-class Predictor:
-    """A loaded inference folder, reusable for any number of predictions."""
+class StaticModel:
+    """A static model run by Paddle Inference: float32 batches in, outputs out.
+    Loaded once and reusable; oneDNN on CPU by default."""
 
-    def __init__(self, model_dir, device="cpu", cpu_threads=None, use_mkldnn=True, batch_size=8):
+    def __init__(self, model_file, params_file, device="cpu", cpu_threads=None, use_mkldnn=True, batch_size=8):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.model_dir = model_dir = Path(model_dir)
-        self.meta = meta = read_meta(model_dir)
         self.batch_size = batch_size
-        self.pre = preprocess_from_meta(meta["preprocess"], model_dir / META_FILE)
-        self.transform = eval_transform(self.pre)
-        # Outputs beyond the named classes (Arch.num_classes above the data's) keep their index as name.
-        names = list(meta["class_names"])
-        self.class_names = names + [str(i) for i in range(len(names), meta["num_classes"])]
-
-        config = paddle.inference.Config(str(model_dir / meta["model_file"]), str(model_dir / meta["params_file"]))
+        config = paddle.inference.Config(str(model_file), str(params_file))
         if device == "gpu":
             if not paddle.device.is_compiled_with_cuda():
                 raise ConfigError("device gpu: this paddle build has no CUDA support (install paddlepaddle-gpu, "
@@ -117,6 +110,32 @@ class Predictor:
         self._predictor = paddle.inference.create_predictor(config)
         self._input = self._predictor.get_input_handle(self._predictor.get_input_names()[0])
         self._output = self._predictor.get_output_handle(self._predictor.get_output_names()[0])
+
+    def run(self, batch):
+        outputs = []
+        for start in range(0, len(batch), self.batch_size):
+            chunk = np.ascontiguousarray(batch[start:start + self.batch_size], dtype=np.float32)
+            self._input.reshape(list(chunk.shape))
+            self._input.copy_from_cpu(chunk)
+            self._predictor.run()
+            outputs.append(self._output.copy_to_cpu())
+        return np.concatenate(outputs)
+
+
+class Predictor:
+    """A loaded inference folder, reusable for any number of predictions."""
+
+    def __init__(self, model_dir, device="cpu", cpu_threads=None, use_mkldnn=True, batch_size=8):
+        self.model_dir = model_dir = Path(model_dir)
+        self.meta = meta = read_meta(model_dir)
+        self.batch_size = batch_size
+        self.pre = preprocess_from_meta(meta["preprocess"], model_dir / META_FILE)
+        self.transform = eval_transform(self.pre)
+        # Outputs beyond the named classes (Arch.num_classes above the data's) keep their index as name.
+        names = list(meta["class_names"])
+        self.class_names = names + [str(i) for i in range(len(names), meta["num_classes"])]
+        self._model = StaticModel(model_dir / meta["model_file"], model_dir / meta["params_file"], device,
+                                  cpu_threads, use_mkldnn, batch_size)
         # The first run builds kernels (oneDNN primitives, CUDA contexts); pay that here, not on image one.
         size = self.pre.input_size
         self.predict_arrays(np.zeros((1, 3, size, size), np.float32))
@@ -131,14 +150,7 @@ class Predictor:
         size = self.pre.input_size
         if batch.ndim != 4 or batch.shape[1:] != (3, size, size):
             raise ValueError(f"expected a batch of shape [N, 3, {size}, {size}], got {list(batch.shape)}")
-        logits = []
-        for start in range(0, len(batch), self.batch_size):
-            chunk = np.ascontiguousarray(batch[start:start + self.batch_size], dtype=np.float32)
-            self._input.reshape(list(chunk.shape))
-            self._input.copy_from_cpu(chunk)
-            self._predictor.run()
-            logits.append(self._output.copy_to_cpu())
-        return np.concatenate(logits)
+        return self._model.run(batch)
 
     def predict_paths(self, paths, top_k=5):
         """One record per path, in order: {"file", "class_ids", "scores",

@@ -10,6 +10,7 @@ from paddle_tl.callbacks import (Checkpointer, EpochRecorder, RunState, VisualDL
 from paddle_tl.checkpoint import load_state, load_weights, resolve_resume, restore_optimizer
 from paddle_tl.config import ConfigError
 from paddle_tl.data import build_dataset, make_loader
+from paddle_tl.feature_cache import ViewSwitcher, cached_datasets, why_not_cached
 from paddle_tl.losses import build_loss
 from paddle_tl.optim import build_optimizer
 from paddle_tl.run_folder import prepare_output_dir, write_json
@@ -22,17 +23,9 @@ paddle = import_paddle()
 log = logging.getLogger("paddle_tl")
 
 
-def build_datasets(cfg, pre):
-    loaders = cfg.DataLoader
-    train_set = build_dataset(loaders.Train.dataset, "train", train_transform(pre, loaders.Train.augment))
-    eval_set = build_dataset(loaders.Eval.dataset, "eval", eval_transform(pre),
-                             class_names=train_set.class_names)
-    return train_set, eval_set
-
-
 def train(cfg):
     """Run a fine-tuning as configured; returns the metrics written to metrics.json."""
-    g = cfg.Global
+    g, loaders = cfg.Global, cfg.DataLoader
     device = select_device(g.device)
     if g.amp and device != "gpu":
         raise ConfigError("Global.amp: mixed precision needs Global.device=gpu")
@@ -42,7 +35,9 @@ def train(cfg):
 
     spec = get_spec(cfg.Arch.name)
     pre = Preprocess.from_spec(spec, cfg.Arch.input_size)
-    train_set, eval_set = build_datasets(cfg, pre)
+    train_tf, eval_tf = train_transform(pre, loaders.Train.augment), eval_transform(pre)
+    train_set = build_dataset(loaders.Train.dataset, "train", train_tf)
+    eval_set = build_dataset(loaders.Eval.dataset, "eval", eval_tf, class_names=train_set.class_names)
     class_names = train_set.class_names
     num_classes = cfg.Arch.num_classes or len(class_names)
     if num_classes < len(class_names):
@@ -53,54 +48,74 @@ def train(cfg):
 
     network = build_model(spec.name, num_classes, **cfg.Arch.kwargs)
     pretrained = cfg.Arch.pretrained is not False
-    if pretrained and resume_prefix is None:
+    state = RunState(seed=g.seed, class_names=class_names, epochs=g.epochs)
+    if resume_prefix is not None:
+        state = _resume_weights(resume_prefix, network, class_names, g.epochs)
+    elif pretrained:
         report = load_pretrained(network, cfg.Arch.pretrained, spec.head, imagenet_url=spec.imagenet_url,
                                  imagenet_md5=spec.imagenet_md5, sha256=cfg.Arch.pretrained_sha256,
                                  arch=spec.name)
         print(report.summary())
+    # A resumed run continues its schedule where it stopped; when Global.epochs
+    # changed, that schedule no longer fits, so a new one spans the epochs left.
+    same_schedule = state.epochs == g.epochs
+    schedule_epochs = g.epochs if same_schedule else g.epochs - state.start_epoch
     plan = plan_transfer(cfg.Transfer, len(spec.stages), train_set.class_counts(), pretrained)
     counts = apply_plan(network, spec, plan)
     print(f"strategy: {plan.strategy} ({plan.reason}); {plan.frozen_stages}/{plan.num_stages} stages "
           f"frozen; {counts['trainable_params']:,} trainable parameters")
 
-    train_cfg = cfg.DataLoader.Train
-    train_loader = make_loader(train_set, train_cfg.batch_size, shuffle=True,
-                               num_workers=train_cfg.num_workers,
-                               drop_last=len(train_set) % train_cfg.batch_size == 1)  # no BatchNorm on 1 image
-    eval_loader = make_loader(eval_set, cfg.DataLoader.Eval.batch_size, shuffle=False,
-                              num_workers=cfg.DataLoader.Eval.num_workers)
+    started = time.time()  # training time includes computing cached features
+    not_cached = why_not_cached(plan, network, spec) if cfg.Transfer.cache_features else "turned off"
+    extra_callbacks = []
+    if not_cached is None:
+        views = cfg.Transfer.cache_views
+        print(f"frozen body: computing its features once, then training the head on them "
+              f"({views} view(s) per training image: the plain one + {views - 1} augmented)")
+        train_data, eval_data, fit_network, feature_size = cached_datasets(
+            network, spec, pre.input_size, train_set, eval_set, eval_tf, train_tf, views, loaders.Eval, g.seed,
+            device)
+        input_spec = paddle.static.InputSpec([None, feature_size], "float32", "features")
+        train_workers = eval_workers = 0  # in-memory arrays
+        extra_callbacks.append(ViewSwitcher(train_data, state))
+    else:
+        if plan.frozen_stages == plan.num_stages:
+            print(f"features not cached: {not_cached}")
+        train_data, eval_data, fit_network = train_set, eval_set, network
+        input_spec = paddle.static.InputSpec([None, 3, pre.input_size, pre.input_size], "float32", "image")
+        train_workers, eval_workers = loaders.Train.num_workers, loaders.Eval.num_workers
+
+    batch_size = loaders.Train.batch_size
+    train_loader = make_loader(train_data, batch_size, shuffle=True, num_workers=train_workers,
+                               drop_last=len(train_data) % batch_size == 1)  # no BatchNorm on 1 image
+    eval_loader = make_loader(eval_data, loaders.Eval.batch_size, shuffle=False, num_workers=eval_workers)
     optimizer = build_optimizer(cfg.Optimizer, trainable_parameters(network, spec, plan),
-                                len(train_loader), g.epochs)
+                                len(train_loader), schedule_epochs)
+    if resume_prefix is not None:
+        restore_optimizer(network, optimizer, f"{resume_prefix}.pdopt", with_schedule=same_schedule)
+        if not same_schedule:
+            print(f"Global.epochs changed from {state.epochs} to {g.epochs}: the learning-rate schedule "
+                  f"restarts over the {schedule_epochs} epochs left")
+            state.epochs = g.epochs
 
     topk = sorted({k for k in cfg.Metric.topk if k <= num_classes} | {1})
-    model = paddle.Model(
-        network,
-        inputs=[paddle.static.InputSpec([None, 3, pre.input_size, pre.input_size], "float32", "image")],
-        labels=[paddle.static.InputSpec([None, 1], "int64", "label")])
-    model.prepare(optimizer, build_loss(cfg.Loss),
-                  paddle.metric.Accuracy(topk=topk), amp_configs="O1" if g.amp else None)
-
-    state = RunState(seed=g.seed, class_names=class_names)
-    if resume_prefix is not None:
-        state = _resume(resume_prefix, network, optimizer, class_names)
-    if state.start_epoch >= g.epochs:
-        raise ConfigError(f"Global.resume: the run already finished {state.start_epoch} of "
-                          f"{g.epochs} epochs; raise Global.epochs to train further")
+    model = paddle.Model(fit_network, inputs=[input_spec],
+                         labels=[paddle.static.InputSpec([None, 1], "int64", "label")])
+    model.prepare(optimizer, build_loss(cfg.Loss), paddle.metric.Accuracy(topk=topk),
+                  amp_configs="O1" if g.amp else None)
 
     names = metric_names(topk)
-    evaluates = lambda local_epoch: local_epoch % g.eval_interval == 0  # hapi's own eval rule
-    checkpointer = Checkpointer(run_dir, state, g.early_stopping_patience)
+    checkpointer = Checkpointer(run_dir, network, state, g.early_stopping_patience)
     vdl = VisualDLLogger(run_dir / "vdl", state, names, g.log_interval, len(train_loader))
-    recorder = EpochRecorder(state, names, evaluates, listeners=[vdl, checkpointer])
+    recorder = EpochRecorder(state, names, lambda local_epoch: local_epoch % g.eval_interval == 0,
+                             listeners=[vdl, checkpointer])
 
-    started = time.time()
     model.fit(train_loader, eval_loader, epochs=g.epochs - state.start_epoch, eval_freq=g.eval_interval,
               log_freq=g.log_interval, verbose=1 if sys.stdout.isatty() else 2,  # bar on a terminal
-              callbacks=[recorder, vdl, checkpointer])
+              callbacks=[recorder, vdl, checkpointer, *extra_callbacks])
     train_seconds = time.time() - started
 
-    last = state.history[-1]
-    final_top1 = last.get("eval_top1")
+    final_top1 = state.history[-1].get("eval_top1")
     if final_top1 is None:  # the last epoch fell between evaluations
         final_top1 = float(model.evaluate(eval_loader, verbose=0)[next(iter(names))])
     metrics = {
@@ -109,24 +124,29 @@ def train(cfg):
         "num_classes": num_classes, "class_names": class_names,
         "train_images": len(train_set), "eval_images": len(eval_set),
         "skipped_files": [path for path, _ in train_set.skipped + eval_set.skipped],
-        "strategy": plan.to_dict(), **counts,
-        "device": device, "history": state.history,
+        "strategy": dict(plan.to_dict(), cached_features=not_cached is None,
+                         cache_views=cfg.Transfer.cache_views if not_cached is None else 0),
+        **counts, "device": device, "history": state.history,
     }
     write_json(run_dir / "metrics.json", metrics)
     print(f"done: best eval top-1 {state.best_top1:.4f} (epoch {state.best_epoch}), final "
-          f"{final_top1:.4f}, {train_seconds:.0f} s; run folder {run_dir}")
+          f"{final_top1:.4f}, {train_seconds:.0f} s of training; run folder {run_dir}")
     return metrics
 
 
-def _resume(prefix, network, optimizer, class_names):
+def _resume_weights(prefix, network, class_names, epochs):
+    """Weights and run state of a checkpoint (its optimizer state is restored
+    once the optimizer exists)."""
     record = load_state(prefix)
     if record["class_names"] != class_names:
         raise ConfigError(f"Global.resume: {prefix} was trained on classes {record['class_names']}, "
                           f"the data now has {class_names}")
     load_weights(network, prefix)
-    restore_optimizer(network, optimizer, f"{prefix}.pdopt")
     record.pop("files")
     state = RunState(**record)
     state.start_epoch = state.epochs_done
-    print(f"resumed from {prefix} after epoch {state.epochs_done}")
+    if state.start_epoch >= epochs:
+        raise ConfigError(f"Global.resume: the run already finished {state.start_epoch} of "
+                          f"{epochs} epochs; raise Global.epochs to train further")
+    print(f"resuming {prefix} after epoch {state.epochs_done}")
     return state

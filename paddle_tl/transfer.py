@@ -91,7 +91,10 @@ def apply_plan(model, spec, plan):
     statistics in train mode too.
     """
     frozen_params = trainable_params = 0
+    bn_statistics = running_statistics(model)
     for name, param in model.named_parameters():
+        if id(param) in bn_statistics:
+            continue  # never trained by the optimizer; frozen through use_global_stats below
         frozen = is_frozen(spec, name, plan)
         param.stop_gradient = frozen
         if frozen:
@@ -103,6 +106,12 @@ def apply_plan(model, spec, plan):
             if _is_batch_norm(layer) and is_frozen(spec, name, plan):
                 layer._use_global_stats = True
     return {"trainable_params": trainable_params, "frozen_params": frozen_params}
+
+
+def running_statistics(model):
+    """ids of BatchNorm running means and variances, which paddle lists among
+    a model's parameters (with stop_gradient set) although no gradient moves them."""
+    return {id(p) for layer in model.sublayers() if _is_batch_norm(layer) for p in (layer._mean, layer._variance)}
 
 
 def _is_batch_norm(layer):

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from paddle_tl.backend import import_paddle
+from paddle_tl.config import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -105,7 +106,7 @@ def _blocks(prefix, start, stop):
 
 
 def _split_blocks(prefix, depths, start=0):
-    """Consecutive numbered blocks grouped by per-stage depth: ("blocks", [2, 2]) -> ((blocks.0, blocks.1), (blocks.2, blocks.3))."""
+    """Numbered blocks grouped by per-stage depth: ("blocks", [2, 1]) -> ((blocks.0, blocks.1), (blocks.2,))."""
     groups = []
     for depth in depths:
         groups.append(_blocks(prefix, start, start + depth))
@@ -122,11 +123,12 @@ def _vgg_stages(cfg, batch_norm):
             stages.append(tuple(block))
             block, index = [], index + 1
         else:
-            block += [f"features.{index}", f"features.{index + 1}"] if batch_norm else [f"features.{index}"]
+            block += [f"features.{index}"] + ([f"features.{index + 1}"] if batch_norm else [])
             index += 3 if batch_norm else 2
     return (*stages, ("classifier.0", "classifier.3"))  # fc6 + fc7: pretrained pre-logits
 
 
+@functools.cache
 def _vision_entries():
     paddle = import_paddle()
     models = paddle.vision.models
@@ -232,21 +234,22 @@ def _contain_paddleclas_logging():
 
 
 @functools.cache
-def _paddleclas_backbones():
-    """(backbone module, None) if paddleclas imports, else (None, why not)."""
+def _paddleclas_problem() -> str | None:
+    """None once paddleclas is imported, else why it cannot be."""
     if importlib.util.find_spec("paddleclas") is None:
-        return None, "paddleclas is not installed"
+        return "paddleclas is not installed"
     import_paddle()  # paddleclas imports paddle itself; go through the thread-default setup first
     try:
         with _contain_paddleclas_logging():
-            return importlib.import_module("paddleclas.ppcls.arch.backbone"), None
+            importlib.import_module("paddleclas")
     except Exception as exc:  # a broken optional extra must not break the paddle.vision zoo
-        return None, f"paddleclas is installed but failed to import ({type(exc).__name__}: {exc})"
+        return f"paddleclas is installed but failed to import ({type(exc).__name__}: {exc})"
+    return None
 
 
+@functools.cache
 def _clas_entries():
-    backbone, _ = _paddleclas_backbones()
-    if backbone is None:
+    if _paddleclas_problem():
         return {}
     entries = {}
 
@@ -256,7 +259,7 @@ def _clas_entries():
         A new family is one more call: a (module, name) -> stages function, the
         head prefixes, and the extra kwargs its constructors may forward.
         """
-        module = importlib.import_module(f"{backbone.__name__}.legendary_models.{module_name}")
+        module = importlib.import_module(f"paddleclas.ppcls.arch.backbone.legendary_models.{module_name}")
         for name, url in module.MODEL_URLS.items():
             if keep(name):
                 spec = ArchSpec(name, "paddleclas", head, stages_of(module, name), imagenet_url=url)
@@ -291,31 +294,27 @@ def _clas_entries():
     return entries
 
 
-@functools.cache
-def _entries():
-    return {**_vision_entries(), **_clas_entries()}
-
-
 def list_architectures() -> list[str]:
     """Names usable now, sorted case-insensitively (paddleclas ones only if it imports)."""
-    return sorted(_entries(), key=str.lower)
+    return sorted({**_vision_entries(), **_clas_entries()}, key=str.lower)
 
 
 def _entry(name: str) -> _Entry:
-    entries = _entries()
-    if name in entries:
-        return entries[name]
+    # paddle.vision first: importing paddleclas takes seconds and is needed only for its names.
+    for entries in (_vision_entries, _clas_entries):
+        if name in entries():
+            return entries()[name]
     if name in _UNSUPPORTED:
-        raise ValueError(f"architecture {name!r} is not supported: {_UNSUPPORTED[name]}")
-    by_lower = {n.lower(): n for n in entries}
+        raise ConfigError(f"architecture {name!r} is not supported: {_UNSUPPORTED[name]}")
+    by_lower = {n.lower(): n for n in list_architectures()}
     close = [by_lower[n] for n in difflib.get_close_matches(name.lower(), by_lower, n=5)]
     message = f"unknown architecture {name!r}"
     message += f"; closest matches: {', '.join(close)}" if close else "; see list_architectures()"
     # Every paddle.vision name is lower case; paddleclas names are CamelCase.
-    _, clas_problem = _paddleclas_backbones()
+    clas_problem = _paddleclas_problem()
     if clas_problem and name != name.lower():
         message += f". {clas_problem}; {CLAS_HINT}"
-    raise ValueError(message)
+    raise ConfigError(message)
 
 
 def get_spec(name: str) -> ArchSpec:
@@ -354,12 +353,13 @@ def build_model(name: str, num_classes: int, **kwargs):
     accepted = _accepted_kwargs(entry)
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        message = f"{name} does not accept {', '.join(unknown)}; accepted keyword arguments: {', '.join(accepted) or 'none'}"
+        message = (f"{name} does not accept {', '.join(unknown)}; "
+                   f"accepted keyword arguments: {', '.join(accepted) or 'none'}")
         if "pretrained" in unknown:
             message += " (build_model never downloads; pretrained weights are loaded separately)"
         named_by_name = [key for key, _ in entry.preset if key in unknown]
         if named_by_name:
-            message += f" ({', '.join(named_by_name)} is fixed by the architecture name, e.g. vgg16 vs vgg16_bn)"
-        raise ValueError(message)
+            message += f" ({', '.join(named_by_name)} is fixed by the name, e.g. vgg16 vs vgg16_bn)"
+        raise ConfigError(message)
     with _quiet_ppcls():
         return entry.ctor(**dict(entry.preset), **kwargs, **{entry.classes_arg: num_classes})

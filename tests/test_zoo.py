@@ -187,6 +187,19 @@ def test_kwargs_are_forwarded():
     assert list(model.fc.weight.shape) == [256, 3]
 
 
+@pytest.mark.parametrize("name, file, kwargs", [
+    ("mobilenet_v2", "mobilenet_v2_imagenet.pdparams", {}),
+    ("mobilenet_v1", "mobilenet_v1_x0.25_imagenet.pdparams", {"scale": 0.25}),
+])
+def test_real_imagenet_weights_fit_all_but_the_head(shared_dir, name, file, kwargs):
+    spec = zoo.get_spec(name)
+    state = paddle.load(str(shared_dir / "weights" / file))
+    own = zoo.build_model(name, 5, **kwargs).state_dict()
+    assert set(state) == set(own)
+    mismatched = {k for k in own if list(own[k].shape) != list(state[k].shape)}
+    assert mismatched == {k for k in own if zoo.match_prefix(k, spec.head)}
+
+
 # --- paddleclas (optional extra) ---------------------------------------------
 
 

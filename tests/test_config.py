@@ -1,0 +1,84 @@
+"""Config: YAML + -o overrides, validated before any work, with messages that
+name the key."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from paddle_tl.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+ROOTS = ["DataLoader.Train.dataset.root=/data/train", "DataLoader.Eval.dataset.root=/data/val"]
+
+
+def refused(*overrides):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [*ROOTS, *overrides])
+    return str(info.value)
+
+
+def test_overrides_are_yaml_typed():
+    cfg = load_config(None, [*ROOTS, "Global.epochs=3", "Arch.pretrained=false", "Optimizer.lr.learning_rate=1e-3",
+                             "Arch.kwargs={scale: 0.25}", "Metric.topk=[1, 3]"])
+    assert cfg.Global.epochs == 3
+    assert cfg.Arch.pretrained is False
+    assert cfg.Optimizer.lr.learning_rate == pytest.approx(1e-3)
+    assert cfg.Arch.kwargs == {"scale": 0.25}
+    assert cfg.Metric.topk == [1, 3]
+
+
+def test_unknown_key_names_closest_valid_key():
+    assert "unknown config key 'Global.epoch'; did you mean 'Global.epochs'?" in refused("Global.epoch=3")
+    assert "did you mean 'DataLoader.Train.batch_size'" in refused("DataLoader.Train.batchsize=8")
+    assert "unknown config key 'Glob'" in refused("Glob.epochs=3")
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("Global.epochs=abc", "Global.epochs: expected int, got str 'abc'"),
+    ("DataLoader.Train.batch_size=2.5", "DataLoader.Train.batch_size: expected int"),
+    ("Global.epochs=true", "Global.epochs: expected int, got bool"),
+    ("Optimizer.lr.learning_rate=-0.1", "Optimizer.lr.learning_rate: must be > 0"),
+    ("Global.epochs=0", "Global.epochs: must be >= 1"),
+    ("Loss.label_smoothing=1.5", "Loss.label_smoothing: must be in [0, 1)"),
+    ("Transfer.strategy=ful", "Transfer.strategy: 'ful' is not one of auto, linear_probe, partial, full; did you "
+                              "mean 'full'?"),
+    ("Arch.pretrained=true", "Arch.pretrained: true is ambiguous"),
+    ("DataLoader.Train.augment.crop_scale=[0.9, 0.1]", "crop_scale: must be [low, high]"),
+    ("Global.epochs.x=1", "Global.epochs: expected int, got dict"),
+])
+def test_wrong_types_and_impossible_values_are_refused(override, expected):
+    assert expected in refused(override)
+
+
+def test_yaml_file_is_read_safely(tmp_path):
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("Global: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(evil)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(REPO / "configs" / "mobilenet_v2_imagefolder.yaml", ["Global.epochs=2"])
+    cfg.save(tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["Global"]["epochs"] == 2
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    load_config(path)
+
+
+def test_command_line_refuses_typo_before_any_work(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "train.py"), "-c", str(REPO / "configs" / "quickstart.yaml"),
+         "-o", "Global.epoch=3", "-o", f"Global.output_dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: unknown config key 'Global.epoch'; did you mean 'Global.epochs'?")
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,252 @@
+"""Real short fine-tunes on tiny generated data: the run folder, freezing that
+really freezes (parameters and BatchNorm statistics), cached features,
+resume, early stopping, the NaN guard and per-stage learning rates."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from paddle_tl import callbacks
+from paddle_tl.backend import import_paddle
+from paddle_tl.config import ConfigError, load_config
+from paddle_tl.evaluate import evaluate
+from paddle_tl.train import train
+from paddle_tl.transfer import apply_plan, plan_transfer, trainable_parameters
+from paddle_tl.zoo import get_spec, stage_index
+
+paddle = import_paddle()
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("red", "green", "blue")
+
+
+def _colour_images(root, per_class, seed):
+    """Each class a noisy version of its own colour: learnable in a few steps."""
+    rng = np.random.RandomState(seed)
+    for index, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            base = np.full((72, 72, 3), 40, dtype=np.float64)
+            base[..., index] = 200
+            noisy = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(noisy).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Train/val folders and an 'ImageNet' mobilenet_v1 x0.25 checkpoint whose
+    BatchNorm statistics are far from (0, 1), so any drift shows."""
+    base = tmp_path_factory.mktemp("train")
+    paddle.seed(1)
+    network = paddle.vision.models.mobilenet_v1(scale=0.25, num_classes=1000)
+    rng = np.random.RandomState(1)
+    for layer in network.sublayers():
+        if isinstance(layer, paddle.nn.BatchNorm2D):
+            layer._mean.set_value(rng.uniform(-0.2, 0.2, layer._mean.shape).astype("float32"))
+            layer._variance.set_value(rng.uniform(0.5, 1.5, layer._variance.shape).astype("float32"))
+    pretrained = base / "pretrained.pdparams"
+    paddle.save(network.state_dict(), str(pretrained))
+    return {"train": _colour_images(base / "train", 10, 0), "val": _colour_images(base / "val", 4, 1),
+            "pretrained": pretrained, "base": base}
+
+
+def make_cfg(workspace, run, *overrides):
+    return load_config(None, [
+        f"Global.output_dir={run}", "Global.epochs=2", "Global.seed=7", "Global.log_interval=1",
+        "Arch.name=mobilenet_v1", "Arch.kwargs={scale: 0.25}", "Arch.input_size=64",
+        f"Arch.pretrained={workspace['pretrained']}",
+        "DataLoader.Train.dataset.root=" + str(workspace["train"]),
+        "DataLoader.Eval.dataset.root=" + str(workspace["val"]),
+        "DataLoader.Train.batch_size=8", "DataLoader.Train.num_workers=0",
+        "DataLoader.Eval.batch_size=8", "DataLoader.Eval.num_workers=0",
+        "Optimizer.lr.learning_rate=0.05", *overrides])
+
+
+def _weights(path):
+    return {k: v.numpy() for k, v in paddle.load(str(path)).items()}
+
+
+def test_partial_finetune_freezes_bottom_stages_exactly(workspace, tmp_path):
+    run = tmp_path / "run"
+    metrics = train(make_cfg(workspace, run, "Transfer.strategy=partial", "Transfer.freeze_stages=3"))
+    spec = get_spec("mobilenet_v1")
+    before, after = _weights(workspace["pretrained"]), _weights(run / "latest.pdparams")
+    frozen = [k for k in after if (i := stage_index(spec, k)) is not None and i < 3]
+    trainable_bn = [k for k in after if k.endswith("._mean") and stage_index(spec, k) >= 3]
+    assert frozen and trainable_bn
+    for key in frozen:  # weights, BN affine parameters and BN running statistics alike
+        assert np.array_equal(before[key], after[key]), f"frozen {key} changed"
+    for key in trainable_bn:
+        assert not np.array_equal(before[key], after[key]), f"trainable stage's BN statistic {key} did not move"
+    for name in [k for k in after if not k.endswith(("_mean", "_variance"))]:
+        if name not in frozen and name in before and before[name].shape == after[name].shape:
+            assert not np.array_equal(before[name], after[name]), f"trainable {name} did not change"
+
+    assert metrics["strategy"]["strategy"] == "partial" and metrics["strategy"]["frozen_stages"] == 3
+    assert not metrics["strategy"]["cached_features"]
+    on_disk = json.loads((run / "metrics.json").read_text())
+    for key in ("best_top1", "final_top1", "epochs_run", "train_seconds", "num_classes", "class_names", "strategy"):
+        assert key in on_disk
+    assert on_disk["class_names"] == sorted(CLASSES) and on_disk["epochs_run"] == 2
+    for name in ("best_model.pdparams", "latest.pdparams", "latest.pdopt", "latest.state.json", "config.yaml"):
+        assert (run / name).is_file(), name
+    assert load_config(run / "config.yaml").Arch.num_classes == 3
+
+    from visualdl import LogReader
+    reader = LogReader(file_path=str(next((run / "vdl").glob("vdlrecords.*.log"))))
+    tags = set(reader.get_tags()["scalar"])
+    assert {"train/loss", "train/top1", "train/lr", "eval/loss", "eval/top1", "train_step/loss"} <= tags
+    assert len(reader.get_data("scalar", "eval/top1")) == 2
+
+
+def test_linear_probe_on_cached_features_learns_and_matches_eval(workspace, tmp_path, shared_dir):
+    run = tmp_path / "run"
+    imagenet = shared_dir / "weights" / "mobilenet_v1_x0.25_imagenet.pdparams"
+    cfg = make_cfg(workspace, run, "Transfer.strategy=linear_probe", "Global.epochs=6",
+                   "Optimizer.lr.learning_rate=0.5", f"Arch.pretrained={imagenet}")
+    metrics = train(cfg)
+    assert metrics["strategy"]["cached_features"] and metrics["trainable_params"] == 256 * 3 + 3
+    assert metrics["best_top1"] >= 0.75  # colour classes; chance is 1/3
+    before, after = _weights(imagenet), _weights(run / "best_model.pdparams")
+    for key in after:
+        if not key.startswith("fc."):
+            assert np.array_equal(before[key], after[key]), f"frozen {key} changed"
+
+    # The full network from best_model scores what the head scored on cached features.
+    cfg.Global.pretrained_model = str(run / "best_model")
+    assert evaluate(cfg)["top1"] == pytest.approx(metrics["best_top1"])
+
+
+def test_bn_train_keeps_weights_but_updates_statistics(workspace, tmp_path):
+    run = tmp_path / "run"
+    train(make_cfg(workspace, run, "Transfer.strategy=linear_probe", "Transfer.bn=train", "Global.epochs=1"))
+    before, after = _weights(workspace["pretrained"]), _weights(run / "latest.pdparams")
+    assert np.array_equal(before["conv1.0.weight"], after["conv1.0.weight"])
+    assert not np.array_equal(before["conv1.1._mean"], after["conv1.1._mean"])
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(workspace, tmp_path, monkeypatch):
+    common = ("Global.epochs=3", "Transfer.strategy=partial", "Transfer.freeze_stages=4",
+              "Optimizer.lr.warmup_epochs=1")
+    straight = train(make_cfg(workspace, tmp_path / "straight", *common))
+
+    save = callbacks.Checkpointer.on_record
+
+    def save_then_die_after_epoch_2(self, row):
+        save(self, row)
+        if row["epoch"] == 2:
+            raise Killed
+
+    monkeypatch.setattr(callbacks.Checkpointer, "on_record", save_then_die_after_epoch_2)
+    with pytest.raises(Killed):
+        train(make_cfg(workspace, tmp_path / "killed", *common))
+    monkeypatch.undo()
+    resumed = train(make_cfg(workspace, tmp_path / "killed", *common, f"Global.resume={tmp_path / 'killed'}"))
+
+    assert resumed["epochs_run"] == 3 and len(resumed["history"]) == 3
+    assert [row["lr"] for row in resumed["history"]] == pytest.approx([row["lr"] for row in straight["history"]])
+    a, b = _weights(tmp_path / "straight" / "latest.pdparams"), _weights(tmp_path / "killed" / "latest.pdparams")
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_resume_with_more_epochs_restarts_the_schedule(workspace, tmp_path):
+    run = tmp_path / "run"
+    first = train(make_cfg(workspace, run, "Global.epochs=2", "Transfer.strategy=linear_probe"))
+    more = train(make_cfg(workspace, run, "Global.epochs=4", "Transfer.strategy=linear_probe", f"Global.resume={run}"))
+    assert first["history"][-1]["lr"] < 0.05
+    assert [row["lr"] for row in more["history"][2:]] == pytest.approx([0.05, 0.025])  # cosine over 2 epochs again
+
+
+def test_resume_of_a_finished_run_is_refused(workspace, tmp_path):
+    run = tmp_path / "run"
+    train(make_cfg(workspace, run, "Global.epochs=1", "Transfer.strategy=linear_probe"))
+    with pytest.raises(ConfigError, match="already finished 1 of 1 epochs"):
+        train(make_cfg(workspace, run, "Global.epochs=1", f"Global.resume={run}"))
+
+
+def test_early_stopping_stops_when_eval_stalls(workspace, tmp_path):
+    metrics = train(make_cfg(workspace, tmp_path / "run", "Global.epochs=6", "Global.early_stopping_patience=1",
+                             "Transfer.strategy=linear_probe", "Optimizer.lr.learning_rate=1e-12"))
+    assert metrics["epochs_run"] == 2
+
+
+def test_nan_loss_stops_with_a_clear_message(workspace, tmp_path):
+    with pytest.raises(FloatingPointError, match=r"training loss became (nan|inf) at epoch 1"):
+        train(make_cfg(workspace, tmp_path / "run", "Transfer.strategy=full", "Optimizer.lr.learning_rate=1e30",
+                       "Global.epochs=1"))
+
+
+def test_existing_run_is_moved_aside_and_file_output_refused(workspace, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text("{}")
+    train(make_cfg(workspace, run, "Global.epochs=1", "Transfer.strategy=linear_probe"))
+    assert [p for p in tmp_path.iterdir() if p.name.startswith("run.")][0].joinpath("metrics.json").read_text() == "{}"
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        train(make_cfg(workspace, blocker, "Global.epochs=1"))
+
+
+def test_eval_command_prints_json_with_top1(workspace, tmp_path):
+    run = tmp_path / "run"
+    metrics = train(make_cfg(workspace, run, "Global.epochs=1", "Transfer.strategy=linear_probe"))
+    cfg_path = run / "config.yaml"
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "eval.py"), "-c", str(cfg_path),
+                             "-o", f"Global.pretrained_model={run / 'best_model'}"],
+                            capture_output=True, text=True, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["top1"] == pytest.approx(metrics["best_top1"])
+    assert set(report["per_class"]) == set(CLASSES) and sum(c["support"] for c in report["per_class"].values()) == 12
+
+
+# ------------------------------------------------------------ unit-level
+
+def _plan(strategy="auto", per_class=100, pretrained=True, **transfer):
+    cfg = load_config(None, [*(f"Transfer.{k}={v}" for k, v in transfer.items()), f"Transfer.strategy={strategy}",
+                             "DataLoader.Train.dataset.root=/x", "DataLoader.Eval.dataset.root=/y"])
+    return plan_transfer(cfg.Transfer, 5, [per_class] * 4, pretrained)
+
+
+@pytest.mark.parametrize("per_class, pretrained, strategy, frozen", [
+    (40, True, "linear_probe", 5), (600, True, "partial", 2), (5000, True, "full", 0), (40, False, "full", 0)])
+def test_auto_chooses_from_data_size(per_class, pretrained, strategy, frozen):
+    plan = _plan(per_class=per_class, pretrained=pretrained)
+    assert (plan.strategy, plan.frozen_stages, plan.requested) == (strategy, frozen, "auto")
+    assert plan.figures["images_per_class_median"] == per_class and plan.reason
+
+
+def test_freeze_stages_beyond_the_architecture_is_refused():
+    with pytest.raises(ConfigError, match="Transfer.freeze_stages: 9 is more than the 5 stages"):
+        _plan("partial", freeze_stages=9)
+
+
+def test_body_learning_rate_multiplier_sets_the_step_size():
+    spec = get_spec("mobilenet_v1")
+    network = paddle.vision.models.mobilenet_v1(scale=0.25, num_classes=3)
+    plan = _plan("partial", freeze_stages=2, body_lr_mult=0.25)
+    apply_plan(network, spec, plan)
+    params = trainable_parameters(network, spec, plan)
+    before = {id(p): p.numpy().copy() for p in params}
+    optimizer = paddle.optimizer.SGD(learning_rate=0.1, parameters=params)
+    network.eval()  # fixed BatchNorm, so gradients are the only change
+    network(paddle.randn([2, 3, 64, 64])).sum().backward()
+    optimizer.step()
+    names = {id(p): n for n, p in network.named_parameters()}
+    for p in params:
+        expected = 0.1 * (1.0 if names[id(p)].startswith("fc.") else 0.25)
+        grad = p.grad.numpy()
+        moved = before[id(p)] - p.numpy()
+        np.testing.assert_allclose(moved, expected * grad, rtol=1e-4, atol=1e-7, err_msg=names[id(p)])
+    assert all(stage_index(spec, names[id(p)]) in (None, 2, 3, 4) for p in params)
