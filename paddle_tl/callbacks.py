@@ -24,6 +24,7 @@ class RunState:
     seed: int
     class_names: list
     epochs: int  # Global.epochs the learning-rate schedule was built for
+    frozen_stages: int = -1  # bottom stages frozen in the current epoch
     start_epoch: int = 0
     epochs_done: int = 0
     best_top1: float = -1.0
@@ -78,6 +79,7 @@ class EpochRecorder(Callback):
         self._sums[1] += logs["batch_size"]
 
     def on_epoch_end(self, epoch, logs=None):
+        self.row["frozen_stages"] = self.state.frozen_stages
         self.row["train_loss"] = self._sums[0] / max(1, self._sums[1])
         self.row.update({f"train_{ours}": float(logs[theirs]) for theirs, ours in self.names.items()})
         if not self.evaluates(epoch):
@@ -128,8 +130,8 @@ class VisualDLLogger(Callback):
 
     def on_record(self, row):
         for key, value in row.items():
-            if key == "lr":
-                self.writer.add_scalar("train/lr", value, row["epoch"])
+            if key in ("lr", "frozen_stages"):
+                self.writer.add_scalar(f"train/{key}", value, row["epoch"])
             elif key != "epoch":
                 split, _, name = key.partition("_")  # "eval_top1" -> eval/top1
                 self.writer.add_scalar(f"{split}/{name}", value, row["epoch"])

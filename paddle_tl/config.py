@@ -63,9 +63,14 @@ class ArchConfig:
 
 @dataclass
 class TransferConfig:
-    strategy: Literal["auto", "linear_probe", "partial", "full"] = "auto"
-    freeze_stages: Optional[int] = None  # partial: bottom stages kept frozen (default: half)
-    body_lr_mult: float = 0.1  # learning rate of trainable body layers relative to the head
+    strategy: Literal["auto", "linear_probe", "partial", "full", "gradual"] = "auto"
+    # partial: bottom stages kept frozen (default: half); gradual: stages never unfrozen (default 0)
+    freeze_stages: Optional[int] = None
+    body_lr_mult: float = 0.1  # learning rate of trainable body stages relative to the head
+    layer_decay: Optional[float] = None  # per stage further from the head, multiply by this again
+    stage_lr_mults: Optional[list] = None  # explicit multiplier per stage, bottom to top
+    unfreeze_every: int = 1  # gradual: epochs of training before the next stage unfreezes
+    l2sp_alpha: float = 0.0  # L2-SP: pull the body toward its pretrained weights (replaces weight decay there)
     bn: Literal["freeze", "train"] = "freeze"  # BatchNorm statistics of frozen stages
     # With the whole body frozen, compute its features once and train the head
     # on them; cache_views views per training image (the plain one, then
@@ -76,6 +81,14 @@ class TransferConfig:
     def validate(self, at):
         _require(self.freeze_stages is None or self.freeze_stages >= 0, f"{at}.freeze_stages", "must be >= 0")
         _require(self.body_lr_mult > 0, f"{at}.body_lr_mult", "must be > 0")
+        _require(self.layer_decay is None or 0 < self.layer_decay <= 1, f"{at}.layer_decay", "must be in (0, 1]")
+        _require(self.stage_lr_mults is None or all(
+            isinstance(m, (int, float)) and not isinstance(m, bool) and m > 0 for m in self.stage_lr_mults),
+            f"{at}.stage_lr_mults", "must be a list of positive numbers, one per stage")
+        _require(self.layer_decay is None or self.stage_lr_mults is None, f"{at}.layer_decay",
+                 "give either layer_decay or stage_lr_mults, not both")
+        _require(self.unfreeze_every >= 1, f"{at}.unfreeze_every", "must be >= 1")
+        _require(self.l2sp_alpha >= 0, f"{at}.l2sp_alpha", "must be >= 0")
         _require(self.cache_views >= 1, f"{at}.cache_views", "must be >= 1")
 
 

@@ -11,8 +11,8 @@ view, the others are random training augmentations, and epoch e trains on
 view e mod V.
 """
 
+import contextlib
 import copy
-import functools
 import tempfile
 from pathlib import Path
 
@@ -38,7 +38,7 @@ def head_linear(network, spec):
 
 def why_not_cached(plan, network, spec):
     """None when features can be cached, else the reason they cannot."""
-    if plan.frozen_stages < plan.num_stages:
+    if plan.always_frozen < plan.num_stages:
         return "part of the body trains"
     if plan.bn != "freeze":
         return "Transfer.bn=train keeps updating BatchNorm statistics"
@@ -131,29 +131,38 @@ class ViewSwitcher(paddle.callbacks.Callback):
         self.dataset.epoch = self.state.start_epoch + epoch
 
 
+@contextlib.contextmanager
+def feature_extractor(network, spec, input_size, batch_size, device):
+    """Yields extract(dataset, transform, num_workers, desc) -> head inputs:
+    the exported body under Paddle Inference on CPU, the dynamic graph on GPU."""
+    if device == "cpu":
+        static = StaticFeatureExtractor(network, spec, input_size, batch_size)
+        try:
+            yield lambda dataset, transform, workers, desc: static(dataset, transform, batch_size, workers, desc)
+        finally:
+            static.close()
+    else:
+        head = head_linear(network, spec)
+        yield lambda dataset, transform, workers, desc: extract_features(
+            network, head, dataset, transform, batch_size, workers, desc)
+
+
 def cached_datasets(network, spec, input_size, train_set, eval_set, eval_tf, train_tf, views, loader_cfg, seed,
                     device):
     """Feature datasets for training (`views` views) and evaluation."""
-    head = head_linear(network, spec)
-    batch, workers = loader_cfg.batch_size, loader_cfg.num_workers
-    if device == "cpu":
-        extractor = StaticFeatureExtractor(network, spec, input_size, batch)
-        extract, finish = extractor, extractor.close
-    else:
-        extract, finish = functools.partial(extract_features, network, head), lambda: None
-    try:
+    workers = loader_cfg.num_workers
+    with feature_extractor(network, spec, input_size, loader_cfg.batch_size, device) as extract:
         train_views = []
         for v in range(views):
             seed_everything(seed + 100_003 * (v + 1))  # each augmented view its own draws, reproducibly
             transform = eval_tf if v == 0 else train_tf
-            train_views.append(extract(train_set, transform, batch, workers, f"features: train view {v + 1}/{views}"))
-        eval_features = extract(eval_set, eval_tf, batch, workers, "features: eval")
-    finally:
-        finish()
+            train_views.append(extract(train_set, transform, workers, f"features: train view {v + 1}/{views}"))
+        eval_features = extract(eval_set, eval_tf, workers, "features: eval")
 
     def labels(dataset):
         return np.array([label for _, label in dataset.samples], dtype="int64")
 
+    head = head_linear(network, spec)
     return (FeatureViews(train_views, labels(train_set)),
             FeatureViews([eval_features], labels(eval_set)),
             HeadOnly(head), head.weight.shape[0])

@@ -10,11 +10,13 @@ from paddle_tl.callbacks import (Checkpointer, EpochRecorder, RunState, VisualDL
 from paddle_tl.checkpoint import load_state, load_weights, resolve_resume, restore_optimizer
 from paddle_tl.config import ConfigError
 from paddle_tl.data import build_dataset, make_loader
-from paddle_tl.feature_cache import ViewSwitcher, cached_datasets, why_not_cached
+from paddle_tl.feature_cache import ViewSwitcher, cached_datasets, head_linear, why_not_cached
 from paddle_tl.losses import build_loss
 from paddle_tl.optim import build_optimizer
 from paddle_tl.run_folder import prepare_output_dir, write_json
-from paddle_tl.transfer import apply_plan, plan_transfer, trainable_parameters
+from paddle_tl.similarity import measure_similarity
+from paddle_tl.transfer import (GradualUnfreezer, add_l2sp, plan_transfer, set_frozen_stages,
+                                trainable_parameters)
 from paddle_tl.transforms import Preprocess, eval_transform, train_transform
 from paddle_tl.weights import load_pretrained
 from paddle_tl.zoo import build_model, get_spec
@@ -48,26 +50,37 @@ def train(cfg):
 
     network = build_model(spec.name, num_classes, **cfg.Arch.kwargs)
     pretrained = cfg.Arch.pretrained is not False
-    state = RunState(seed=g.seed, class_names=class_names, epochs=g.epochs)
-    if resume_prefix is not None:
-        state = _resume_weights(resume_prefix, network, class_names, g.epochs)
-    elif pretrained:
+    if pretrained:  # also when resuming: L2-SP and the similarity probe need the pretrained weights
         report = load_pretrained(network, cfg.Arch.pretrained, spec.head, imagenet_url=spec.imagenet_url,
                                  imagenet_md5=spec.imagenet_md5, sha256=cfg.Arch.pretrained_sha256,
                                  arch=spec.name)
         print(report.summary())
+    similarity = None
+    if cfg.Transfer.strategy == "auto" and pretrained and head_linear(network, spec) is not None:
+        similarity = measure_similarity(network, spec, train_set, eval_tf, pre.input_size, device, g.seed,
+                                        num_workers=loaders.Train.num_workers)
+    plan = plan_transfer(cfg.Transfer, len(spec.stages), train_set.class_counts(), pretrained, similarity)
+    if plan.l2sp_alpha:
+        if not pretrained:
+            raise ConfigError("Transfer.l2sp_alpha: L2-SP pulls toward pretrained weights, but Arch.pretrained is false")
+        print(f"L2-SP: {add_l2sp(network, spec, plan.l2sp_alpha):,} body parameters pulled toward their "
+              f"pretrained values (alpha {plan.l2sp_alpha:g})")
+
+    state = RunState(seed=g.seed, class_names=class_names, epochs=g.epochs)
+    if resume_prefix is not None:
+        state = _resume_weights(resume_prefix, network, class_names, g.epochs)
     # A resumed run continues its schedule where it stopped; when Global.epochs
     # changed, that schedule no longer fits, so a new one spans the epochs left.
     same_schedule = state.epochs == g.epochs
     schedule_epochs = g.epochs if same_schedule else g.epochs - state.start_epoch
-    plan = plan_transfer(cfg.Transfer, len(spec.stages), train_set.class_counts(), pretrained)
-    counts = apply_plan(network, spec, plan)
-    print(f"strategy: {plan.strategy} ({plan.reason}); {plan.frozen_stages}/{plan.num_stages} stages "
+    state.frozen_stages = plan.frozen_stages_at(state.start_epoch)
+    counts = set_frozen_stages(network, spec, state.frozen_stages, plan.bn)
+    print(f"strategy: {plan.strategy} ({plan.reason}); {state.frozen_stages}/{plan.num_stages} stages "
           f"frozen; {counts['trainable_params']:,} trainable parameters")
 
     started = time.time()  # training time includes computing cached features
     not_cached = why_not_cached(plan, network, spec) if cfg.Transfer.cache_features else "turned off"
-    extra_callbacks = []
+    extra_callbacks = [GradualUnfreezer(network, spec, plan, state)] if plan.strategy == "gradual" else []
     if not_cached is None:
         views = cfg.Transfer.cache_views
         print(f"frozen body: computing its features once, then training the head on them "
@@ -79,7 +92,7 @@ def train(cfg):
         train_workers = eval_workers = 0  # in-memory arrays
         extra_callbacks.append(ViewSwitcher(train_data, state))
     else:
-        if plan.frozen_stages == plan.num_stages:
+        if state.frozen_stages == plan.num_stages:
             print(f"features not cached: {not_cached}")
         train_data, eval_data, fit_network = train_set, eval_set, network
         input_spec = paddle.static.InputSpec([None, 3, pre.input_size, pre.input_size], "float32", "image")

@@ -16,7 +16,7 @@ from paddle_tl.backend import import_paddle
 from paddle_tl.config import ConfigError, load_config
 from paddle_tl.evaluate import evaluate
 from paddle_tl.train import train
-from paddle_tl.transfer import apply_plan, plan_transfer, trainable_parameters
+from paddle_tl.transfer import plan_transfer, set_frozen_stages, trainable_parameters
 from paddle_tl.zoo import get_spec, stage_index
 
 paddle = import_paddle()
@@ -213,16 +213,20 @@ def test_eval_command_prints_json_with_top1(workspace, tmp_path):
 
 # ------------------------------------------------------------ unit-level
 
-def _plan(strategy="auto", per_class=100, pretrained=True, **transfer):
-    cfg = load_config(None, [*(f"Transfer.{k}={v}" for k, v in transfer.items()), f"Transfer.strategy={strategy}",
-                             "DataLoader.Train.dataset.root=/x", "DataLoader.Eval.dataset.root=/y"])
-    return plan_transfer(cfg.Transfer, 5, [per_class] * 4, pretrained)
+def _plan(strategy="auto", per_class=100, pretrained=True, similarity=None, **transfer):
+    cfg = load_config(None, [*(f"Transfer.{k}={v}" for k, v in transfer.items()), f"Transfer.strategy={strategy}"])
+    return plan_transfer(cfg.Transfer, 5, [per_class] * 4, pretrained, similarity)
 
 
-@pytest.mark.parametrize("per_class, pretrained, strategy, frozen", [
-    (40, True, "linear_probe", 5), (600, True, "partial", 2), (5000, True, "full", 0), (40, False, "full", 0)])
-def test_auto_chooses_from_data_size(per_class, pretrained, strategy, frozen):
-    plan = _plan(per_class=per_class, pretrained=pretrained)
+@pytest.mark.parametrize("per_class, separability, pretrained, strategy, frozen", [
+    (40, 0.9, True, "linear_probe", 5),    # small, similar
+    (40, 0.2, True, "partial", 1),         # small, different: fine-tune most layers
+    (2000, 0.9, True, "partial", 2),       # large, similar: fine-tune the top stages
+    (2000, 0.2, True, "full", 0),          # large, different
+    (40, 0.9, False, "full", 0),           # nothing pretrained to keep
+])
+def test_auto_follows_the_four_quadrants(per_class, separability, pretrained, strategy, frozen):
+    plan = _plan(per_class=per_class, pretrained=pretrained, similarity={"separability": separability})
     assert (plan.strategy, plan.frozen_stages, plan.requested) == (strategy, frozen, "auto")
     assert plan.figures["images_per_class_median"] == per_class and plan.reason
 
@@ -232,11 +236,22 @@ def test_freeze_stages_beyond_the_architecture_is_refused():
         _plan("partial", freeze_stages=9)
 
 
-def test_body_learning_rate_multiplier_sets_the_step_size():
+def test_gradual_schedule_unfreezes_from_the_top():
+    plan = _plan("gradual", unfreeze_every=2, freeze_stages=1)
+    assert [plan.frozen_stages_at(e) for e in range(12)] == [5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("transfer, expected", [
+    ({"body_lr_mult": 0.25}, [0.25] * 5),
+    ({"body_lr_mult": 0.5, "layer_decay": 0.5}, [0.5 * 0.5 ** 4, 0.5 * 0.5 ** 3, 0.125, 0.25, 0.5]),
+    ({"stage_lr_mults": "[0.1, 0.2, 0.3, 0.4, 0.5]"}, [0.1, 0.2, 0.3, 0.4, 0.5]),
+])
+def test_per_stage_learning_rates_set_each_stage_step_size(transfer, expected):
     spec = get_spec("mobilenet_v1")
     network = paddle.vision.models.mobilenet_v1(scale=0.25, num_classes=3)
-    plan = _plan("partial", freeze_stages=2, body_lr_mult=0.25)
-    apply_plan(network, spec, plan)
+    plan = _plan("full", **transfer)
+    assert plan.stage_lr_mults == pytest.approx(expected)
+    set_frozen_stages(network, spec, plan.frozen_stages, plan.bn)
     params = trainable_parameters(network, spec, plan)
     before = {id(p): p.numpy().copy() for p in params}
     optimizer = paddle.optimizer.SGD(learning_rate=0.1, parameters=params)
@@ -244,9 +259,95 @@ def test_body_learning_rate_multiplier_sets_the_step_size():
     network(paddle.randn([2, 3, 64, 64])).sum().backward()
     optimizer.step()
     names = {id(p): n for n, p in network.named_parameters()}
+    seen = set()
     for p in params:
-        expected = 0.1 * (1.0 if names[id(p)].startswith("fc.") else 0.25)
-        grad = p.grad.numpy()
+        index = stage_index(spec, names[id(p)])
+        expected_lr = 0.1 * (1.0 if index is None else expected[index])
         moved = before[id(p)] - p.numpy()
-        np.testing.assert_allclose(moved, expected * grad, rtol=1e-4, atol=1e-7, err_msg=names[id(p)])
-    assert all(stage_index(spec, names[id(p)]) in (None, 2, 3, 4) for p in params)
+        np.testing.assert_allclose(moved, expected_lr * p.grad.numpy(), rtol=1e-4, atol=1e-8, err_msg=names[id(p)])
+        seen.add(index)
+    assert seen == {None, 0, 1, 2, 3, 4}
+
+
+def test_stage_lr_mults_must_match_the_stage_count():
+    with pytest.raises(ConfigError, match="3 values given, this architecture has 5 stages"):
+        _plan("full", stage_lr_mults="[1, 1, 1]")
+
+
+def test_gradual_unfreezing_trains_each_stage_from_its_epoch(workspace, tmp_path):
+    run = tmp_path / "run"
+    metrics = train(make_cfg(workspace, run, "Transfer.strategy=gradual", "Transfer.freeze_stages=2",
+                             "Global.epochs=4", "Optimizer.lr.warmup_epochs=0"))
+    assert [row["frozen_stages"] for row in metrics["history"]] == [5, 4, 3, 2]
+    assert not metrics["strategy"]["cached_features"]
+    spec = get_spec("mobilenet_v1")
+    before, after = _weights(workspace["pretrained"]), _weights(run / "latest.pdparams")
+    for key in after:
+        index = stage_index(spec, key)
+        if index is not None and index < 2:
+            assert np.array_equal(before[key], after[key]), f"never-unfrozen {key} changed"
+        elif index is not None and index >= 2 and not key.endswith(("_mean", "_variance")):
+            assert not np.array_equal(before[key], after[key]), f"unfrozen {key} did not train"
+    # optimizer state exists for the unfrozen stages (created when they first trained), not the frozen ones
+    state = paddle.load(str(run / "latest.pdopt"))
+    assert any(k.startswith("conv6.") for k in state) and not any(k.startswith("conv2_1.") for k in state)
+
+
+def test_l2sp_holds_the_body_near_its_pretrained_weights(workspace, tmp_path):
+    def distance(run):
+        before, after = _weights(workspace["pretrained"]), _weights(run / "latest.pdparams")
+        return sum(float(((after[k] - before[k]) ** 2).sum()) for k in after if not k.startswith("fc."))
+
+    common = ("Transfer.strategy=full", "Global.epochs=2", "Optimizer.lr.learning_rate=0.1",
+              "Optimizer.weight_decay=0.0")
+    train(make_cfg(workspace, tmp_path / "plain", *common))
+    train(make_cfg(workspace, tmp_path / "zero", *common, "Transfer.l2sp_alpha=0"))
+    train(make_cfg(workspace, tmp_path / "strong", *common, "Transfer.l2sp_alpha=20"))
+    plain, strong = distance(tmp_path / "plain"), distance(tmp_path / "strong")
+    assert distance(tmp_path / "zero") == plain  # alpha 0 is plain fine-tuning
+    assert strong < 0.5 * plain, (strong, plain)  # measured: 0.35 of the plain drift
+
+
+def test_l2sp_gradient_pulls_toward_the_start_exactly():
+    spec = get_spec("mobilenet_v1")
+    network = paddle.vision.models.mobilenet_v1(scale=0.25, num_classes=3)
+    from paddle_tl.transfer import add_l2sp
+    add_l2sp(network, spec, alpha=0.5)
+    body, head = network.conv1[0].weight, network.fc.weight
+    start = body.numpy().copy()
+    body.set_value(start + 1.0)  # displaced by 1 from the anchor
+    optimizer = paddle.optimizer.SGD(learning_rate=0.1, parameters=[body, head], weight_decay=0.0)
+    network.eval()
+    (network(paddle.randn([2, 3, 64, 64])).sum() * 0.0).backward()  # no loss gradient: only the pull
+    optimizer.step()
+    np.testing.assert_allclose(body.numpy(), start + 1.0 - 0.1 * 0.5 * 1.0, rtol=1e-6)
+    assert body.regularizer is not None and head.regularizer is None  # no decay toward zero on the body
+
+
+def test_auto_measures_similarity_and_is_reproducible(workspace, tmp_path, shared_dir):
+    """Ants vs bees look like ImageNet to its features: a tiny set of them gets
+    a linear probe. Classes that the features cannot tell apart (the same kind
+    of noise images under two labels) get fine-tuning."""
+    weights = shared_dir / "weights"
+    hymenoptera = shared_dir / "datasets" / "hymenoptera" / "val"
+
+    def auto(train_root, run, *overrides):
+        return train(make_cfg(workspace, run, "Global.epochs=1", "Transfer.cache_views=1",
+                              f"DataLoader.Train.dataset.root={train_root}",
+                              f"DataLoader.Eval.dataset.root={train_root}", *overrides))["strategy"]
+
+    similar = auto(hymenoptera, tmp_path / "a", "Arch.name=mobilenet_v2", "Arch.kwargs={}", "Arch.input_size=224",
+                   f"Arch.pretrained={weights / 'mobilenet_v2_imagenet.pdparams'}")
+    assert similar["strategy"] == "linear_probe" and similar["figures"]["separability"] >= 0.6
+
+    rng = np.random.RandomState(0)
+    for name in ("left", "right"):
+        (tmp_path / "noise" / name).mkdir(parents=True)
+    for i in range(40):
+        noise = rng.randint(0, 256, (72, 72, 3)).astype(np.uint8)
+        Image.fromarray(noise).save(tmp_path / "noise" / ("left", "right")[i % 2] / f"{i}.png")
+    tiny = f"Arch.pretrained={weights / 'mobilenet_v1_x0.25_imagenet.pdparams'}"
+    different = auto(tmp_path / "noise", tmp_path / "b", tiny)
+    assert different["figures"]["separability"] < 0.6
+    assert different["strategy"] == "partial" and different["frozen_stages"] == 1
+    assert auto(tmp_path / "noise", tmp_path / "c", tiny)["figures"] == different["figures"]  # same seed, same call
