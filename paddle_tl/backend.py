@@ -7,6 +7,7 @@ distributions), so every module that needs it goes through `import_paddle()`.
 import os
 
 from paddle_tl.config import ConfigError
+from paddle_tl.errors import UserError
 
 INSTALL_HINT = (
     "PaddlePaddle is not installed. Install the CPU build with "
@@ -21,12 +22,16 @@ def _set_thread_default():
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 
 
+class PaddleMissingError(UserError, ImportError):
+    pass
+
+
 def import_paddle():
     _set_thread_default()
     try:
         import paddle
     except ImportError as exc:
-        raise ImportError(f"{INSTALL_HINT} (import failed: {exc})") from exc
+        raise PaddleMissingError(f"{INSTALL_HINT} (import failed: {exc})") from exc
     return paddle
 
 

@@ -335,3 +335,11 @@ def test_hymenoptera(shared_dir):
     assert train.class_names == ["ants", "bees"]
     assert train.class_counts() == [124, 121] and val.class_counts() == [70, 83]
     assert train[0][0].shape == (3, 32, 32)
+
+
+def test_missing_root_names_the_config_key():
+    from paddle_tl.config import load_config
+
+    cfg = load_config(None, [])
+    with pytest.raises(DataError, match=r"DataLoader\.Eval\.dataset\.root: required for the ImageFolder dataset"):
+        build_dataset(cfg.DataLoader.Eval.dataset, "eval", transform=None)
