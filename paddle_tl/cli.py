@@ -36,9 +36,12 @@ def run_eval(argv):
 
 
 def run_export(argv):
-    args = _config_parser("paddle-tl export", "Export a static inference model.").parse_args(argv)
+    parser = _config_parser("paddle-tl export", "Export a static inference model.")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also write inference.onnx (paddle2onnx; needs the onnx extra) and check its parity")
+    args = parser.parse_args(argv)
     from paddle_tl.export import export
-    export(_load(args))
+    export(_load(args), onnx=args.onnx)
 
 
 def run_infer(argv):
@@ -62,3 +65,7 @@ def main(argv=None):
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

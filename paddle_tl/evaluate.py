@@ -5,6 +5,7 @@ import numpy as np
 
 from paddle_tl.backend import import_paddle, select_device
 from paddle_tl.data import build_dataset, make_loader
+from paddle_tl.metrics import classification_metrics
 from paddle_tl.run_folder import trained_model
 from paddle_tl.transforms import eval_transform
 
@@ -20,26 +21,6 @@ def predict(network, loader):
             logits.append(network(images).numpy())
             labels.append(targets.numpy().reshape(-1))
     return np.concatenate(logits), np.concatenate(labels)
-
-
-def classification_metrics(logits, labels, class_names, topk=(1, 5)):
-    logits = logits.astype(np.float64)
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    ranked = np.argsort(-logits, axis=1, kind="stable")
-    predicted = ranked[:, 0]
-    result = {f"top{k}": float(np.mean((ranked[:, :k] == labels[:, None]).any(axis=1)))
-              for k in sorted(set(topk) | {1}) if k <= logits.shape[1]}
-    result["loss"] = float(-log_probs[np.arange(len(labels)), labels].mean())
-    result["num_images"] = int(len(labels))
-    confusion = np.zeros((len(class_names), logits.shape[1]), dtype=int)
-    np.add.at(confusion, (labels, predicted), 1)
-    result["per_class"] = {
-        name: {"accuracy": float(confusion[i, i] / confusion[i].sum()) if confusion[i].sum() else None,
-               "support": int(confusion[i].sum())}
-        for i, name in enumerate(class_names)}
-    result["confusion_matrix"] = confusion[:, : len(class_names)].tolist()
-    return result
 
 
 def evaluate(cfg):

@@ -1,0 +1,24 @@
+"""Classification metrics from logits and labels (numpy only): shared by
+evaluation of the dynamic network and of an exported model."""
+
+import numpy as np
+
+
+def classification_metrics(logits, labels, class_names, topk=(1, 5)):
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    ranked = np.argsort(-logits, axis=1, kind="stable")
+    predicted = ranked[:, 0]
+    result = {f"top{k}": float(np.mean((ranked[:, :k] == labels[:, None]).any(axis=1)))
+              for k in sorted(set(topk) | {1}) if k <= logits.shape[1]}
+    result["loss"] = float(-log_probs[np.arange(len(labels)), labels].mean())
+    result["num_images"] = int(len(labels))
+    confusion = np.zeros((len(class_names), logits.shape[1]), dtype=int)
+    np.add.at(confusion, (labels, predicted), 1)
+    result["per_class"] = {
+        name: {"accuracy": float(confusion[i, i] / confusion[i].sum()) if confusion[i].sum() else None,
+               "support": int(confusion[i].sum())}
+        for i, name in enumerate(class_names)}
+    result["confusion_matrix"] = confusion[:, : len(class_names)].tolist()
+    return result
