@@ -31,7 +31,7 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["paddle_tl", "paddle_tl.*"]),
     package_data={"paddle_tl": ["configs/*.yaml"]},
-    install_requires=["numpy", "pillow>=10.1", "pyyaml", "tqdm", "visualdl>=2.5"],
+    install_requires=["numpy", "pillow>=10.1", "pyyaml", "tqdm", "visualdl>=2.5", "matplotlib"],
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["paddle-tl=paddle_tl.cli:main"]},
 )

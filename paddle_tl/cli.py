@@ -44,12 +44,23 @@ def run_export(argv):
     export(_load(args), onnx=args.onnx)
 
 
+def run_check_data(argv):
+    parser = _config_parser("paddle-tl check-data", "Summarise and check the Train and Eval data.")
+    parser.add_argument("--output", default="data_check", help="folder for data_check.json and the histogram")
+    args = parser.parse_args(argv)
+    from paddle_tl.data_check import check_data, format_table
+    report = check_data(_load(args), args.output)
+    print(format_table(report))
+    print(f"report: {args.output}/data_check.json, {args.output}/class_histogram.png")
+
+
 def run_infer(argv):
     from paddle_tl.inference import main as infer_main
     infer_main(argv)
 
 
-COMMANDS = {"train": run_train, "eval": run_eval, "export": run_export, "infer": run_infer}
+COMMANDS = {"train": run_train, "eval": run_eval, "export": run_export, "infer": run_infer,
+            "check-data": run_check_data}
 
 
 def main(argv=None):

@@ -96,6 +96,9 @@ class TransferConfig:
 class LossConfig:
     name: Literal["CrossEntropy"] = "CrossEntropy"
     label_smoothing: float = 0.0
+    # balanced: inverse-frequency class weights; auto: only when the largest
+    # training class exceeds 3x the smallest
+    class_weights: Literal["auto", "balanced", "none"] = "auto"
 
     def validate(self, at):
         _require(0 <= self.label_smoothing < 1, f"{at}.label_smoothing", "must be in [0, 1)")
@@ -170,6 +173,7 @@ class LoaderConfig:
     batch_size: int = 32
     num_workers: int = 2
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # used by Train only
+    sampler: Literal["random", "balanced"] = "random"  # Train: balanced draws every class equally often
 
     def validate(self, at):
         _require(self.batch_size >= 1, f"{at}.batch_size", "must be >= 1")

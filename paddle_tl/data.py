@@ -351,10 +351,30 @@ def _elpv(cfg, split):
 
 # ---------------------------------------------------------------- loader
 
-def make_loader(dataset, batch_size, shuffle, num_workers, drop_last=False):
-    return paddle.io.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                                num_workers=num_workers, use_shared_memory=_roomy_shared_memory(),
-                                return_list=True)
+# A largest/smallest class ratio above this counts as class imbalance.
+IMBALANCE_RATIO = 3.0
+
+
+def imbalance_ratio(class_counts):
+    present = [c for c in class_counts if c]
+    return max(present) / min(present) if present else 0.0
+
+
+def balanced_sampler(labels):
+    """Draws samples with probability inversely proportional to their class's
+    size (with replacement), so every class is seen about equally often."""
+    labels = np.asarray(labels)
+    counts = np.bincount(labels)
+    # an array, not a list: the sampler's __len__ reads weights.shape
+    return paddle.io.WeightedRandomSampler(1.0 / counts[labels], num_samples=len(labels), replacement=True)
+
+
+def make_loader(dataset, batch_size, shuffle, num_workers, drop_last=False, sampler=None):
+    common = dict(num_workers=num_workers, use_shared_memory=_roomy_shared_memory(), return_list=True)
+    if sampler is not None:
+        batches = paddle.io.BatchSampler(sampler=sampler, batch_size=batch_size, drop_last=drop_last)
+        return paddle.io.DataLoader(dataset, batch_sampler=batches, **common)
+    return paddle.io.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, **common)
 
 
 def _roomy_shared_memory():

@@ -1,6 +1,5 @@
 """Fine-tuning: config -> model + data -> `paddle.Model.fit` -> run folder."""
 
-import logging
 import sys
 import time
 
@@ -9,9 +8,9 @@ from paddle_tl.callbacks import (Checkpointer, EpochRecorder, RunState, VisualDL
                                  metric_names, seed_everything)
 from paddle_tl.checkpoint import load_state, load_weights, resolve_resume, restore_optimizer
 from paddle_tl.config import ConfigError
-from paddle_tl.data import build_dataset, make_loader
+from paddle_tl.data import balanced_sampler, build_dataset, imbalance_ratio, make_loader
 from paddle_tl.feature_cache import ViewSwitcher, cached_datasets, head_linear, why_not_cached
-from paddle_tl.losses import build_loss
+from paddle_tl.losses import build_loss, class_weights
 from paddle_tl.optim import build_optimizer
 from paddle_tl.run_folder import prepare_output_dir, write_json
 from paddle_tl.similarity import measure_similarity
@@ -22,7 +21,6 @@ from paddle_tl.weights import load_pretrained
 from paddle_tl.zoo import build_model, get_spec
 
 paddle = import_paddle()
-log = logging.getLogger("paddle_tl")
 
 
 def train(cfg):
@@ -98,8 +96,16 @@ def train(cfg):
         input_spec = paddle.static.InputSpec([None, 3, pre.input_size, pre.input_size], "float32", "image")
         train_workers, eval_workers = loaders.Train.num_workers, loaders.Eval.num_workers
 
+    counts_per_class = train_set.class_counts()
+    weights = class_weights(cfg.Loss, counts_per_class, num_classes)
+    if weights:
+        print(f"class imbalance {imbalance_ratio(counts_per_class):.1f}x: class-weighted loss "
+              f"(Loss.class_weights={cfg.Loss.class_weights})")
+    sampler = None
+    if loaders.Train.sampler == "balanced":
+        sampler = balanced_sampler([label for _, label in train_set.samples])
     batch_size = loaders.Train.batch_size
-    train_loader = make_loader(train_data, batch_size, shuffle=True, num_workers=train_workers,
+    train_loader = make_loader(train_data, batch_size, shuffle=True, num_workers=train_workers, sampler=sampler,
                                drop_last=len(train_data) % batch_size == 1)  # no BatchNorm on 1 image
     eval_loader = make_loader(eval_data, loaders.Eval.batch_size, shuffle=False, num_workers=eval_workers)
     optimizer = build_optimizer(cfg.Optimizer, trainable_parameters(network, spec, plan),
@@ -114,7 +120,7 @@ def train(cfg):
     topk = sorted({k for k in cfg.Metric.topk if k <= num_classes} | {1})
     model = paddle.Model(fit_network, inputs=[input_spec],
                          labels=[paddle.static.InputSpec([None, 1], "int64", "label")])
-    model.prepare(optimizer, build_loss(cfg.Loss), paddle.metric.Accuracy(topk=topk),
+    model.prepare(optimizer, build_loss(cfg.Loss, weights), paddle.metric.Accuracy(topk=topk),
                   amp_configs="O1" if g.amp else None)
 
     names = metric_names(topk)
@@ -137,6 +143,8 @@ def train(cfg):
         "num_classes": num_classes, "class_names": class_names,
         "train_images": len(train_set), "eval_images": len(eval_set),
         "skipped_files": [path for path, _ in train_set.skipped + eval_set.skipped],
+        "imbalance_ratio": round(imbalance_ratio(counts_per_class), 3), "class_weights": weights,
+        "sampler": loaders.Train.sampler,
         "strategy": dict(plan.to_dict(), cached_features=not_cached is None,
                          cache_views=cfg.Transfer.cache_views if not_cached is None else 0),
         **counts, "device": device, "history": state.history,

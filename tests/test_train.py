@@ -351,3 +351,15 @@ def test_auto_measures_similarity_and_is_reproducible(workspace, tmp_path, share
     assert different["figures"]["separability"] < 0.6
     assert different["strategy"] == "partial" and different["frozen_stages"] == 1
     assert auto(tmp_path / "noise", tmp_path / "c", tiny)["figures"] == different["figures"]  # same seed, same call
+
+
+@pytest.mark.parametrize("strategy", ["linear_probe", "partial"])  # cached features and images
+def test_imbalanced_data_gets_weighted_loss_and_balanced_sampling(workspace, tmp_path, strategy):
+    root = _colour_images(tmp_path / "imbalanced", 10, 3)
+    for extra in sorted((root / "blue").iterdir())[2:]:
+        extra.unlink()
+    metrics = train(make_cfg(workspace, tmp_path / "run", f"Transfer.strategy={strategy}", "Global.epochs=2",
+                             f"DataLoader.Train.dataset.root={root}", "DataLoader.Train.sampler=balanced"))
+    assert metrics["imbalance_ratio"] == 5.0 and metrics["sampler"] == "balanced"
+    assert metrics["class_weights"] == pytest.approx([22 / (3 * 2), 22 / (3 * 10), 22 / (3 * 10)])  # blue, green, red
+    assert metrics["epochs_run"] == 2
