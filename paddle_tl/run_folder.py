@@ -24,10 +24,13 @@ def prepare_output_dir(path, resuming):
         print(f"{path} already held a run; moved it to {aside}")
     try:
         path.mkdir(parents=True, exist_ok=True)
+        # A real write, not os.access: root passes permission checks even on a
+        # read-only file system, and a full disk only shows when writing.
+        probe = path / ".write_probe"
+        probe.write_bytes(b"\0" * 65536)
+        probe.unlink()
     except OSError as exc:
-        raise ConfigError(f"Global.output_dir: cannot create {path}: {exc.strerror}") from exc
-    if not os.access(path, os.W_OK):
-        raise ConfigError(f"Global.output_dir: {path} is not writable")
+        raise ConfigError(f"Global.output_dir: cannot write to {path}: {exc.strerror}") from exc
     return path
 
 

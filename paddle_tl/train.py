@@ -9,6 +9,7 @@ from paddle_tl.callbacks import (Checkpointer, EpochRecorder, RunState, VisualDL
 from paddle_tl.checkpoint import load_state, load_weights, resolve_resume, restore_optimizer
 from paddle_tl.config import ConfigError
 from paddle_tl.data import balanced_sampler, build_dataset, imbalance_ratio, make_loader
+from paddle_tl.errors import UserError
 from paddle_tl.feature_cache import ViewSwitcher, cached_datasets, head_linear, why_not_cached
 from paddle_tl.losses import build_loss, class_weights
 from paddle_tl.optim import build_optimizer
@@ -129,9 +130,17 @@ def train(cfg):
     recorder = EpochRecorder(state, names, lambda local_epoch: local_epoch % g.eval_interval == 0,
                              listeners=[vdl, checkpointer])
 
-    model.fit(train_loader, eval_loader, epochs=g.epochs - state.start_epoch, eval_freq=g.eval_interval,
-              log_freq=g.log_interval, verbose=1 if sys.stdout.isatty() else 2,  # bar on a terminal
-              callbacks=[recorder, vdl, checkpointer, *extra_callbacks])
+    try:
+        model.fit(train_loader, eval_loader, epochs=g.epochs - state.start_epoch, eval_freq=g.eval_interval,
+                  log_freq=g.log_interval, verbose=1 if sys.stdout.isatty() else 2,  # bar on a terminal
+                  callbacks=[recorder, vdl, checkpointer, *extra_callbacks])
+    except (MemoryError, RuntimeError) as exc:
+        if not _out_of_memory(exc):
+            raise
+        raise OutOfMemoryError(
+            f"out of {'GPU ' if device == 'gpu' else ''}memory at epoch {state.epochs_done + 1}: lower "
+            f"DataLoader.Train.batch_size (now {batch_size}){', turn on Global.amp' if device == 'gpu' else ''}"
+            f", or lower Arch.input_size; resume with -o Global.resume={run_dir}") from exc
     train_seconds = time.time() - started
 
     final_top1 = state.history[-1].get("eval_top1")
@@ -153,6 +162,15 @@ def train(cfg):
     print(f"done: best eval top-1 {state.best_top1:.4f} (epoch {state.best_epoch}), final "
           f"{final_top1:.4f}, {train_seconds:.0f} s of training; run folder {run_dir}")
     return metrics
+
+
+class OutOfMemoryError(UserError):
+    pass
+
+
+def _out_of_memory(exc):
+    text = f"{type(exc).__name__} {exc}".lower()
+    return isinstance(exc, MemoryError) or "out of memory" in text or "resourceexhausted" in text
 
 
 def _resume_weights(prefix, network, class_names, epochs):

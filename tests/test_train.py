@@ -363,3 +363,53 @@ def test_imbalanced_data_gets_weighted_loss_and_balanced_sampling(workspace, tmp
     assert metrics["imbalance_ratio"] == 5.0 and metrics["sampler"] == "balanced"
     assert metrics["class_weights"] == pytest.approx([22 / (3 * 2), 22 / (3 * 10), 22 / (3 * 10)])  # blue, green, red
     assert metrics["epochs_run"] == 2
+
+
+def test_out_of_memory_becomes_advice(workspace, tmp_path, monkeypatch):
+    def exhausted(*args, **kwargs):
+        raise RuntimeError("(ResourceExhausted) Out of memory error on GPU 0. Cannot allocate 1.2GB")
+
+    monkeypatch.setattr(paddle.Model, "fit", exhausted)
+    from paddle_tl.train import OutOfMemoryError
+    with pytest.raises(OutOfMemoryError, match=r"lower DataLoader\.Train\.batch_size \(now 8\).*Global\.resume="):
+        train(make_cfg(workspace, tmp_path / "run", "Transfer.strategy=partial"))
+
+
+def test_kill_9_mid_training_then_resume(workspace, tmp_path):
+    """A real SIGKILL during training: the last checkpoint stays loadable and
+    the resumed run ends where an uninterrupted one does."""
+    import os
+    import signal
+    import time
+
+    common = ["Global.epochs=6", "Transfer.strategy=partial", "Transfer.freeze_stages=3",
+              "Optimizer.lr.warmup_epochs=1"]
+    straight = train(make_cfg(workspace, tmp_path / "straight", *common))
+
+    run = tmp_path / "killed"
+    config = tmp_path / "config.yaml"
+    make_cfg(workspace, run, *common).save(config)
+    command = [sys.executable, str(REPO / "tools" / "train.py"), "-c", str(config)]
+    env = dict(os.environ, HOME=str(tmp_path))
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        state = run / "latest.state.json"
+        if state.is_file() and json.loads(state.read_text()).get("epochs_done", 0) >= 2:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "training ended before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    done_before = json.loads((run / "latest.state.json").read_text())["epochs_done"]
+    assert 2 <= done_before < 6
+
+    resumed = subprocess.run(command + ["-o", f"Global.resume={run}"], capture_output=True, text=True, env=env,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 6 and len(metrics["history"]) == 6
+    a, b = _weights(tmp_path / "straight" / "latest.pdparams"), _weights(run / "latest.pdparams")
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert metrics["best_top1"] == pytest.approx(straight["best_top1"])
