@@ -1,5 +1,5 @@
-"""Training features as `paddle.Model` callbacks: epoch records, VisualDL,
-checkpoints, early stopping and a NaN guard. The loop stays hapi's own.
+"""Training features as `paddle.Model` callbacks: epoch records, early
+stopping, a NaN guard, VisualDL and checkpoints. The loop stays hapi's own.
 
 hapi numbers epochs from 0 in every `fit` call; a resumed run starts `fit`
 part-way, so the callbacks add `RunState.start_epoch` to get the run's epoch.
@@ -55,10 +55,10 @@ class EpochRecorder(Callback):
     history row per epoch. Seeds each epoch from (seed, epoch) so a resumed
     run draws the same shuffles and augmentations as an uninterrupted one."""
 
-    def __init__(self, state, names, evaluates, listeners):
+    def __init__(self, state, names, evaluates, patience, listeners):
         super().__init__()
-        self.state, self.names, self.evaluates = state, names, evaluates
-        self.listeners = listeners  # objects with on_record(row), told in order
+        self.state, self.names, self.evaluates, self.patience = state, names, evaluates, patience
+        self.listeners = listeners  # objects with on_record(row, improved), told in order
 
     def _epoch(self, local_epoch):
         return self.state.start_epoch + local_epoch
@@ -98,10 +98,24 @@ class EpochRecorder(Callback):
         self._finish()
 
     def _finish(self):
-        self.state.history.append(self.row)
-        self.state.epochs_done = self.row["epoch"]
+        """Book the epoch: best score, history, early stopping. This runs on
+        every rank of a data-parallel run (eval metrics are gathered across
+        ranks), so all ranks stop together; listeners may be rank 0's only."""
+        row, state = self.row, self.state
+        improved = "eval_top1" in row and row["eval_top1"] > state.best_top1
+        if improved:
+            state.best_top1, state.best_epoch = row["eval_top1"], row["epoch"]
+            state.epochs_without_improvement = 0
+        elif "eval_top1" in row:
+            state.epochs_without_improvement += 1
+        state.history.append(row)
+        state.epochs_done = row["epoch"]
         for listener in self.listeners:
-            listener.on_record(self.row)
+            listener.on_record(row, improved)
+        if self.patience and state.epochs_without_improvement >= self.patience:
+            print(f"early stopping: no better eval top-1 for {self.patience} epochs "
+                  f"(best {state.best_top1:.4f} at epoch {state.best_epoch})")
+            self.model.stop_training = True
 
 
 class VisualDLLogger(Callback):
@@ -128,7 +142,7 @@ class VisualDLLogger(Callback):
         for theirs, ours in self.names.items():
             self.writer.add_scalar(f"train_step/{ours}", float(logs[theirs]), global_step)
 
-    def on_record(self, row):
+    def on_record(self, row, improved):
         for key, value in row.items():
             if key in ("lr", "frozen_stages"):
                 self.writer.add_scalar(f"train/{key}", value, row["epoch"])
@@ -141,28 +155,28 @@ class VisualDLLogger(Callback):
         self.writer.close()
 
 
-class Checkpointer(Callback):
+class Checkpointer:
     """After each epoch (and its evaluation): `latest` always, `best_model`
-    when eval top-1 improved; stops training after `patience` epochs without
-    improvement."""
+    when eval top-1 improved."""
 
-    def __init__(self, run_dir, network, state, patience):
-        super().__init__()
+    def __init__(self, run_dir, network, optimizer, state):
         # The whole network, which is more than the model being fit when only
         # the head trains on cached features.
-        self.run_dir, self.network, self.state, self.patience = run_dir, network, state, patience
+        self.run_dir, self.network, self.optimizer, self.state = run_dir, network, optimizer, state
 
-    def on_record(self, row):
-        network, optimizer = self.network, self.model._optimizer
-        if "eval_top1" in row:
-            if row["eval_top1"] > self.state.best_top1:
-                self.state.best_top1, self.state.best_epoch = row["eval_top1"], row["epoch"]
-                self.state.epochs_without_improvement = 0
-                save_checkpoint(self.run_dir / "best_model", network, state=self.state.to_dict())
-            else:
-                self.state.epochs_without_improvement += 1
-        save_checkpoint(self.run_dir / "latest", network, optimizer, self.state.to_dict())
-        if self.patience and self.state.epochs_without_improvement >= self.patience:
-            print(f"early stopping: no better eval top-1 for {self.patience} epochs "
-                  f"(best {self.state.best_top1:.4f} at epoch {self.state.best_epoch})")
-            self.model.stop_training = True
+    def on_record(self, row, improved):
+        if improved:
+            save_checkpoint(self.run_dir / "best_model", self.network, state=self.state.to_dict())
+        save_checkpoint(self.run_dir / "latest", self.network, self.optimizer, self.state.to_dict())
+
+
+class ShardShuffle(Callback):
+    """A DistributedBatchSampler shuffles by the number given to set_epoch,
+    which hapi never advances; give it (seed + epoch), like every other draw."""
+
+    def __init__(self, batch_sampler, state):
+        super().__init__()
+        self.batch_sampler, self.state = batch_sampler, state
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.batch_sampler.set_epoch(self.state.seed + self.state.start_epoch + epoch)

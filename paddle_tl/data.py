@@ -369,12 +369,17 @@ def balanced_sampler(labels):
     return paddle.io.WeightedRandomSampler(1.0 / counts[labels], num_samples=len(labels), replacement=True)
 
 
-def make_loader(dataset, batch_size, shuffle, num_workers, drop_last=False, sampler=None):
+def make_loader(dataset, batch_size, shuffle, num_workers, drop_last=False, sampler=None, distributed=False):
+    """A DataLoader; `distributed` gives each data-parallel process its own
+    shard (`batch_size` is then per process)."""
     common = dict(num_workers=num_workers, use_shared_memory=_roomy_shared_memory(), return_list=True)
-    if sampler is not None:
+    if distributed:
+        batches = paddle.io.DistributedBatchSampler(dataset, batch_size, shuffle=shuffle, drop_last=drop_last)
+    elif sampler is not None:
         batches = paddle.io.BatchSampler(sampler=sampler, batch_size=batch_size, drop_last=drop_last)
-        return paddle.io.DataLoader(dataset, batch_sampler=batches, **common)
-    return paddle.io.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, **common)
+    else:
+        return paddle.io.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, **common)
+    return paddle.io.DataLoader(dataset, batch_sampler=batches, **common)
 
 
 def _roomy_shared_memory():

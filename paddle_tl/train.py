@@ -1,10 +1,12 @@
 """Fine-tuning: config -> model + data -> `paddle.Model.fit` -> run folder."""
 
+import dataclasses
 import sys
 import time
+from pathlib import Path
 
 from paddle_tl.backend import import_paddle, select_device
-from paddle_tl.callbacks import (Checkpointer, EpochRecorder, RunState, VisualDLLogger,
+from paddle_tl.callbacks import (Checkpointer, EpochRecorder, RunState, ShardShuffle, VisualDLLogger,
                                  metric_names, seed_everything)
 from paddle_tl.checkpoint import load_state, load_weights, resolve_resume, restore_optimizer
 from paddle_tl.config import ConfigError
@@ -31,7 +33,14 @@ def train(cfg):
     if g.amp and device != "gpu":
         raise ConfigError("Global.amp: mixed precision needs Global.device=gpu")
     resume_prefix = resolve_resume(g.resume) if g.resume else None
-    run_dir = prepare_output_dir(g.output_dir, resuming=resume_prefix is not None)
+    # Under `paddle.distributed.launch`: every process trains on its shard,
+    # rank 0 alone writes the run folder.
+    world = paddle.distributed.get_world_size()
+    is_main = paddle.distributed.get_rank() == 0
+    if world > 1 and loaders.Train.sampler == "balanced":
+        raise ConfigError("DataLoader.Train.sampler=balanced is not supported in data-parallel training; "
+                          "use Loss.class_weights=balanced")
+    run_dir = prepare_output_dir(g.output_dir, resuming=resume_prefix is not None) if is_main else Path(g.output_dir)
     seed_everything(g.seed)
 
     spec = get_spec(cfg.Arch.name)
@@ -45,7 +54,8 @@ def train(cfg):
         raise ConfigError(f"Arch.num_classes: {num_classes} is fewer than the {len(class_names)} "
                           "classes in the training data")
     cfg.Arch.num_classes = num_classes
-    cfg.save(run_dir / "config.yaml")
+    if is_main:
+        cfg.save(run_dir / "config.yaml")
 
     network = build_model(spec.name, num_classes, **cfg.Arch.kwargs)
     pretrained = cfg.Arch.pretrained is not False
@@ -78,7 +88,10 @@ def train(cfg):
           f"frozen; {counts['trainable_params']:,} trainable parameters")
 
     started = time.time()  # training time includes computing cached features
-    not_cached = why_not_cached(plan, network, spec) if cfg.Transfer.cache_features else "turned off"
+    if world > 1:
+        not_cached = "data-parallel training"
+    else:
+        not_cached = why_not_cached(plan, network, spec) if cfg.Transfer.cache_features else "turned off"
     extra_callbacks = [GradualUnfreezer(network, spec, plan, state)] if plan.strategy == "gradual" else []
     if not_cached is None:
         views = cfg.Transfer.cache_views
@@ -107,9 +120,21 @@ def train(cfg):
         sampler = balanced_sampler([label for _, label in train_set.samples])
     batch_size = loaders.Train.batch_size
     train_loader = make_loader(train_data, batch_size, shuffle=True, num_workers=train_workers, sampler=sampler,
-                               drop_last=len(train_data) % batch_size == 1)  # no BatchNorm on 1 image
-    eval_loader = make_loader(eval_data, loaders.Eval.batch_size, shuffle=False, num_workers=eval_workers)
-    optimizer = build_optimizer(cfg.Optimizer, trainable_parameters(network, spec, plan),
+                               drop_last=len(train_data) % (batch_size * world) == 1,  # no BatchNorm on 1 image
+                               distributed=world > 1)
+    eval_loader = make_loader(eval_data, loaders.Eval.batch_size, shuffle=False, num_workers=eval_workers,
+                              distributed=world > 1)
+    optimizer_cfg = cfg.Optimizer
+    if world > 1:
+        extra_callbacks.append(ShardShuffle(train_loader.batch_sampler, state))
+        # Linear scaling rule: N processes of batch B make a global batch of N*B,
+        # which takes N times the learning rate a batch of B was tuned for.
+        scaled = optimizer_cfg.lr.learning_rate * world
+        optimizer_cfg = dataclasses.replace(optimizer_cfg, lr=dataclasses.replace(optimizer_cfg.lr,
+                                                                                  learning_rate=scaled))
+        print(f"data-parallel on {world} processes: global batch {world} x {batch_size}; learning rate scaled "
+              f"{world}x to {scaled:g} (linear scaling rule)")
+    optimizer = build_optimizer(optimizer_cfg, trainable_parameters(network, spec, plan),
                                 len(train_loader), schedule_epochs)
     if resume_prefix is not None:
         restore_optimizer(network, optimizer, f"{resume_prefix}.pdopt", with_schedule=same_schedule)
@@ -125,15 +150,17 @@ def train(cfg):
                   amp_configs="O1" if g.amp else None)
 
     names = metric_names(topk)
-    checkpointer = Checkpointer(run_dir, network, state, g.early_stopping_patience)
-    vdl = VisualDLLogger(run_dir / "vdl", state, names, g.log_interval, len(train_loader))
+    writers, step_loggers = [], []  # rank 0's: per epoch, and per training step
+    if is_main:
+        vdl = VisualDLLogger(run_dir / "vdl", state, names, g.log_interval, len(train_loader))
+        writers, step_loggers = [vdl, Checkpointer(run_dir, network, optimizer, state)], [vdl]
     recorder = EpochRecorder(state, names, lambda local_epoch: local_epoch % g.eval_interval == 0,
-                             listeners=[vdl, checkpointer])
+                             g.early_stopping_patience, listeners=writers)
 
     try:
         model.fit(train_loader, eval_loader, epochs=g.epochs - state.start_epoch, eval_freq=g.eval_interval,
                   log_freq=g.log_interval, verbose=1 if sys.stdout.isatty() else 2,  # bar on a terminal
-                  callbacks=[recorder, vdl, checkpointer, *extra_callbacks])
+                  callbacks=[recorder, *step_loggers, *extra_callbacks])
     except (MemoryError, RuntimeError) as exc:
         if not _out_of_memory(exc):
             raise
@@ -158,6 +185,9 @@ def train(cfg):
                          cache_views=cfg.Transfer.cache_views if not_cached is None else 0),
         **counts, "device": device, "history": state.history,
     }
+    metrics["processes"] = world
+    if not is_main:
+        return metrics
     write_json(run_dir / "metrics.json", metrics)
     print(f"done: best eval top-1 {state.best_top1:.4f} (epoch {state.best_epoch}), final "
           f"{final_top1:.4f}, {train_seconds:.0f} s of training; run folder {run_dir}")

@@ -43,3 +43,23 @@ def tiny_image_folder(tmp_path):
         return root
 
     return make_folder
+
+
+def colour_images(root, per_class, seed, classes=("red", "green", "blue")):
+    """Square images, each class a noisy version of its own colour: learnable
+    in a few steps."""
+    rng = np.random.RandomState(seed)
+    for index, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            base = np.full((72, 72, 3), 40, dtype=np.float64)
+            base[..., index] = 200
+            noisy = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(noisy).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def colour_folder():
+    """colour_folder(root, per_class, seed) -> root of red/green/blue class folders."""
+    return colour_images

@@ -24,21 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("red", "green", "blue")
 
 
-def _colour_images(root, per_class, seed):
-    """Each class a noisy version of its own colour: learnable in a few steps."""
-    rng = np.random.RandomState(seed)
-    for index, name in enumerate(CLASSES):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            base = np.full((72, 72, 3), 40, dtype=np.float64)
-            base[..., index] = 200
-            noisy = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
-            Image.fromarray(noisy).save(root / name / f"{i}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def workspace(tmp_path_factory, colour_folder):
     """Train/val folders and an 'ImageNet' mobilenet_v1 x0.25 checkpoint whose
     BatchNorm statistics are far from (0, 1), so any drift shows."""
     base = tmp_path_factory.mktemp("train")
@@ -51,7 +38,7 @@ def workspace(tmp_path_factory):
             layer._variance.set_value(rng.uniform(0.5, 1.5, layer._variance.shape).astype("float32"))
     pretrained = base / "pretrained.pdparams"
     paddle.save(network.state_dict(), str(pretrained))
-    return {"train": _colour_images(base / "train", 10, 0), "val": _colour_images(base / "val", 4, 1),
+    return {"train": colour_folder(base / "train", 10, 0), "val": colour_folder(base / "val", 4, 1),
             "pretrained": pretrained, "base": base}
 
 
@@ -141,8 +128,8 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(workspace, tmp_
 
     save = callbacks.Checkpointer.on_record
 
-    def save_then_die_after_epoch_2(self, row):
-        save(self, row)
+    def save_then_die_after_epoch_2(self, row, improved):
+        save(self, row, improved)
         if row["epoch"] == 2:
             raise Killed
 
@@ -354,8 +341,8 @@ def test_auto_measures_similarity_and_is_reproducible(workspace, tmp_path, share
 
 
 @pytest.mark.parametrize("strategy", ["linear_probe", "partial"])  # cached features and images
-def test_imbalanced_data_gets_weighted_loss_and_balanced_sampling(workspace, tmp_path, strategy):
-    root = _colour_images(tmp_path / "imbalanced", 10, 3)
+def test_imbalanced_data_gets_weighted_loss_and_balanced_sampling(workspace, tmp_path, strategy, colour_folder):
+    root = colour_folder(tmp_path / "imbalanced", 10, 3)
     for extra in sorted((root / "blue").iterdir())[2:]:
         extra.unlink()
     metrics = train(make_cfg(workspace, tmp_path / "run", f"Transfer.strategy={strategy}", "Global.epochs=2",
