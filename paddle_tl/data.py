@@ -238,7 +238,10 @@ def _image_folder(root):
 
 def _find_images(folder):
     """Image files below folder, sorted, skipping hidden entries; symbolic links
-    are followed but a folder is never entered twice (no link loops)."""
+    are followed, but a folder is never entered twice, and a link back to
+    `folder` or above it is skipped: it would loop, and through the dataset
+    root it would file other classes' images under this one."""
+    top = os.path.realpath(folder)
     seen = set()
     for current, dirs, files in os.walk(folder, followlinks=True):
         stat = os.stat(current)
@@ -246,10 +249,18 @@ def _find_images(folder):
             dirs[:] = []
             continue
         seen.add((stat.st_dev, stat.st_ino))
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not _loops_back(os.path.join(current, d), top))
         for name in sorted(files):
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
                 yield os.path.join(current, name)
+
+
+def _loops_back(path, top):
+    real = os.path.realpath(path)
+    if top == real or top.startswith(real.rstrip(os.sep) + os.sep):
+        log.warning("skipping %s: it links back to %s, which contains it", path, real)
+        return True
+    return False
 
 
 # ---------------------------------------------------------------- ListFile

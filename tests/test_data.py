@@ -343,3 +343,36 @@ def test_missing_root_names_the_config_key():
     cfg = load_config(None, [])
     with pytest.raises(DataError, match=r"DataLoader\.Eval\.dataset\.root: required for the ImageFolder dataset"):
         build_dataset(cfg.DataLoader.Eval.dataset, "eval", transform=None)
+
+
+def _folder_cfg(root):
+    return DatasetConfig(name="ImageFolder", root=str(root))
+
+
+def test_symlink_loop_in_the_data_folder_is_skipped(tiny_image_folder, tmp_path, caplog):
+    root = tiny_image_folder(per_class=2)
+    os.symlink(root, root / "cat" / "loop")  # cat/loop -> root -> cat -> ...; and dog, fox filed as cat
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.new("RGB", (20, 20), (9, 9, 9)).save(elsewhere / "linked.png")
+    os.symlink(elsewhere, root / "dog" / "more")  # an ordinary link to images kept elsewhere
+    with caplog.at_level(logging.WARNING, logger="paddle_tl"):
+        dataset = build_dataset(_folder_cfg(root), "train", transform=None)
+    assert dataset.class_counts() == [2, 3, 2]
+    assert "cat/loop" in caplog.text and "links back" in caplog.text
+
+
+def test_non_utf8_file_name_loads(tiny_image_folder):
+    root = tiny_image_folder(per_class=2)
+    name = os.fsencode(str(root / "dog")) + b"/caf\xe9-latin1.png"  # not valid UTF-8
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(os.fsdecode(name), format="PNG")
+    dataset = build_dataset(_folder_cfg(root), "train", transform=None)
+    assert os.fsdecode(name) in [path for path, _ in dataset.samples] and not dataset.skipped
+
+
+def test_decompression_bomb_is_skipped_not_decoded(tiny_image_folder, monkeypatch):
+    root = tiny_image_folder(per_class=2)
+    Image.new("RGB", (400, 400)).save(root / "fox" / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400 * 400 // 3)  # > 2x the limit: PIL refuses it
+    dataset = build_dataset(_folder_cfg(root), "train", transform=None)
+    assert [path for path, _ in dataset.skipped] == [str(root / "fox" / "huge.png")]
