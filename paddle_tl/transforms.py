@@ -160,5 +160,12 @@ def eval_transform(pre):
     return EvalTransform(pre)
 
 
+def augmentation_off(augment):
+    return (list(augment.crop_scale) == [1.0, 1.0] and not augment.hflip and not augment.vflip
+            and not augment.color_jitter)
+
+
 def train_transform(pre, augment):
-    return TrainTransform(pre, augment)
+    """Random augmentation, or, with every augmentation off, exactly what
+    evaluation sees (a full-area random crop would still change the aspect)."""
+    return EvalTransform(pre) if augmentation_off(augment) else TrainTransform(pre, augment)

@@ -400,3 +400,21 @@ def test_kill_9_mid_training_then_resume(workspace, tmp_path):
     for key in a:
         np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
     assert metrics["best_top1"] == pytest.approx(straight["best_top1"])
+
+
+def test_cached_features_train_the_same_head_as_the_full_network(workspace, tmp_path, shared_dir):
+    """With augmentation off, training the head on cached features (Paddle
+    Inference) and through the whole network (dynamic graph) give the same
+    head, up to float differences between the two runtimes."""
+    common = ("Transfer.strategy=linear_probe", "Global.epochs=3", "Transfer.cache_views=1",
+              f"Arch.pretrained={shared_dir / 'weights' / 'mobilenet_v1_x0.25_imagenet.pdparams'}",
+              "Optimizer.lr.learning_rate=0.002", "DataLoader.Train.augment.crop_scale=[1.0, 1.0]",
+              "DataLoader.Train.augment.hflip=false")
+    cached = train(make_cfg(workspace, tmp_path / "cached", *common))
+    plain = train(make_cfg(workspace, tmp_path / "plain", *common, "Transfer.cache_features=false"))
+    assert cached["strategy"]["cached_features"] and not plain["strategy"]["cached_features"]
+    a, b = _weights(tmp_path / "cached" / "latest.pdparams"), _weights(tmp_path / "plain" / "latest.pdparams")
+    assert plain["history"][-1]["train_loss"] < 0.9 * plain["history"][0]["train_loss"]  # the head did learn
+    for key in ("fc.weight", "fc.bias"):
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-3, atol=1e-5, err_msg=key)
+    assert [r["eval_top1"] for r in cached["history"]] == [r["eval_top1"] for r in plain["history"]]

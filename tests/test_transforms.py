@@ -105,3 +105,14 @@ def test_train_transform_handles_extreme_aspect_ratios():
     transform = train_transform(make_pre(), AugmentConfig())
     for size in [(1, 1), (500, 3), (3, 500)]:
         assert transform(random_image(*size)).shape == (3, 32, 32)
+
+
+def test_training_without_augmentation_sees_the_evaluation_view():
+    from paddle_tl.config import AugmentConfig
+    from paddle_tl.transforms import augmentation_off, train_transform
+
+    pre = Preprocess(input_size=32, resize_short=40, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    off = AugmentConfig(crop_scale=[1.0, 1.0], hflip=False, vflip=False, color_jitter=0.0)
+    assert augmentation_off(off) and not augmentation_off(AugmentConfig())
+    image = Image.fromarray(np.random.RandomState(0).randint(0, 256, (50, 70, 3)).astype(np.uint8))
+    np.testing.assert_array_equal(train_transform(pre, off)(image), eval_transform(pre)(image))
