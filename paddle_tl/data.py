@@ -228,7 +228,7 @@ def _image_folder(root):
                     "should root be one of them?", root, names)
     samples = []
     for label, class_dir in enumerate(class_dirs):
-        images = list(_find_images(class_dir))
+        images = list(find_images(class_dir))
         if not images:
             raise DataError(f"class folder {class_dir} has no images "
                             f"(extensions looked for: {', '.join(sorted(IMAGE_EXTENSIONS))})")
@@ -236,7 +236,7 @@ def _image_folder(root):
     return samples, names
 
 
-def _find_images(folder):
+def find_images(folder):
     """Image files below folder, sorted, skipping hidden entries; symbolic links
     are followed, but a folder is never entered twice, and a link back to
     `folder` or above it is skipped: it would loop, and through the dataset
@@ -276,7 +276,7 @@ def _list_file(cfg, known_names):
         names = list(known_names) if known_names is not None else None
 
     samples = []
-    for number, line in _read_lines(list_path):
+    for number, line in read_lines(list_path):
         where = f"{list_path}:{number}"
         parts = line.rsplit(maxsplit=1)  # the last field is the label; paths may hold spaces
         if len(parts) != 2:
@@ -303,7 +303,7 @@ def _list_file(cfg, known_names):
 def _read_label_names(path):
     """One class name per line in label order, or PaddleClas label_list lines
     "<index> <name>" (detected when every line has that form)."""
-    lines = [line for _, line in _read_lines(path)]
+    lines = [line for _, line in read_lines(path)]
     if not lines:
         raise DataError(f"label names file {path} is empty")
     pairs = [line.split(maxsplit=1) for line in lines]
@@ -320,7 +320,7 @@ def _read_label_names(path):
     return names
 
 
-def _read_lines(path):
+def read_lines(path):
     """(line number, stripped text) of the non-empty lines."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -343,7 +343,7 @@ def _elpv(cfg, split):
     groups = defaultdict(list)
     # labels.csv: "images/cellNNNN.png  <probability>  <mono|poly>"; a probability
     # of 0, 1/3, 2/3 or 1 that the cell is defective is its four-class label.
-    for _, line in _read_lines(data_dir / "labels.csv"):
+    for _, line in read_lines(data_dir / "labels.csv"):
         path_text, probability, cell_type = line.split()
         if cfg.cell_type in ("all", cell_type):
             groups[(round(float(probability) * 3), cell_type)].append(str(data_dir / path_text))

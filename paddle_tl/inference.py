@@ -24,7 +24,7 @@ import yaml
 
 from paddle_tl.backend import import_paddle
 from paddle_tl.config import ConfigError, DatasetConfig
-from paddle_tl.data import DataError, _find_images, _read_lines, build_dataset, load_rgb
+from paddle_tl.data import DataError, build_dataset, find_images, load_rgb, read_lines
 from paddle_tl.metrics import classification_metrics
 from paddle_tl.errors import UserError
 from paddle_tl.transforms import Preprocess, eval_transform
@@ -277,7 +277,7 @@ def list_inputs(path):
     relative to the list's folder, as for ListFile datasets."""
     path = Path(path)
     if path.is_dir():
-        images = list(_find_images(path))
+        images = list(find_images(path))
         if not images:
             raise DataError(f"--input {path}: no images in this folder or below")
         return images
@@ -286,7 +286,7 @@ def list_inputs(path):
     if path.suffix.lower() != ".txt":
         return [str(path)]
     images = []
-    for _, line in _read_lines(path):
+    for _, line in read_lines(path):
         parts = line.rsplit(maxsplit=1)
         # A trailing integer is a label, unless the whole line names a file (a path with a space).
         if len(parts) == 2 and parts[1].lstrip("-").isdigit() and not (path.parent / line).exists():
