@@ -1,5 +1,6 @@
-"""`paddle-tl train|eval|export|infer`: the one command-line front end; the
-`tools/*.py` scripts call it with their sub-command."""
+"""`paddle-tl train|eval|export|infer|check-data|report`: the one
+command-line front end; the `tools/*.py` scripts call it with their
+sub-command."""
 
 import argparse
 import json
@@ -54,13 +55,18 @@ def run_check_data(argv):
     print(f"report: {args.output}/data_check.json, {args.output}/class_histogram.png")
 
 
+def run_report(argv):
+    from paddle_tl.report import report_command
+    report_command(argv)
+
+
 def run_infer(argv):
     from paddle_tl.inference import main as infer_main
     infer_main(argv)
 
 
 COMMANDS = {"train": run_train, "eval": run_eval, "export": run_export, "infer": run_infer,
-            "check-data": run_check_data}
+            "check-data": run_check_data, "report": run_report}
 
 
 def main(argv=None):

@@ -16,18 +16,19 @@ def classification_metrics(logits, labels, class_names, topk=(1, 5)):
     result["num_images"] = int(len(labels))
     confusion = np.zeros((len(class_names), logits.shape[1]), dtype=int)
     np.add.at(confusion, (labels, predicted), 1)
-    result["per_class"] = {
-        name: {"accuracy": float(confusion[i, i] / confusion[i].sum()) if confusion[i].sum() else None,
-               "support": int(confusion[i].sum())}
-        for i, name in enumerate(class_names)}
     square = confusion[:, : len(class_names)]  # predictions beyond the named classes only count as wrong
-    result["confusion_matrix"] = square.tolist()
-    # Beside top-1, which a majority class can dominate: the mean recall and
-    # the mean F1 over the classes present in this split.
     present = confusion.sum(axis=1) > 0
     recall = np.diag(square) / np.maximum(confusion.sum(axis=1), 1)
     precision = np.diag(square) / np.maximum(square.sum(axis=0), 1)
     f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    # accuracy (= recall) and f1 are None for a class absent from this split
+    result["per_class"] = {
+        name: {"accuracy": float(recall[i]) if present[i] else None, "precision": float(precision[i]),
+               "f1": float(f1[i]) if present[i] else None, "support": int(confusion[i].sum())}
+        for i, name in enumerate(class_names)}
+    result["confusion_matrix"] = square.tolist()
+    # Beside top-1, which a majority class can dominate: the mean recall and
+    # the mean F1 over the classes present in this split.
     result["balanced_accuracy"] = float(recall[present].mean()) if present.any() else None
     result["macro_f1"] = float(f1[present].mean()) if present.any() else None
     return result

@@ -15,6 +15,7 @@ from paddle_tl.errors import UserError
 from paddle_tl.feature_cache import ViewSwitcher, cached_datasets, head_linear, why_not_cached
 from paddle_tl.losses import build_loss, class_weights
 from paddle_tl.optim import build_optimizer
+from paddle_tl.report import write_report
 from paddle_tl.run_folder import prepare_output_dir, write_json
 from paddle_tl.similarity import measure_similarity
 from paddle_tl.transfer import (GradualUnfreezer, add_l2sp, plan_transfer, set_frozen_stages,
@@ -189,6 +190,7 @@ def train(cfg):
     if not is_main:
         return metrics
     write_json(run_dir / "metrics.json", metrics)
+    print(f"report: {write_report(run_dir)}")
     print(f"done: best eval top-1 {state.best_top1:.4f} (epoch {state.best_epoch}), final "
           f"{final_top1:.4f}, {train_seconds:.0f} s of training; run folder {run_dir}")
     return metrics

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from paddle_tl.backend import import_paddle
 from paddle_tl.config import load_config

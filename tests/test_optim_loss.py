@@ -6,7 +6,7 @@ import pytest
 
 from paddle_tl.backend import import_paddle
 from paddle_tl.config import load_config
-from paddle_tl.losses import SmoothedCrossEntropy
+from paddle_tl.losses import CrossEntropy
 from paddle_tl.optim import build_scheduler
 
 paddle = import_paddle()
@@ -41,7 +41,7 @@ def test_constant():
 def test_label_smoothing_matches_its_formula():
     logits = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]], dtype="float32")
     labels = np.array([[0], [2]], dtype="int64")
-    loss = float(SmoothedCrossEntropy(0.1)(paddle.to_tensor(logits), paddle.to_tensor(labels)))
+    loss = float(CrossEntropy(0.1)(paddle.to_tensor(logits), paddle.to_tensor(labels)))
     log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
     target = np.full((2, 3), 0.1 / 3)
     target[0, 0] += 0.9
