@@ -336,18 +336,24 @@ def test_infer_main_writes_jsonl(run, exported, capsys):
     assert set(records[2]) == {"file", "error"}
 
 
-def test_command_line_tools(run, tmp_path):
-    """export_model.py and infer.py the way a user runs them."""
+def _export_with_the_tool(run, tmp_path, **env_extra):
+    """`python tools/export_model.py` in a subprocess, as a user runs it; asserts it passed its parity check."""
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"Arch": {"name": "mobilenet_v1", "kwargs": {"scale": 0.25}, "input_size": 64},
                                       "DataLoader": {"Eval": {"dataset": {"root": str(run.data)}}}}))
-    env = dict(os.environ, HOME=str(tmp_path / "home"))
+    env = dict(os.environ, HOME=str(tmp_path / "home"), **env_extra)
     exported = subprocess.run(
         [sys.executable, str(REPO / "tools" / "export_model.py"), "-c", str(config),
          "-o", f"Global.pretrained_model={run.prefix}", "-o", f"Global.save_inference_dir={run.inference}"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert exported.returncode == 0, exported.stderr
     assert "top-1 agreement 8/8" in exported.stdout
+    return env
+
+
+def test_command_line_tools(run, tmp_path):
+    """export_model.py and infer.py the way a user runs them."""
+    env = _export_with_the_tool(run, tmp_path)
 
     output = tmp_path / "predictions.jsonl"
     inferred = subprocess.run(
@@ -363,16 +369,7 @@ def test_command_line_tools(run, tmp_path):
 def test_legacy_program_export_on_request(run, tmp_path):
     """FLAGS_enable_pir_api=0 (read when paddle is imported) writes the legacy
     inference.pdmodel, for Paddle Inference 2.x; the predictor loads it."""
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"Arch": {"name": "mobilenet_v1", "kwargs": {"scale": 0.25}, "input_size": 64},
-                                      "DataLoader": {"Eval": {"dataset": {"root": str(run.data)}}}}))
-    env = dict(os.environ, HOME=str(tmp_path / "home"), FLAGS_enable_pir_api="0")
-    exported = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "export_model.py"), "-c", str(config),
-         "-o", f"Global.pretrained_model={run.prefix}", "-o", f"Global.save_inference_dir={run.inference}"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
-    assert exported.returncode == 0, exported.stderr
-    assert "top-1 agreement 8/8" in exported.stdout
+    _export_with_the_tool(run, tmp_path, FLAGS_enable_pir_api="0")
     assert (run.inference / "inference.pdmodel").is_file() and not (run.inference / "inference.json").exists()
     assert yaml.safe_load((run.inference / "inference.yml").read_text())["model_file"] == "inference.pdmodel"
 
