@@ -9,13 +9,12 @@ records the sha256 of the other two, so a resume can tell that the three
 belong together.
 """
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
 from paddle_tl.backend import import_paddle
 from paddle_tl.errors import UserError
+from paddle_tl.files import atomic_write, file_digest
 
 paddle = import_paddle()
 
@@ -26,32 +25,16 @@ class CheckpointError(UserError, RuntimeError):
     pass
 
 
-def _atomic_write(path, write):
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    write(tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_checkpoint(prefix, network, optimizer=None, state=None):
     prefix = str(prefix)
-    _atomic_write(prefix + ".pdparams", lambda tmp: paddle.save(network.state_dict(), str(tmp)))
-    files = {"pdparams": _sha256(prefix + ".pdparams")}
+    atomic_write(prefix + ".pdparams", lambda tmp: paddle.save(network.state_dict(), str(tmp)))
+    files = {"pdparams": file_digest(prefix + ".pdparams")}
     if optimizer is not None:
         opt_state = optimizer_state_by_structured_name(network, optimizer)
-        _atomic_write(prefix + ".pdopt", lambda tmp: paddle.save(opt_state, str(tmp)))
-        files["pdopt"] = _sha256(prefix + ".pdopt")
+        atomic_write(prefix + ".pdopt", lambda tmp: paddle.save(opt_state, str(tmp)))
+        files["pdopt"] = file_digest(prefix + ".pdopt")
     record = dict(state or {}, files=files)
-    _atomic_write(prefix + STATE_SUFFIX, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+    atomic_write(prefix + STATE_SUFFIX, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
 
 
 def load_state(prefix):
@@ -62,7 +45,7 @@ def load_state(prefix):
     record = json.loads(path.read_text())
     for ext, digest in record.get("files", {}).items():
         file = Path(f"{prefix}.{ext}")
-        if not file.is_file() or _sha256(file) != digest:
+        if not file.is_file() or file_digest(file) != digest:
             raise CheckpointError(f"checkpoint {prefix} is incomplete: {file.name} does not match "
                                   f"{path.name} (the run was probably killed while saving)")
     return record

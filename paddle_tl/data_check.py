@@ -9,7 +9,6 @@ the same dataset builders training uses (data.build_dataset), so this
 report and a training run cannot disagree about the data.
 """
 
-import hashlib
 import json
 import os
 import statistics
@@ -19,16 +18,13 @@ from pathlib import Path
 from PIL import Image
 
 from paddle_tl.data import IMBALANCE_RATIO, build_dataset, imbalance_ratio
+from paddle_tl.files import file_digest
 
 
 def _inspect(path):
     """(width, height, mode, sha256 of the bytes) of one readable image file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
     with Image.open(path) as image:  # header only: the builder already decoded it once
-        return image.width, image.height, image.mode, digest.hexdigest()
+        return image.width, image.height, image.mode, file_digest(path)
 
 
 def _split_summary(dataset):

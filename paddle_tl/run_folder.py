@@ -2,7 +2,6 @@
 finished run back for evaluation and export."""
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -32,12 +31,6 @@ def prepare_output_dir(path, resuming):
     except OSError as exc:
         raise ConfigError(f"Global.output_dir: cannot write to {path}: {exc.strerror}") from exc
     return path
-
-
-def write_json(path, data):
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def trained_model(cfg):

@@ -13,10 +13,11 @@ from paddle_tl.config import ConfigError
 from paddle_tl.data import balanced_sampler, build_dataset, imbalance_ratio, make_loader
 from paddle_tl.errors import UserError
 from paddle_tl.feature_cache import ViewSwitcher, cached_datasets, head_linear, why_not_cached
+from paddle_tl.files import write_json
 from paddle_tl.losses import build_loss, class_weights
 from paddle_tl.optim import build_optimizer
 from paddle_tl.report import write_report
-from paddle_tl.run_folder import prepare_output_dir, write_json
+from paddle_tl.run_folder import prepare_output_dir
 from paddle_tl.similarity import measure_similarity
 from paddle_tl.transfer import (GradualUnfreezer, add_l2sp, plan_transfer, set_frozen_stages,
                                 trainable_parameters)

@@ -7,7 +7,6 @@ head (named by `head_prefixes`) is loaded only when its shape fits, so a model
 built for another number of classes keeps its new head.
 """
 
-import hashlib
 import importlib.util
 import socket
 import urllib.parse
@@ -18,6 +17,7 @@ import numpy as np
 
 from paddle_tl.backend import import_paddle
 from paddle_tl.errors import UserError
+from paddle_tl.files import file_digest
 from paddle_tl.torch_checkpoint import TorchCheckpointError, read_torch_checkpoint, torchvision_to_paddle
 
 paddle = import_paddle()
@@ -83,7 +83,7 @@ def load_pretrained(
     if not path.is_file():
         raise WeightsError(f"pretrained weights file not found: {path}")
     if sha256 is not None:
-        actual = _file_digest(path, "sha256")
+        actual = file_digest(path, "sha256")
         if actual != sha256.lower():
             raise WeightsError(f"{path} has sha256 {actual}, expected {sha256}; refusing to load it")
 
@@ -120,7 +120,7 @@ def _imagenet_file(arch: str, url: str | None, md5: str | None) -> Path:
     # and returns it without network access when the md5 matches. Its HTTP
     # client has no timeout, so only let it run when the host answers.
     cached = Path(download.WEIGHTS_HOME) / url.rsplit("/", 1)[-1]
-    if not (cached.is_file() and (md5 is None or _file_digest(cached, "md5") == md5)):
+    if not (cached.is_file() and (md5 is None or file_digest(cached, "md5") == md5)):
         _probe(url, arch)
     return Path(download.get_weights_path_from_url(url, md5))
 
@@ -136,11 +136,6 @@ def _probe(url: str, arch: str) -> None:
             f"cannot download ImageNet weights for {arch} from {url} (offline? {exc}); "
             "set Arch.pretrained to a local .pdparams or torchvision .pth file"
         ) from exc
-
-
-def _file_digest(path: Path, algorithm: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, algorithm).hexdigest()
 
 
 def _read_weights(path: Path, model) -> dict[str, np.ndarray]:
