@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 
 from paddle_tl.config import load_config  # noqa: E402
 from paddle_tl.data import build_dataset  # noqa: E402
-from paddle_tl.feature_cache import StaticFeatureExtractor, extract_features, head_linear  # noqa: E402
+from paddle_tl.feature_cache import extract_features, feature_extractor, head_linear  # noqa: E402
 from paddle_tl.train import train  # noqa: E402
 from paddle_tl.transforms import Preprocess, eval_transform  # noqa: E402
 from paddle_tl.weights import load_pretrained  # noqa: E402
@@ -41,12 +41,11 @@ def extraction(root):
     transform = eval_transform(Preprocess.from_spec(spec))
     dataset = build_dataset(cfg.DataLoader.Train.dataset, "train", transform)
     started = time.time()
-    extractor = StaticFeatureExtractor(network, spec, spec.input_size, batch_size=32)
-    export_s = time.time() - started
-    started = time.time()
-    static = extractor(dataset, transform, 32, 2, "static")
-    static_s = time.time() - started
-    extractor.close()
+    with feature_extractor(network, spec, spec.input_size, 32, "cpu") as extract:
+        export_s = time.time() - started
+        started = time.time()
+        static = extract(dataset, transform, 2, "static")
+        static_s = time.time() - started
     started = time.time()
     dynamic = extract_features(network, head_linear(network, spec), dataset, transform, 32, 2, "dynamic")
     dynamic_s = time.time() - started

@@ -1,6 +1,8 @@
 """Evaluation of a fine-tuned model on the Eval split: top-k, loss and
 per-class accuracy."""
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from paddle_tl.backend import import_paddle, select_device
@@ -23,11 +25,28 @@ def predict(network, loader):
     return np.concatenate(logits), np.concatenate(labels)
 
 
-def evaluate(cfg):
-    select_device(cfg.Global.device)
+@dataclass
+class EvalSplit:
+    device: str
+    network: object  # the fine-tuned network, in eval mode
+    input_size: int
+    dataset: object
+    loader: object  # in the dataset's order
+    class_names: list
+
+
+def eval_split(cfg):
+    """Global.pretrained_model and an ordered loader over the Eval split,
+    with the preprocessing of its architecture."""
+    device = select_device(cfg.Global.device)
     network, _spec, pre, class_names = trained_model(cfg)
     loader_cfg = cfg.DataLoader.Eval
     dataset = build_dataset(loader_cfg.dataset, "eval", eval_transform(pre), class_names=class_names)
     loader = make_loader(dataset, loader_cfg.batch_size, shuffle=False, num_workers=loader_cfg.num_workers)
-    logits, labels = predict(network, loader)
-    return classification_metrics(logits, labels, class_names, cfg.Metric.topk)
+    return EvalSplit(device, network, pre.input_size, dataset, loader, class_names)
+
+
+def evaluate(cfg):
+    split = eval_split(cfg)
+    logits, labels = predict(split.network, split.loader)
+    return classification_metrics(logits, labels, split.class_names, cfg.Metric.topk)

@@ -3,6 +3,8 @@
 before anyone deploys it that each exported model computes what the trained
 network does."""
 
+import contextlib
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ import yaml
 from paddle_tl.backend import import_paddle
 from paddle_tl.data import DataError, build_dataset
 from paddle_tl.inference import (BACKENDS, FIXED_PREPROCESS, INPUT_NAME, META_FILE, ExportError, Predictor,
-                                 import_onnx_package)
+                                 StaticModel, import_onnx_package)
 from paddle_tl.run_folder import trained_model
 from paddle_tl.transforms import eval_transform
 
@@ -78,6 +80,16 @@ def export(cfg, parity_images=8, tolerance=1e-4, onnx=False):
             check_parity(network, Predictor(out_dir, backend=backend), images, tolerance, source)
     print(f"exported {spec.name} ({len(class_names)} classes) to {out_dir}")
     return out_dir
+
+
+@contextlib.contextmanager
+def temporary_static_model(network, input_size, batch_size):
+    """The network saved in inference form to a temporary folder and loaded
+    by Paddle Inference (CPU, oneDNN), for the length of the context."""
+    with tempfile.TemporaryDirectory(prefix="paddle_tl_static_") as folder:
+        folder = Path(folder)
+        model_file = save_static(network, input_size, folder)
+        yield StaticModel(folder / model_file, folder / PARAMS_FILE, batch_size=batch_size)
 
 
 def save_static(network, input_size, out_dir):

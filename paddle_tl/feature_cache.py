@@ -13,8 +13,6 @@ view e mod V.
 
 import contextlib
 import copy
-import tempfile
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -22,8 +20,7 @@ from tqdm import tqdm
 from paddle_tl.backend import import_paddle
 from paddle_tl.callbacks import seed_everything
 from paddle_tl.data import make_loader
-from paddle_tl.export import PARAMS_FILE, save_static
-from paddle_tl.inference import StaticModel
+from paddle_tl.export import temporary_static_model
 
 paddle = import_paddle()
 
@@ -70,31 +67,17 @@ def _image_batches(dataset, transform, batch_size, num_workers, desc):
         yield images
 
 
-class StaticFeatureExtractor:
-    """The body exported once (the head swapped for Identity while saving) and
-    run by Paddle Inference with oneDNN: several times faster on CPU than
-    the dynamic graph for the same numbers."""
-
-    def __init__(self, network, spec, input_size, batch_size):
-        parent_path, _, attr = spec.head[0].rpartition(".")
-        parent = dict(network.named_sublayers())[parent_path] if parent_path else network
-        head = getattr(parent, attr)
-        self._folder = tempfile.TemporaryDirectory(prefix="paddle_tl_features_")
-        folder = Path(self._folder.name)
-        network.eval()
-        setattr(parent, attr, paddle.nn.Identity())
-        try:
-            model_file = save_static(network, input_size, folder)
-        finally:
-            setattr(parent, attr, head)
-        self.model = StaticModel(folder / model_file, folder / PARAMS_FILE, batch_size=batch_size)
-
-    def __call__(self, dataset, transform, batch_size, num_workers, desc):
-        batches = _image_batches(dataset, transform, batch_size, num_workers, desc)
-        return np.concatenate([self.model.run(images.numpy()) for images in batches]).astype("float32")
-
-    def close(self):
-        self._folder.cleanup()
+@contextlib.contextmanager
+def _head_as_identity(network, spec):
+    """The head swapped for Identity, so that the network outputs the head's input."""
+    parent_path, _, attr = spec.head[0].rpartition(".")
+    parent = dict(network.named_sublayers())[parent_path] if parent_path else network
+    head = getattr(parent, attr)
+    setattr(parent, attr, paddle.nn.Identity())
+    try:
+        yield
+    finally:
+        setattr(parent, attr, head)
 
 
 class FeatureViews(paddle.io.Dataset):
@@ -133,18 +116,25 @@ class ViewSwitcher(paddle.callbacks.Callback):
 
 @contextlib.contextmanager
 def feature_extractor(network, spec, input_size, batch_size, device):
-    """Yields extract(dataset, transform, num_workers, desc) -> head inputs:
-    the exported body under Paddle Inference on CPU, the dynamic graph on GPU."""
-    if device == "cpu":
-        static = StaticFeatureExtractor(network, spec, input_size, batch_size)
-        try:
-            yield lambda dataset, transform, workers, desc: static(dataset, transform, batch_size, workers, desc)
-        finally:
-            static.close()
-    else:
+    """Yields extract(dataset, transform, num_workers, desc) -> head inputs.
+    On CPU the body is exported once (the head swapped out while saving) and
+    run by Paddle Inference with oneDNN: several times faster than the
+    dynamic graph for the same numbers. On GPU, the dynamic graph."""
+    if device != "cpu":
         head = head_linear(network, spec)
         yield lambda dataset, transform, workers, desc: extract_features(
             network, head, dataset, transform, batch_size, workers, desc)
+        return
+    network.eval()
+    with contextlib.ExitStack() as stack:
+        with _head_as_identity(network, spec):
+            body = stack.enter_context(temporary_static_model(network, input_size, batch_size))
+
+        def extract(dataset, transform, workers, desc):
+            batches = _image_batches(dataset, transform, batch_size, workers, desc)
+            return np.concatenate([body.run(images.numpy()) for images in batches]).astype("float32")
+
+        yield extract
 
 
 def cached_datasets(network, spec, input_size, train_set, eval_set, eval_tf, train_tf, views, loader_cfg, seed,

@@ -7,21 +7,17 @@ import argparse
 import csv
 import html
 import json
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from paddle_tl.backend import select_device
 from paddle_tl.config import ConfigError, load_config
-from paddle_tl.data import build_dataset, load_rgb, make_loader
-from paddle_tl.evaluate import predict
-from paddle_tl.export import PARAMS_FILE, save_static
-from paddle_tl.inference import StaticModel, softmax
+from paddle_tl.data import load_rgb
+from paddle_tl.evaluate import eval_split, predict
+from paddle_tl.export import temporary_static_model
+from paddle_tl.inference import softmax
 from paddle_tl.metrics import classification_metrics
-from paddle_tl.run_folder import trained_model
-from paddle_tl.transforms import eval_transform
 
 REPORT_DIR = "report"
 MAX_ERRORS = 16
@@ -68,22 +64,15 @@ def predict_eval(cfg):
     Global.pretrained_model, in the dataset's order. On CPU through a static
     export run by Paddle Inference with oneDNN (several times faster than the
     dynamic graph), on GPU with the dynamic graph."""
-    device = select_device(cfg.Global.device)
-    network, _spec, pre, class_names = trained_model(cfg)
-    loader_cfg = cfg.DataLoader.Eval
-    dataset = build_dataset(loader_cfg.dataset, "eval", eval_transform(pre), class_names=class_names)
-    loader = make_loader(dataset, loader_cfg.batch_size, shuffle=False, num_workers=loader_cfg.num_workers)
-    if device == "gpu":
-        logits, labels = predict(network, loader)
+    split = eval_split(cfg)
+    if split.device == "gpu":
+        logits, labels = predict(split.network, split.loader)
     else:
-        with tempfile.TemporaryDirectory(prefix="paddle_tl_report_") as folder:
-            folder = Path(folder)
-            model_file = save_static(network, pre.input_size, folder)
-            model = StaticModel(folder / model_file, folder / PARAMS_FILE, batch_size=loader_cfg.batch_size)
-            batches = [(model.run(images.numpy()), targets.numpy().reshape(-1)) for images, targets in loader]
+        with temporary_static_model(split.network, split.input_size, cfg.DataLoader.Eval.batch_size) as model:
+            batches = [(model.run(images.numpy()), targets.numpy().reshape(-1)) for images, targets in split.loader]
         logits, labels = (np.concatenate(parts) for parts in zip(*batches))
-    paths = [path for path, _ in dataset.samples]
-    return paths, labels, logits, class_names
+    paths = [path for path, _ in split.dataset.samples]
+    return paths, labels, logits, split.class_names
 
 
 def most_confident_errors(probabilities, labels, k=MAX_ERRORS):
