@@ -55,10 +55,11 @@ class EpochRecorder(Callback):
     history row per epoch. Seeds each epoch from (seed, epoch) so a resumed
     run draws the same shuffles and augmentations as an uninterrupted one."""
 
-    def __init__(self, state, names, evaluates, patience, listeners):
+    def __init__(self, state, names, evaluates, patience, listeners, extra_figures=None):
         super().__init__()
         self.state, self.names, self.evaluates, self.patience = state, names, evaluates, patience
         self.listeners = listeners  # objects with on_record(row, improved), told in order
+        self.extra_figures = extra_figures  # () -> dict of more training columns for the epoch's row
 
     def _epoch(self, local_epoch):
         return self.state.start_epoch + local_epoch
@@ -69,7 +70,7 @@ class EpochRecorder(Callback):
         self._sums = [0.0, 0]
 
     def on_train_batch_end(self, step, logs=None):
-        loss = float(logs["loss"][0])
+        loss = float(sum(logs["loss"]))  # a loss may come in parts (classification + domain)
         if not math.isfinite(loss):
             raise FloatingPointError(
                 f"training loss became {loss} at epoch {self.row['epoch']}, step {step + 1}; "
@@ -82,6 +83,8 @@ class EpochRecorder(Callback):
         self.row["frozen_stages"] = self.state.frozen_stages
         self.row["train_loss"] = self._sums[0] / max(1, self._sums[1])
         self.row.update({f"train_{ours}": float(logs[theirs]) for theirs, ours in self.names.items()})
+        if self.extra_figures is not None:
+            self.row.update(self.extra_figures())
         if not self.evaluates(epoch):
             self._finish()
 
@@ -89,7 +92,7 @@ class EpochRecorder(Callback):
         self._eval_sums = [0.0, 0]
 
     def on_eval_batch_end(self, step, logs=None):
-        self._eval_sums[0] += float(logs["loss"][0]) * logs["batch_size"]
+        self._eval_sums[0] += float(sum(logs["loss"])) * logs["batch_size"]
         self._eval_sums[1] += logs["batch_size"]
 
     def on_eval_end(self, logs=None):
@@ -137,7 +140,7 @@ class VisualDLLogger(Callback):
         if (step + 1) % self.log_interval:
             return
         global_step = self._epoch * self.steps_per_epoch + step + 1
-        self.writer.add_scalar("train_step/loss", float(logs["loss"][0]), global_step)
+        self.writer.add_scalar("train_step/loss", float(sum(logs["loss"])), global_step)
         self.writer.add_scalar("train_step/lr", float(self.model._optimizer.get_lr()), global_step)
         for theirs, ours in self.names.items():
             self.writer.add_scalar(f"train_step/{ours}", float(logs[theirs]), global_step)
@@ -159,15 +162,18 @@ class Checkpointer:
     """After each epoch (and its evaluation): `latest` always, `best_model`
     when eval top-1 improved."""
 
-    def __init__(self, run_dir, network, optimizer, state):
+    def __init__(self, run_dir, network, optimizer, state, extra_layers=None):
         # The whole network, which is more than the model being fit when only
-        # the head trains on cached features.
+        # the head trains on cached features. Layers trained only to train it
+        # (a domain classifier) go to `latest`, for resuming.
         self.run_dir, self.network, self.optimizer, self.state = run_dir, network, optimizer, state
+        self.extra_layers = extra_layers
 
     def on_record(self, row, improved):
         if improved:
             save_checkpoint(self.run_dir / "best_model", self.network, state=self.state.to_dict())
-        save_checkpoint(self.run_dir / "latest", self.network, self.optimizer, self.state.to_dict())
+        save_checkpoint(self.run_dir / "latest", self.network, self.optimizer, self.state.to_dict(),
+                        self.extra_layers)
 
 
 class ShardShuffle(Callback):

@@ -25,12 +25,19 @@ class CheckpointError(UserError, RuntimeError):
     pass
 
 
-def save_checkpoint(prefix, network, optimizer=None, state=None):
+def save_checkpoint(prefix, network, optimizer=None, state=None, extra_layers=None):
+    """extra_layers: {name: layer} trained beside the network (a domain
+    classifier), each saved as `<prefix>.<name>.pdparams` so that the
+    network's own file stays what eval and export load."""
     prefix = str(prefix)
-    atomic_write(prefix + ".pdparams", lambda tmp: paddle.save(network.state_dict(), str(tmp)))
-    files = {"pdparams": file_digest(prefix + ".pdparams")}
+    extra_layers = extra_layers or {}
+    files = {}
+    for name, layer in [("", network), *extra_layers.items()]:
+        ext = f"{name}.pdparams" if name else "pdparams"
+        atomic_write(f"{prefix}.{ext}", lambda tmp, layer=layer: paddle.save(layer.state_dict(), str(tmp)))
+        files[ext] = file_digest(f"{prefix}.{ext}")
     if optimizer is not None:
-        opt_state = optimizer_state_by_structured_name(network, optimizer)
+        opt_state = optimizer_state_by_structured_name(network, optimizer, extra_layers)
         atomic_write(prefix + ".pdopt", lambda tmp: paddle.save(opt_state, str(tmp)))
         files["pdopt"] = file_digest(prefix + ".pdopt")
     record = dict(state or {}, files=files)
@@ -85,23 +92,30 @@ def load_weights(network, path):
     return path
 
 
-def optimizer_state_by_structured_name(network, optimizer):
+def optimizer_state_by_structured_name(network, optimizer, extra_layers=None):
     """Paddle keys optimizer state by generated parameter names
     (`conv2d_3.w_0_velocity_0`), which change with construction order; store
     them under structured names (`features.0.0.weight`) so that a fresh
     process can map them back."""
-    to_structured = {p.name: n for n, p in network.named_parameters()}
+    to_structured = {p.name: n for n, p in _named_parameters(network, extra_layers)}
     return _rename_state(optimizer.state_dict(), to_structured)
 
 
-def restore_optimizer(network, optimizer, path, with_schedule=True):
+def restore_optimizer(network, optimizer, path, with_schedule=True, extra_layers=None):
     """Optimizer state from `path`; the learning-rate schedule's position too
     unless `with_schedule` is false (a schedule built afresh)."""
-    to_generated = {n: p.name for n, p in network.named_parameters()}
+    to_generated = {n: p.name for n, p in _named_parameters(network, extra_layers)}
     state = _rename_state(paddle.load(str(path)), to_generated)
     if not with_schedule:  # keep the new schedule at its start
         state["LR_Scheduler"] = optimizer._learning_rate.state_dict()
     optimizer.set_state_dict(state)
+
+
+def _named_parameters(network, extra_layers):
+    yield from network.named_parameters()
+    for layer_name, layer in (extra_layers or {}).items():
+        for name, param in layer.named_parameters():
+            yield f"{layer_name}.{name}", param
 
 
 def _rename_state(state, mapping):

@@ -77,6 +77,11 @@ class TransferConfig:
     # random augmentations), epoch e training on view e mod cache_views.
     cache_features: bool = True
     cache_views: int = 2
+    # Unsupervised domain adaptation toward the unlabeled DataLoader.Target
+    # images: mmd (multi-kernel MMD between source and target features) or
+    # dann (a domain classifier behind a gradient-reversal layer).
+    domain_adaptation: Literal["none", "mmd", "dann"] = "none"
+    domain_weight: float = 1.0  # mmd: weight of the MMD term; dann: weight of the domain classifier's loss
 
     def validate(self, at):
         _require(self.freeze_stages is None or self.freeze_stages >= 0, f"{at}.freeze_stages", "must be >= 0")
@@ -90,6 +95,7 @@ class TransferConfig:
         _require(self.unfreeze_every >= 1, f"{at}.unfreeze_every", "must be >= 1")
         _require(self.l2sp_alpha >= 0, f"{at}.l2sp_alpha", "must be >= 0")
         _require(self.cache_views >= 1, f"{at}.cache_views", "must be >= 1")
+        _require(self.domain_weight > 0, f"{at}.domain_weight", "must be > 0")
 
 
 @dataclass
@@ -135,8 +141,10 @@ class OptimizerConfig:
 
 @dataclass
 class DatasetConfig:
-    name: Literal["ImageFolder", "ListFile", "elpv"] = "ImageFolder"
-    root: Optional[str] = None  # ImageFolder: folder of class sub-folders; ListFile: base of relative paths
+    # Images: any folder of images, searched recursively, without labels (DataLoader.Target only)
+    name: Literal["ImageFolder", "ListFile", "elpv", "Images"] = "ImageFolder"
+    # ImageFolder: folder of class sub-folders; ListFile: base of relative paths; Images: the folder
+    root: Optional[str] = None
     list_file: Optional[str] = None  # ListFile: "relative/path.jpg label" per line
     label_names_file: Optional[str] = None  # ListFile: one class name per line, in label order
     split: Optional[Literal["train", "eval"]] = None  # elpv: side of the split; default: the loader's own
@@ -181,9 +189,23 @@ class LoaderConfig:
 
 
 @dataclass
+class TargetDatasetConfig(DatasetConfig):
+    name: Literal["Images", "ImageFolder", "ListFile", "elpv"] = "Images"
+
+
+@dataclass
+class TargetConfig:
+    """Unlabeled images of the domain to adapt to (Transfer.domain_adaptation).
+    Their labels, if the dataset has any, are never used: point DataLoader.Eval
+    at a labeled split of the target domain to measure the adaptation."""
+    dataset: TargetDatasetConfig = field(default_factory=TargetDatasetConfig)
+
+
+@dataclass
 class DataLoaderConfig:
     Train: LoaderConfig = field(default_factory=LoaderConfig)
     Eval: LoaderConfig = field(default_factory=LoaderConfig)
+    Target: TargetConfig = field(default_factory=TargetConfig)
 
 
 @dataclass

@@ -126,21 +126,25 @@ class ClassificationDataset(paddle.io.Dataset):
 def build_dataset(cfg, side, transform, class_names=None):
     """Build the dataset a DatasetConfig describes.
 
-    side: "train" or "eval", the loader this dataset feeds (elpv picks its split
-    from it). class_names: the training set's classes, when building eval, so
+    side: "train", "eval" or "target", the loader this dataset feeds (elpv
+    picks its split from it; the target domain's images come from its train
+    split). class_names: the training set's classes, when building eval, so
     that label indices agree; eval may lack some of them but add none.
     """
-    if side not in ("train", "eval"):
-        raise ValueError(f"side must be 'train' or 'eval', got {side!r}")
-    required = {"ImageFolder": "root", "ListFile": "list_file"}.get(cfg.name)
+    if side not in ("train", "eval", "target"):
+        raise ValueError(f"side must be 'train', 'eval' or 'target', got {side!r}")
+    key = f"DataLoader.{side.capitalize()}.dataset"
+    required = {"ImageFolder": "root", "ListFile": "list_file", "Images": "root"}.get(cfg.name)
     if required and getattr(cfg, required) is None:
-        raise DataError(f"DataLoader.{side.capitalize()}.dataset.{required}: required for the {cfg.name} dataset")
+        raise DataError(f"{key}.{required}: required for the {cfg.name} dataset")
     if cfg.name == "ImageFolder":
         samples, names = _image_folder(cfg.root)
     elif cfg.name == "ListFile":
         samples, names = _list_file(cfg, class_names)
     elif cfg.name == "elpv":
-        samples, names = _elpv(cfg, cfg.split or side)
+        samples, names = _elpv(cfg, cfg.split or ("eval" if side == "eval" else "train"))
+    elif cfg.name == "Images":
+        raise DataError(f"{key}.name: Images has no labels; it can only be DataLoader.Target.dataset")
     else:
         raise DataError(f"unknown dataset {cfg.name!r}")
 
@@ -152,6 +156,27 @@ def build_dataset(cfg, side, transform, class_names=None):
     dataset = ClassificationDataset(samples, names, transform, skipped)
     _check_classes(dataset, defines_classes=class_names is None, where=where)
     return dataset
+
+
+UNLABELED = -1  # the label of a target-domain image
+
+
+def build_target_dataset(cfg, transform):
+    """The unlabeled images of DataLoader.Target: an `Images` folder, or any
+    labeled dataset with its labels dropped (they must not reach training)."""
+    if cfg.name != "Images":
+        labeled = build_dataset(cfg, "target", transform)
+        return ClassificationDataset([(path, UNLABELED) for path, _ in labeled.samples], [], transform,
+                                     labeled.skipped)
+    if cfg.root is None:
+        raise DataError("DataLoader.Target.dataset.root: required for the Images dataset")
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise DataError(f"DataLoader.Target.dataset.root: {root} is {'not a folder' if root.exists() else 'missing'}")
+    samples, skipped = _drop_unreadable([(path, UNLABELED) for path in find_images(root)])
+    if not samples:
+        raise DataError(f"DataLoader.Target.dataset.root: no readable images below {root}")
+    return ClassificationDataset(samples, [], transform, skipped)
 
 
 def _describe(cfg):
@@ -380,10 +405,12 @@ def balanced_sampler(labels):
     return paddle.io.WeightedRandomSampler(1.0 / counts[labels], num_samples=len(labels), replacement=True)
 
 
-def make_loader(dataset, batch_size, shuffle, num_workers, drop_last=False, sampler=None, distributed=False):
+def make_loader(dataset, batch_size, shuffle, num_workers, drop_last=False, sampler=None, distributed=False,
+                collate_fn=None):
     """A DataLoader; `distributed` gives each data-parallel process its own
     shard (`batch_size` is then per process)."""
-    common = dict(num_workers=num_workers, use_shared_memory=_roomy_shared_memory(), return_list=True)
+    common = dict(num_workers=num_workers, use_shared_memory=_roomy_shared_memory(), return_list=True,
+                  collate_fn=collate_fn)
     if distributed:
         batches = paddle.io.DistributedBatchSampler(dataset, batch_size, shuffle=shuffle, drop_last=drop_last)
     elif sampler is not None:

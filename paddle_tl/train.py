@@ -10,7 +10,8 @@ from paddle_tl.callbacks import (Checkpointer, EpochRecorder, RunState, ShardShu
                                  metric_names, seed_everything)
 from paddle_tl.checkpoint import load_state, load_weights, resolve_resume, restore_optimizer
 from paddle_tl.config import ConfigError
-from paddle_tl.data import balanced_sampler, build_dataset, imbalance_ratio, make_loader
+from paddle_tl.data import balanced_sampler, build_dataset, build_target_dataset, imbalance_ratio, make_loader
+from paddle_tl.domain import DomainSchedule, LabeledAccuracy, pair_collate, setup_domain_adaptation
 from paddle_tl.errors import UserError
 from paddle_tl.feature_cache import ViewSwitcher, cached_datasets, head_linear, why_not_cached
 from paddle_tl.files import write_json
@@ -42,6 +43,9 @@ def train(cfg):
     if world > 1 and loaders.Train.sampler == "balanced":
         raise ConfigError("DataLoader.Train.sampler=balanced is not supported in data-parallel training; "
                           "use Loss.class_weights=balanced")
+    adapting = cfg.Transfer.domain_adaptation != "none"
+    if world > 1 and adapting:
+        raise ConfigError("Transfer.domain_adaptation is not supported in data-parallel training")
     run_dir = prepare_output_dir(g.output_dir, resuming=resume_prefix is not None) if is_main else Path(g.output_dir)
     seed_everything(g.seed)
 
@@ -50,6 +54,7 @@ def train(cfg):
     train_tf, eval_tf = train_transform(pre, loaders.Train.augment), eval_transform(pre)
     train_set = build_dataset(loaders.Train.dataset, "train", train_tf)
     eval_set = build_dataset(loaders.Eval.dataset, "eval", eval_tf, class_names=train_set.class_names)
+    target_set = build_target_dataset(loaders.Target.dataset, train_tf) if adapting else None
     class_names = train_set.class_names
     num_classes = cfg.Arch.num_classes or len(class_names)
     if num_classes < len(class_names):
@@ -117,13 +122,22 @@ def train(cfg):
     if weights:
         print(f"class imbalance {imbalance_ratio(counts_per_class):.1f}x: class-weighted loss "
               f"(Loss.class_weights={cfg.Loss.class_weights})")
+    topk = sorted({k for k in cfg.Metric.topk if k <= num_classes} | {1})
+    loss, metric, collate, domain = build_loss(cfg.Loss, weights), paddle.metric.Accuracy(topk=topk), None, None
+    if adapting:
+        domain = setup_domain_adaptation(cfg.Transfer, network, spec, train_set, target_set, loss, g.seed)
+        train_data, fit_network, loss, collate = domain.train_data, domain.network, domain.loss, pair_collate
+        metric = LabeledAccuracy(topk=topk)
+        print(f"domain adaptation ({domain.method}, weight {cfg.Transfer.domain_weight:g}): "
+              f"{len(train_set)} labeled source and {len(target_set)} unlabeled target images; every step "
+              f"takes {loaders.Train.batch_size} of each")
     sampler = None
     if loaders.Train.sampler == "balanced":
         sampler = balanced_sampler([label for _, label in train_set.samples])
     batch_size = loaders.Train.batch_size
     train_loader = make_loader(train_data, batch_size, shuffle=True, num_workers=train_workers, sampler=sampler,
                                drop_last=len(train_data) % (batch_size * world) == 1,  # no BatchNorm on 1 image
-                               distributed=world > 1)
+                               distributed=world > 1, collate_fn=collate)
     eval_loader = make_loader(eval_data, loaders.Eval.batch_size, shuffle=False, num_workers=eval_workers,
                               distributed=world > 1)
     optimizer_cfg = cfg.Optimizer
@@ -136,28 +150,35 @@ def train(cfg):
                                                                                   learning_rate=scaled))
         print(f"data-parallel on {world} processes: global batch {world} x {batch_size}; learning rate scaled "
               f"{world}x to {scaled:g} (linear scaling rule)")
-    optimizer = build_optimizer(optimizer_cfg, trainable_parameters(network, spec, plan),
+    extra_layers = domain.extra_layers if domain else {}
+    optimizer = build_optimizer(optimizer_cfg, trainable_parameters(network, spec, plan) +
+                                [p for layer in extra_layers.values() for p in layer.parameters()],
                                 len(train_loader), schedule_epochs)
     if resume_prefix is not None:
-        restore_optimizer(network, optimizer, f"{resume_prefix}.pdopt", with_schedule=same_schedule)
+        for name, layer in extra_layers.items():
+            load_weights(layer, f"{resume_prefix}.{name}")
+        restore_optimizer(network, optimizer, f"{resume_prefix}.pdopt", with_schedule=same_schedule,
+                          extra_layers=extra_layers)
         if not same_schedule:
             print(f"Global.epochs changed from {state.epochs} to {g.epochs}: the learning-rate schedule "
                   f"restarts over the {schedule_epochs} epochs left")
             state.epochs = g.epochs
 
-    topk = sorted({k for k in cfg.Metric.topk if k <= num_classes} | {1})
     model = paddle.Model(fit_network, inputs=[input_spec],
                          labels=[paddle.static.InputSpec([None, 1], "int64", "label")])
-    model.prepare(optimizer, build_loss(cfg.Loss, weights), paddle.metric.Accuracy(topk=topk),
-                  amp_configs="O1" if g.amp else None)
+    model.prepare(optimizer, loss, metric, amp_configs="O1" if g.amp else None)
 
     names = metric_names(topk)
     writers, step_loggers = [], []  # rank 0's: per epoch, and per training step
     if is_main:
         vdl = VisualDLLogger(run_dir / "vdl", state, names, g.log_interval, len(train_loader))
-        writers, step_loggers = [vdl, Checkpointer(run_dir, network, optimizer, state)], [vdl]
+        writers, step_loggers = [vdl, Checkpointer(run_dir, network, optimizer, state, extra_layers)], [vdl]
+    schedule = DomainSchedule(domain, state, len(train_loader)) if domain else None
+    if schedule:
+        extra_callbacks.append(schedule)
     recorder = EpochRecorder(state, names, lambda local_epoch: local_epoch % g.eval_interval == 0,
-                             g.early_stopping_patience, listeners=writers)
+                             g.early_stopping_patience, listeners=writers,
+                             extra_figures=schedule.epoch_figures if schedule else None)
 
     try:
         model.fit(train_loader, eval_loader, epochs=g.epochs - state.start_epoch, eval_freq=g.eval_interval,
@@ -183,6 +204,9 @@ def train(cfg):
         "skipped_files": [path for path, _ in train_set.skipped + eval_set.skipped],
         "imbalance_ratio": round(imbalance_ratio(counts_per_class), 3), "class_weights": weights,
         "sampler": loaders.Train.sampler,
+        "domain_adaptation": None if not domain else {
+            "method": domain.method, "weight": cfg.Transfer.domain_weight, "target_images": len(target_set),
+            "target_skipped_files": [path for path, _ in target_set.skipped]},
         "strategy": dict(plan.to_dict(), cached_features=not_cached is None,
                          cache_views=cfg.Transfer.cache_views if not_cached is None else 0),
         **counts, "device": device, "history": state.history,

@@ -57,14 +57,22 @@ class TransferPlan:
 
 def plan_transfer(transfer_cfg, num_stages, class_counts, pretrained, similarity=None):
     """Turn Transfer.* into a plan; `auto` chooses from the measured data size
-    and, when given, the measured similarity (a dict from similarity.py)."""
+    and, when given, the measured similarity (a dict from similarity.py).
+    Domain adaptation moves the body's features, so it needs a body that trains."""
     figures = {"images_per_class_median": statistics.median(class_counts) if class_counts else 0,
                "images_per_class_min": min(class_counts, default=0), "num_classes": len(class_counts)}
     if similarity:
         figures.update(similarity)
     strategy, frozen = transfer_cfg.strategy, transfer_cfg.freeze_stages
+    adapting = transfer_cfg.domain_adaptation != "none"
     if strategy == "auto":
         strategy, frozen, reason = _choose(figures, num_stages, pretrained)
+        if adapting and strategy == "linear_probe":
+            strategy, frozen = "partial", num_stages // 2
+            reason += "; but domain adaptation must move the features -> fine-tune the top stages"
+    elif adapting and strategy == "linear_probe":
+        raise ConfigError("Transfer.domain_adaptation: adapts the body's features, which linear_probe keeps "
+                          "frozen; use strategy partial, full, gradual or auto")
     else:
         reason = "set in the config"
         if not pretrained and strategy != "full":
