@@ -4,9 +4,10 @@ A checkpoint is three files sharing a prefix: `<prefix>.pdparams` (a plain
 state dict: what eval and export load), `<prefix>.pdopt` (optimizer and
 scheduler state) and `<prefix>.state.json` (epoch, best score, history). Each
 file is written to a temporary name and renamed, so a kill leaves either the
-old or the new file, never a torn one; `state.json` is renamed last and
-records the sha256 of the other two, so a resume can tell that the three
-belong together.
+old or the new file, never a torn one; the three are renamed only once all
+are written (a full disk leaves the old checkpoint whole), `state.json`
+last, and it records the sha256 of the other two, so a resume can tell that
+the three belong together.
 """
 
 import json
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from paddle_tl.backend import import_paddle
 from paddle_tl.errors import UserError
-from paddle_tl.files import atomic_write, file_digest
+from paddle_tl.files import file_digest, replace_together
 
 paddle = import_paddle()
 
@@ -27,14 +28,22 @@ class CheckpointError(UserError, RuntimeError):
 
 def save_checkpoint(prefix, network, optimizer=None, state=None):
     prefix = str(prefix)
-    atomic_write(prefix + ".pdparams", lambda tmp: paddle.save(network.state_dict(), str(tmp)))
-    files = {"pdparams": file_digest(prefix + ".pdparams")}
+    files = {}  # extension -> sha256, filled as the files are written
+
+    def saving(obj, ext):
+        def write(tmp):
+            paddle.save(obj, str(tmp))
+            files[ext] = file_digest(tmp)
+        return write
+
+    writes = [(prefix + ".pdparams", saving(network.state_dict(), "pdparams"))]
     if optimizer is not None:
-        opt_state = optimizer_state_by_structured_name(network, optimizer)
-        atomic_write(prefix + ".pdopt", lambda tmp: paddle.save(opt_state, str(tmp)))
-        files["pdopt"] = file_digest(prefix + ".pdopt")
-    record = dict(state or {}, files=files)
-    atomic_write(prefix + STATE_SUFFIX, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+        writes.append((prefix + ".pdopt", saving(optimizer_state_by_structured_name(network, optimizer), "pdopt")))
+    writes.append((prefix + STATE_SUFFIX,
+                   lambda tmp: Path(tmp).write_text(json.dumps(dict(state or {}, files=files), indent=1))))
+    # All three are written before any replaces its old version: a disk that
+    # fills up midway leaves the previous checkpoint whole and resumable.
+    replace_together(writes, previous=f"the previous checkpoint {prefix}")
 
 
 def load_state(prefix):
