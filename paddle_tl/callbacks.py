@@ -1,11 +1,11 @@
 """Training features as `paddle.Model` callbacks: epoch records, early
-stopping, a NaN guard, VisualDL and checkpoints. The loop stays hapi's own.
+stopping, the NaN policy (with nan_guard.GuardedModel), VisualDL and
+checkpoints. The loop stays hapi's own.
 
 hapi numbers epochs from 0 in every `fit` call; a resumed run starts `fit`
 part-way, so the callbacks add `RunState.start_epoch` to get the run's epoch.
 """
 
-import math
 import random
 from dataclasses import asdict, dataclass, field
 
@@ -13,6 +13,7 @@ import numpy as np
 
 from paddle_tl.backend import import_paddle
 from paddle_tl.checkpoint import save_checkpoint
+from paddle_tl.errors import UserError
 
 paddle = import_paddle()
 Callback = paddle.callbacks.Callback
@@ -49,16 +50,29 @@ def metric_names(topk):
     return {f"acc_top{k}": f"top{k}" for k in topk}
 
 
+class NonFiniteError(UserError, FloatingPointError):
+    """A NaN/Inf loss or gradient stopped the run (Global.nan_policy)."""
+
+
 class EpochRecorder(Callback):
     """Averages the training loss over the epoch and the eval loss over the eval
     set (hapi's own logs hold only the last batch's loss), and records one
     history row per epoch. Seeds each epoch from (seed, epoch) so a resumed
-    run draws the same shuffles and augmentations as an uninterrupted one."""
+    run draws the same shuffles and augmentations as an uninterrupted one.
 
-    def __init__(self, state, names, evaluates, patience, listeners, extra_figures=None):
+    Non-finite batches (GuardedModel made no update from them): with
+    Global.nan_policy=stop the run stops at the first; with skip they are
+    counted per epoch (`skipped_batches`, left out of the loss average) and
+    the run stops once an epoch's worth of batches in a row was skipped (the
+    weights no longer change, so nothing is learning)."""
+
+    def __init__(self, state, names, evaluates, patience, listeners, nan_policy, steps_per_epoch,
+                 extra_figures=None):
         super().__init__()
         self.state, self.names, self.evaluates, self.patience = state, names, evaluates, patience
         self.listeners = listeners  # objects with on_record(row, improved), told in order
+        self.nan_policy, self.steps_per_epoch = nan_policy, steps_per_epoch
+        self._skipped_in_a_row = 0  # across epochs: consecutive batches that made no update
         self.extra_figures = extra_figures  # () -> dict of more training columns for the epoch's row
 
     def _epoch(self, local_epoch):
@@ -68,18 +82,34 @@ class EpochRecorder(Callback):
         seed_everything(self.state.seed + self._epoch(epoch))
         self.row = {"epoch": self._epoch(epoch) + 1, "lr": float(self.model._optimizer.get_lr())}
         self._sums = [0.0, 0]
+        self.row["skipped_batches"], self._first_skip = 0, None
 
     def on_train_batch_end(self, step, logs=None):
-        loss = float(sum(logs["loss"]))  # a loss may come in parts (classification + domain)
-        if not math.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss became {loss} at epoch {self.row['epoch']}, step {step + 1}; "
-                "the run stopped and its last checkpoint (latest.pdparams) is intact. "
-                "Try a smaller Optimizer.lr.learning_rate or add warm-up.")
-        self._sums[0] += loss * logs["batch_size"]
+        reason = self.model.skipped_update
+        if reason is not None:
+            self._skipped(step, reason)
+            return
+        self._skipped_in_a_row = 0
+        self._sums[0] += float(sum(logs["loss"])) * logs["batch_size"]  # a loss may come in parts
         self._sums[1] += logs["batch_size"]
 
+    def _skipped(self, step, reason):
+        where = f"{reason} at epoch {self.row['epoch']}, step {step + 1}"
+        advice = ("the run stopped and its last checkpoint (latest.pdparams) is intact. Try a smaller "
+                  "Optimizer.lr.learning_rate or add warm-up")
+        if self.nan_policy == "stop":
+            raise NonFiniteError(f"{where}; {advice}, or Global.nan_policy=skip to skip such batches.")
+        self.row["skipped_batches"] += 1
+        self._first_skip = self._first_skip or where
+        self._skipped_in_a_row += 1
+        if self._skipped_in_a_row >= self.steps_per_epoch:
+            raise NonFiniteError(f"{where}: {self._skipped_in_a_row} batches in a row (an epoch's worth) made "
+                                 f"no update (Global.nan_policy=skip), so nothing is learning; {advice}.")
+
     def on_epoch_end(self, epoch, logs=None):
+        if self.row["skipped_batches"]:
+            print(f"epoch {self.row['epoch']}: skipped {self.row['skipped_batches']} of {self.steps_per_epoch} "
+                  f"batches, which made no update (Global.nan_policy=skip); first: {self._first_skip}")
         self.row["frozen_stages"] = self.state.frozen_stages
         self.row["train_loss"] = self._sums[0] / max(1, self._sums[1])
         self.row.update({f"train_{ours}": float(logs[theirs]) for theirs, ours in self.names.items()})
@@ -147,7 +177,7 @@ class VisualDLLogger(Callback):
 
     def on_record(self, row, improved):
         for key, value in row.items():
-            if key in ("lr", "frozen_stages"):
+            if key in ("lr", "frozen_stages", "skipped_batches"):
                 self.writer.add_scalar(f"train/{key}", value, row["epoch"])
             elif key != "epoch":
                 split, _, name = key.partition("_")  # "eval_top1" -> eval/top1
@@ -176,9 +206,11 @@ class Checkpointer:
                         self.extra_layers)
 
 
-class ShardShuffle(Callback):
-    """A DistributedBatchSampler shuffles by the number given to set_epoch,
-    which hapi never advances; give it (seed + epoch), like every other draw."""
+class SamplerEpoch(Callback):
+    """The batch samplers that draw from the number given to set_epoch
+    (DistributedBatchSampler, BalancedBatchSampler): hapi never advances it;
+    give them (seed + epoch), like every other draw, so that every process
+    of a data-parallel run, and a resumed run, draws the same."""
 
     def __init__(self, batch_sampler, state):
         super().__init__()

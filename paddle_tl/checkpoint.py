@@ -4,9 +4,10 @@ A checkpoint is three files sharing a prefix: `<prefix>.pdparams` (a plain
 state dict: what eval and export load), `<prefix>.pdopt` (optimizer and
 scheduler state) and `<prefix>.state.json` (epoch, best score, history). Each
 file is written to a temporary name and renamed, so a kill leaves either the
-old or the new file, never a torn one; `state.json` is renamed last and
-records the sha256 of the other two, so a resume can tell that the three
-belong together.
+old or the new file, never a torn one; the three are renamed only once all
+are written (a full disk leaves the old checkpoint whole), `state.json`
+last, and it records the sha256 of the other two, so a resume can tell that
+the three belong together.
 """
 
 import json
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from paddle_tl.backend import import_paddle
 from paddle_tl.errors import UserError
-from paddle_tl.files import atomic_write, file_digest
+from paddle_tl.files import file_digest, replace_together
 
 paddle = import_paddle()
 
@@ -30,18 +31,25 @@ def save_checkpoint(prefix, network, optimizer=None, state=None, extra_layers=No
     classifier), each saved as `<prefix>.<name>.pdparams` so that the
     network's own file stays what eval and export load."""
     prefix = str(prefix)
-    extra_layers = extra_layers or {}
-    files = {}
-    for name, layer in [("", network), *extra_layers.items()]:
-        ext = f"{name}.pdparams" if name else "pdparams"
-        atomic_write(f"{prefix}.{ext}", lambda tmp, layer=layer: paddle.save(layer.state_dict(), str(tmp)))
-        files[ext] = file_digest(f"{prefix}.{ext}")
+    files = {}  # extension -> sha256, filled as the files are written
+
+    def saving(obj, ext):
+        def write(tmp):
+            paddle.save(obj, str(tmp))
+            files[ext] = file_digest(tmp)
+        return write
+
+    writes = [(prefix + ".pdparams", saving(network.state_dict(), "pdparams"))]
+    for name, layer in (extra_layers or {}).items():
+        writes.append((f"{prefix}.{name}.pdparams", saving(layer.state_dict(), f"{name}.pdparams")))
     if optimizer is not None:
         opt_state = optimizer_state_by_structured_name(network, optimizer, extra_layers)
-        atomic_write(prefix + ".pdopt", lambda tmp: paddle.save(opt_state, str(tmp)))
-        files["pdopt"] = file_digest(prefix + ".pdopt")
-    record = dict(state or {}, files=files)
-    atomic_write(prefix + STATE_SUFFIX, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+        writes.append((prefix + ".pdopt", saving(opt_state, "pdopt")))
+    writes.append((prefix + STATE_SUFFIX,
+                   lambda tmp: Path(tmp).write_text(json.dumps(dict(state or {}, files=files), indent=1))))
+    # All are written before any replaces its old version: a disk that fills
+    # up midway leaves the previous checkpoint whole and resumable.
+    replace_together(writes, previous=f"the previous checkpoint {prefix}")
 
 
 def load_state(prefix):

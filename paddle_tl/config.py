@@ -36,6 +36,10 @@ class GlobalConfig:
     eval_interval: int = 1  # evaluate every N epochs
     early_stopping_patience: int = 0  # epochs without a better eval top-1; 0 = off
     log_interval: int = 10  # steps between progress-bar/VisualDL training points
+    # A batch whose loss or gradients are NaN/Inf never updates the model; stop:
+    # the run stops there; skip: the batch is skipped and counted, and the run
+    # stops only when an epoch's worth of batches in a row was skipped.
+    nan_policy: Literal["stop", "skip"] = "stop"
 
     def validate(self, at):
         _require(self.epochs >= 1, f"{at}.epochs", "must be >= 1")

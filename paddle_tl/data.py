@@ -32,7 +32,7 @@ ELPV_BINARY = ["functional", "defective"]
 # Folder names that suggest ImageFolder.root points one level too high.
 _SPLIT_NAMES = {"train", "val", "valid", "validation", "test", "eval"}
 # Above this many files the scan shows a progress bar.
-_PROGRESS_MIN_FILES = 200
+PROGRESS_MIN_FILES = 200
 
 
 class DataError(UserError, ValueError):
@@ -215,7 +215,7 @@ def _drop_unreadable(samples):
     # Decoding runs in C with the GIL released, so threads use all cores.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         reasons = list(tqdm(pool.map(_unreadable_reason, paths), total=len(paths), desc="checking images",
-                            unit="img", file=sys.stderr, disable=len(paths) <= _PROGRESS_MIN_FILES))
+                            unit="img", file=sys.stderr, disable=len(paths) <= PROGRESS_MIN_FILES))
     kept, skipped = [], []
     for sample, reason in zip(samples, reasons):
         if reason is None:
@@ -396,25 +396,56 @@ def imbalance_ratio(class_counts):
     return max(present) / min(present) if present else 0.0
 
 
-def balanced_sampler(labels):
-    """Draws samples with probability inversely proportional to their class's
-    size (with replacement), so every class is seen about equally often."""
-    labels = np.asarray(labels)
-    counts = np.bincount(labels)
-    # an array, not a list: the sampler's __len__ reads weights.shape
-    return paddle.io.WeightedRandomSampler(1.0 / counts[labels], num_samples=len(labels), replacement=True)
+class BalancedBatchSampler(paddle.io.BatchSampler):
+    """Batches that draw every class about equally often: indices drawn with
+    replacement, each with probability inversely proportional to its class's
+    size, as many per epoch as the data has images.
+
+    Data-parallel: every process draws the same sequence (from the number
+    given to `set_epoch`, which the trainer sets to seed + epoch) and keeps
+    positions rank, rank + N, rank + 2N, ...; the N shards are equally long,
+    and batch k of all processes together is batch k of one process with N
+    times the batch size."""
+
+    def __init__(self, labels, batch_size, drop_last=False, num_replicas=1, rank=0):
+        # No BatchSampler.__init__: it wants a dataset or sampler to wrap, and
+        # this draws indices itself (as paddle's DistributedBatchSampler does).
+        labels = np.asarray(labels)
+        weights = 1.0 / np.bincount(labels)[labels]
+        self.probabilities = weights / weights.sum()
+        self.batch_size, self.drop_last = batch_size, drop_last
+        self.num_replicas, self.rank = num_replicas, rank
+        self.num_samples = -(-len(labels) // num_replicas)  # per process; ceil, so no image's turn is cut
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        rng = np.random.RandomState(self.epoch)
+        drawn = rng.choice(len(self.probabilities), self.num_samples * self.num_replicas, p=self.probabilities)
+        mine = drawn[self.rank::self.num_replicas].tolist()
+        end = len(mine) - len(mine) % self.batch_size if self.drop_last else len(mine)
+        for start in range(0, end, self.batch_size):
+            yield mine[start:start + self.batch_size]
+
+    def __len__(self):
+        full, partial = divmod(self.num_samples, self.batch_size)
+        return full + (1 if partial and not self.drop_last else 0)
 
 
-def make_loader(dataset, batch_size, shuffle, num_workers, drop_last=False, sampler=None, distributed=False,
-                collate_fn=None):
+def make_loader(dataset, batch_size, shuffle, num_workers, drop_last=False, balanced_labels=None,
+                distributed=False, collate_fn=None):
     """A DataLoader; `distributed` gives each data-parallel process its own
-    shard (`batch_size` is then per process)."""
+    shard (`batch_size` is then per process); `balanced_labels` (the label of
+    every sample) draws classes equally often (BalancedBatchSampler)."""
     common = dict(num_workers=num_workers, use_shared_memory=_roomy_shared_memory(), return_list=True,
                   collate_fn=collate_fn)
-    if distributed:
+    if balanced_labels is not None:
+        shard = (paddle.distributed.get_world_size(), paddle.distributed.get_rank()) if distributed else (1, 0)
+        batches = BalancedBatchSampler(balanced_labels, batch_size, drop_last, *shard)
+    elif distributed:
         batches = paddle.io.DistributedBatchSampler(dataset, batch_size, shuffle=shuffle, drop_last=drop_last)
-    elif sampler is not None:
-        batches = paddle.io.BatchSampler(sampler=sampler, batch_size=batch_size, drop_last=drop_last)
     else:
         return paddle.io.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, **common)
     return paddle.io.DataLoader(dataset, batch_sampler=batches, **common)

@@ -6,25 +6,49 @@ class histogram PNG, and prints a short table.
 
 Unreadable files, unknown evaluation classes and empty classes are found by
 the same dataset builders training uses (data.build_dataset), so this
-report and a training run cannot disagree about the data.
+report and a training run cannot disagree about the data; training also
+runs the same duplicate check (duplicates_across_splits) and warns.
 """
 
 import json
 import os
 import statistics
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image
+from tqdm import tqdm
 
-from paddle_tl.data import IMBALANCE_RATIO, build_dataset, imbalance_ratio
+from paddle_tl.data import IMBALANCE_RATIO, PROGRESS_MIN_FILES, build_dataset, imbalance_ratio
 from paddle_tl.files import file_digest
 
 
+def duplicates_across_splits(train, evaluation):
+    """Evaluation images whose file is byte-identical to a training image's,
+    as {"train": path, "eval": path} pairs in evaluation order. Cheap enough
+    for the start of every training run: it hashes the bytes, decodes nothing."""
+    train_paths = [path for path, _ in train.samples]
+    eval_paths = [path for path, _ in evaluation.samples]
+    paths = train_paths + eval_paths
+    # Hashing and reading release the GIL, so threads use all cores.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        digests = list(tqdm(pool.map(file_digest, paths), total=len(paths), desc="hashing images", unit="file",
+                            file=sys.stderr, disable=len(paths) <= PROGRESS_MIN_FILES))
+    train_by_digest = dict(zip(digests[:len(train_paths)], train_paths))
+    return [{"train": train_by_digest[digest], "eval": path}
+            for path, digest in zip(eval_paths, digests[len(train_paths):]) if digest in train_by_digest]
+
+
+def duplicates_problem(duplicates):
+    return (f"{len(duplicates)} evaluation images are byte-identical to training images "
+            "(evaluation would overrate the model)")
+
+
 def _inspect(path):
-    """(width, height, mode, sha256 of the bytes) of one readable image file."""
+    """(width, height, mode) of one readable image file."""
     with Image.open(path) as image:  # header only: the builder already decoded it once
-        return image.width, image.height, image.mode, file_digest(path)
+        return image.width, image.height, image.mode
 
 
 def _split_summary(dataset):
@@ -32,7 +56,7 @@ def _split_summary(dataset):
         infos = list(pool.map(_inspect, [path for path, _ in dataset.samples]))
     widths, heights = [i[0] for i in infos], [i[1] for i in infos]
     modes = {}
-    for _, _, mode, _ in infos:
+    for _, _, mode in infos:
         modes[mode] = modes.get(mode, 0) + 1
 
     def spread(values):
@@ -44,8 +68,7 @@ def _split_summary(dataset):
         "unreadable": [{"file": path, "reason": reason} for path, reason in dataset.skipped],
         "width": spread(widths), "height": spread(heights), "modes": modes,
     }
-    hashes = {info[3]: path for (path, _), info in zip(dataset.samples, infos)}
-    return summary, hashes
+    return summary
 
 
 def check_data(cfg, out_dir):
@@ -54,10 +77,8 @@ def check_data(cfg, out_dir):
     loaders = cfg.DataLoader
     train = build_dataset(loaders.Train.dataset, "train", transform=None)
     evaluation = build_dataset(loaders.Eval.dataset, "eval", transform=None, class_names=train.class_names)
-    train_summary, train_hashes = _split_summary(train)
-    eval_summary, eval_hashes = _split_summary(evaluation)
-
-    duplicates = [{"train": train_hashes[h], "eval": eval_hashes[h]} for h in eval_hashes if h in train_hashes]
+    train_summary, eval_summary = _split_summary(train), _split_summary(evaluation)
+    duplicates = duplicates_across_splits(train, evaluation)
     missing = [name for name, count in eval_summary["per_class"].items() if count == 0]
     imbalance = imbalance_ratio(train.class_counts())
     problems = []
@@ -65,8 +86,7 @@ def check_data(cfg, out_dir):
         problems.append(f"{len(train_summary['unreadable']) + len(eval_summary['unreadable'])} unreadable "
                         "files (left out of training)")
     if duplicates:
-        problems.append(f"{len(duplicates)} evaluation images are byte-identical to training images "
-                        "(evaluation would overrate the model)")
+        problems.append(duplicates_problem(duplicates))
     if missing:
         problems.append(f"classes with no evaluation images: {', '.join(missing)}")
     if imbalance > IMBALANCE_RATIO:

@@ -2,11 +2,14 @@
 finished run back for evaluation and export."""
 
 import json
+import math
+import shutil
 import time
 from pathlib import Path
 
 from paddle_tl.checkpoint import STATE_SUFFIX, load_weights
 from paddle_tl.config import ConfigError
+from paddle_tl.files import DiskFullError
 from paddle_tl.transforms import Preprocess
 from paddle_tl.zoo import build_model, get_spec
 
@@ -31,6 +34,34 @@ def prepare_output_dir(path, resuming):
     except OSError as exc:
         raise ConfigError(f"Global.output_dir: cannot write to {path}: {exc.strerror}") from exc
     return path
+
+
+# The checkpoints' room, in copies of the network's state (parameters and
+# buffers): best_model and latest.pdparams (2), latest.pdopt (up to 2: Adam
+# keeps two moments per parameter), and a new latest written beside the old
+# one before it replaces it (3 more). Plus room for logs, metrics and the report.
+CHECKPOINT_COPIES = 7
+LOGS_BYTES = 16 << 20
+
+
+def require_free_space(run_dir, network):
+    """Refuse to start a run whose checkpoints would not fit on the output
+    folder's file system (better now than after the first epoch)."""
+    state_bytes = sum(math.prod(t.shape) * t.element_size() for t in network.state_dict().values())
+    # A resumed run's checkpoints already hold part of that room.
+    written = sum(path.stat().st_size for path in Path(run_dir).glob("*.pd*"))  # .pdparams, .pdopt
+    needed = CHECKPOINT_COPIES * state_bytes + LOGS_BYTES - written
+    free = shutil.disk_usage(run_dir).free
+    if free < needed:
+        raise DiskFullError(
+            f"Global.output_dir: {run_dir} has {_size(free)} free ({free:,} bytes); this run's checkpoints need "
+            f"about {_size(needed)} ({needed:,} bytes: {CHECKPOINT_COPIES} copies of the {_size(state_bytes)} "
+            f"model state, plus logs); free some space or choose another Global.output_dir")
+    return needed
+
+
+def _size(num_bytes):
+    return f"{num_bytes / 1e6:.1f} MB"
 
 
 def trained_model(cfg):

@@ -6,19 +6,21 @@ import time
 from pathlib import Path
 
 from paddle_tl.backend import import_paddle, select_device
-from paddle_tl.callbacks import (Checkpointer, EpochRecorder, RunState, ShardShuffle, VisualDLLogger,
+from paddle_tl.callbacks import (Checkpointer, EpochRecorder, RunState, SamplerEpoch, VisualDLLogger,
                                  metric_names, seed_everything)
 from paddle_tl.checkpoint import load_state, load_weights, resolve_resume, restore_optimizer
 from paddle_tl.config import ConfigError
-from paddle_tl.data import balanced_sampler, build_dataset, build_target_dataset, imbalance_ratio, make_loader
+from paddle_tl.data import build_dataset, build_target_dataset, imbalance_ratio, make_loader
+from paddle_tl.data_check import duplicates_across_splits, duplicates_problem
 from paddle_tl.domain import DomainSchedule, LabeledAccuracy, pair_collate, setup_domain_adaptation
 from paddle_tl.errors import UserError
 from paddle_tl.feature_cache import ViewSwitcher, cached_datasets, head_linear, why_not_cached
 from paddle_tl.files import write_json
 from paddle_tl.losses import build_loss, class_weights
+from paddle_tl.nan_guard import GuardedModel
 from paddle_tl.optim import build_optimizer
 from paddle_tl.report import write_report
-from paddle_tl.run_folder import prepare_output_dir
+from paddle_tl.run_folder import prepare_output_dir, require_free_space
 from paddle_tl.similarity import measure_similarity
 from paddle_tl.transfer import (GradualUnfreezer, add_l2sp, plan_transfer, set_frozen_stages,
                                 trainable_parameters)
@@ -40,9 +42,6 @@ def train(cfg):
     # rank 0 alone writes the run folder.
     world = paddle.distributed.get_world_size()
     is_main = paddle.distributed.get_rank() == 0
-    if world > 1 and loaders.Train.sampler == "balanced":
-        raise ConfigError("DataLoader.Train.sampler=balanced is not supported in data-parallel training; "
-                          "use Loss.class_weights=balanced")
     adapting = cfg.Transfer.domain_adaptation != "none"
     if world > 1 and adapting:
         raise ConfigError("Transfer.domain_adaptation is not supported in data-parallel training")
@@ -61,10 +60,14 @@ def train(cfg):
         raise ConfigError(f"Arch.num_classes: {num_classes} is fewer than the {len(class_names)} "
                           "classes in the training data")
     cfg.Arch.num_classes = num_classes
+    duplicates = []
     if is_main:
         cfg.save(run_dir / "config.yaml")
+        duplicates = _warn_about_duplicates(train_set, eval_set)
 
     network = build_model(spec.name, num_classes, **cfg.Arch.kwargs)
+    if is_main:
+        require_free_space(run_dir, network)
     pretrained = cfg.Arch.pretrained is not False
     if pretrained:  # also when resuming: L2-SP and the similarity probe need the pretrained weights
         report = load_pretrained(network, cfg.Arch.pretrained, spec.head, imagenet_url=spec.imagenet_url,
@@ -131,18 +134,19 @@ def train(cfg):
         print(f"domain adaptation ({domain.method}, weight {cfg.Transfer.domain_weight:g}): "
               f"{len(train_set)} labeled source and {len(target_set)} unlabeled target images; every step "
               f"takes {loaders.Train.batch_size} of each")
-    sampler = None
-    if loaders.Train.sampler == "balanced":
-        sampler = balanced_sampler([label for _, label in train_set.samples])
+    balanced_labels = [label for _, label in train_set.samples] if loaders.Train.sampler == "balanced" else None
     batch_size = loaders.Train.batch_size
-    train_loader = make_loader(train_data, batch_size, shuffle=True, num_workers=train_workers, sampler=sampler,
-                               drop_last=len(train_data) % (batch_size * world) == 1,  # no BatchNorm on 1 image
+    per_process = -(-len(train_data) // world)  # both distributed samplers give every process ceil(n / N)
+    train_loader = make_loader(train_data, batch_size, shuffle=True, num_workers=train_workers,
+                               balanced_labels=balanced_labels,
+                               drop_last=per_process % batch_size == 1,  # no BatchNorm on 1 image
                                distributed=world > 1, collate_fn=collate)
     eval_loader = make_loader(eval_data, loaders.Eval.batch_size, shuffle=False, num_workers=eval_workers,
                               distributed=world > 1)
     optimizer_cfg = cfg.Optimizer
+    if world > 1 or balanced_labels is not None:
+        extra_callbacks.append(SamplerEpoch(train_loader.batch_sampler, state))
     if world > 1:
-        extra_callbacks.append(ShardShuffle(train_loader.batch_sampler, state))
         # Linear scaling rule: N processes of batch B make a global batch of N*B,
         # which takes N times the learning rate a batch of B was tuned for.
         scaled = optimizer_cfg.lr.learning_rate * world
@@ -164,7 +168,7 @@ def train(cfg):
                   f"restarts over the {schedule_epochs} epochs left")
             state.epochs = g.epochs
 
-    model = paddle.Model(fit_network, inputs=[input_spec],
+    model = GuardedModel(fit_network, inputs=[input_spec],
                          labels=[paddle.static.InputSpec([None, 1], "int64", "label")])
     model.prepare(optimizer, loss, metric, amp_configs="O1" if g.amp else None)
 
@@ -177,7 +181,8 @@ def train(cfg):
     if schedule:
         extra_callbacks.append(schedule)
     recorder = EpochRecorder(state, names, lambda local_epoch: local_epoch % g.eval_interval == 0,
-                             g.early_stopping_patience, listeners=writers,
+                             g.early_stopping_patience, listeners=writers, nan_policy=g.nan_policy,
+                             steps_per_epoch=len(train_loader),
                              extra_figures=schedule.epoch_figures if schedule else None)
 
     try:
@@ -207,6 +212,9 @@ def train(cfg):
         "domain_adaptation": None if not domain else {
             "method": domain.method, "weight": cfg.Transfer.domain_weight, "target_images": len(target_set),
             "target_skipped_files": [path for path, _ in target_set.skipped]},
+        "nan_policy": g.nan_policy, "skipped_batches": sum(row.get("skipped_batches", 0) for row in state.history),
+        "data_warnings": {"duplicates_across_splits": {"count": len(duplicates),
+                                                       "pairs": duplicates[:DUPLICATES_RECORDED]}},
         "strategy": dict(plan.to_dict(), cached_features=not_cached is None,
                          cache_views=cfg.Transfer.cache_views if not_cached is None else 0),
         **counts, "device": device, "history": state.history,
@@ -223,6 +231,22 @@ def train(cfg):
 
 class OutOfMemoryError(UserError):
     pass
+
+
+# metrics.json keeps this many duplicate pairs (check-data lists them all).
+DUPLICATES_RECORDED = 100
+DUPLICATES_PRINTED = 3
+
+
+def _warn_about_duplicates(train_set, eval_set):
+    """Warn, without refusing, when evaluation images are copies of training images."""
+    duplicates = duplicates_across_splits(train_set, eval_set)
+    if duplicates:
+        examples = "; ".join(f"{pair['eval']} = {pair['train']}" for pair in duplicates[:DUPLICATES_PRINTED])
+        more = f"; and {len(duplicates) - DUPLICATES_PRINTED} more" if len(duplicates) > DUPLICATES_PRINTED else ""
+        print(f"warning: {duplicates_problem(duplicates)}: {examples}{more} "
+              "(`paddle-tl check-data` lists them all)")
+    return duplicates
 
 
 def _out_of_memory(exc):

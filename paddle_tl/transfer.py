@@ -130,9 +130,9 @@ def _stage_lr_mults(transfer_cfg, num_stages):
 
 
 def running_statistics(model):
-    """ids of BatchNorm running means and variances, which paddle lists among
-    a model's parameters (with stop_gradient set) although no gradient moves them."""
-    return {id(p) for layer in model.sublayers() if _is_batch_norm(layer) for p in (layer._mean, layer._variance)}
+    """BatchNorm running means and variances, which paddle lists among a
+    model's parameters (with stop_gradient set) although no gradient moves them."""
+    return [p for layer in model.sublayers() if _is_batch_norm(layer) for p in (layer._mean, layer._variance)]
 
 
 def _is_batch_norm(layer):
@@ -154,7 +154,7 @@ def set_frozen_stages(model, spec, frozen_stages, bn):
     (None: batch statistics in training, stored ones in evaluation; False
     would mean batch statistics even in evaluation)."""
     frozen_params = trainable_params = 0
-    statistics_ids = running_statistics(model)
+    statistics_ids = {id(p) for p in running_statistics(model)}
     for name, param in model.named_parameters():
         if id(param) in statistics_ids:
             continue  # never trained by the optimizer; frozen through use_global_stats below
@@ -177,7 +177,7 @@ def trainable_parameters(model, spec, plan):
     its learning-rate multiplier in `optimize_attr` (what
     `ParamAttr(learning_rate=...)` sets; parameter-group dicts would break
     `paddle.Model`, whose `minimize` expects a flat list)."""
-    statistics_ids = running_statistics(model)
+    statistics_ids = {id(p) for p in running_statistics(model)}
     params = []
     for name, param in model.named_parameters():
         if id(param) in statistics_ids or _below(spec, name, plan.always_frozen):
@@ -193,7 +193,7 @@ def add_l2sp(model, spec, alpha):
     the penalty alpha/2 * ||w - w0||^2, in place of weight decay toward zero.
     The penalty's gradient alpha * (w - w0) is added by a gradient hook, so the
     training loop needs no change; the head keeps ordinary weight decay."""
-    statistics_ids = running_statistics(model)
+    statistics_ids = {id(p) for p in running_statistics(model)}
     no_decay = paddle.regularizer.L2Decay(0.0)
     anchored = 0
     for name, param in model.named_parameters():

@@ -5,7 +5,7 @@ import pytest
 
 from paddle_tl.backend import import_paddle
 from paddle_tl.config import load_config
-from paddle_tl.data import balanced_sampler, imbalance_ratio
+from paddle_tl.data import BalancedBatchSampler, imbalance_ratio, make_loader
 from paddle_tl.losses import CrossEntropy, class_weights
 from paddle_tl.metrics import classification_metrics
 
@@ -37,10 +37,46 @@ def test_weighted_loss_matches_paddles_weighted_cross_entropy():
 
 
 def test_balanced_sampler_draws_classes_equally():
-    np.random.seed(0)
     labels = [0] * 90 + [1] * 10
-    drawn = np.array(labels)[list(iter(balanced_sampler(labels)))]
+    sampler = BalancedBatchSampler(labels, batch_size=8)
+    sampler.set_epoch(42)
+    batches = list(sampler)
+    drawn = np.array(labels)[np.concatenate(batches)]
     assert len(drawn) == 100 and 35 <= (drawn == 1).sum() <= 65
+    assert len(batches) == len(sampler) == 13 and len(batches[-1]) == 4
+    assert list(sampler) == batches  # the same epoch draws the same
+    sampler.set_epoch(43)
+    assert list(sampler) != batches
+
+
+def test_balanced_sampler_shards_for_data_parallel(monkeypatch):
+    """Two simulated processes: equally long shards that never share a draw,
+    each balanced, and together, batch by batch, exactly what one process
+    draws with twice the batch size."""
+    labels = np.array([0] * 90 + [1] * 11)  # 101: the shards need one more draw to be equally long
+    one = BalancedBatchSampler(labels, batch_size=8)
+    ranks = [BalancedBatchSampler(labels, batch_size=4, num_replicas=2, rank=rank) for rank in (0, 1)]
+    for sampler in (one, *ranks):
+        sampler.set_epoch(7)
+    shards = [list(sampler) for sampler in ranks]
+    assert len(shards[0]) == len(shards[1]) == len(ranks[0]) == 13
+    assert sum(map(len, shards[0])) == sum(map(len, shards[1])) == 51
+    for shard in shards:
+        assert 15 <= (labels[np.concatenate(shard)] == 1).sum() <= 36  # about half of 51, not a tenth
+    # Interleaved, the shards are one process's sequence (disjoint positions,
+    # nothing left out), plus one extra draw to even them up.
+    interleaved = [index for batch_0, batch_1 in zip(*shards) for pair in zip(batch_0, batch_1) for index in pair]
+    sequence = [index for batch in one for index in batch]
+    assert len(sequence) == 101 and interleaved[:101] == sequence and len(interleaved) == 102
+    one_batches = list(one)
+    for batch, batch_0, batch_1 in zip(one_batches[:-1], *shards):  # the last holds the extra draw
+        assert sorted(batch) == sorted(batch_0 + batch_1)
+
+    # make_loader builds this process's shard under paddle.distributed.launch
+    monkeypatch.setattr(paddle.distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(paddle.distributed, "get_rank", lambda: 1)
+    loader = make_loader(list(range(101)), 4, shuffle=True, num_workers=0, balanced_labels=labels, distributed=True)
+    assert (loader.batch_sampler.num_replicas, loader.batch_sampler.rank) == (2, 1)
 
 
 def test_macro_metrics_see_what_top1_hides():

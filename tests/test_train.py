@@ -1,8 +1,12 @@
 """Real short fine-tunes on tiny generated data: the run folder, freezing that
 really freezes (parameters and BatchNorm statistics), cached features,
-resume, early stopping, the NaN guard and per-stage learning rates."""
+resume, early stopping, the NaN policy, duplicate and disk-space checks, and
+per-stage learning rates."""
 
+import errno
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +17,13 @@ from PIL import Image
 
 from paddle_tl import callbacks
 from paddle_tl.backend import import_paddle
+from paddle_tl.checkpoint import load_state
 from paddle_tl.config import ConfigError, load_config
+from paddle_tl.data import ClassificationDataset
+from paddle_tl.errors import UserError
 from paddle_tl.evaluate import evaluate
+from paddle_tl.files import DiskFullError
+from paddle_tl.nan_guard import GuardedModel
 from paddle_tl.train import train
 from paddle_tl.transfer import plan_transfer, set_frozen_stages, trainable_parameters
 from paddle_tl.zoo import get_spec, stage_index
@@ -168,9 +177,172 @@ def test_early_stopping_stops_when_eval_stalls(workspace, tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_message(workspace, tmp_path):
-    with pytest.raises(FloatingPointError, match=r"training loss became (nan|inf) at epoch 1"):
+    # The first step (lr 1e30) makes the weights huge; the next batch's
+    # gradients, or its loss, are no longer finite.
+    with pytest.raises(FloatingPointError, match=r"training (loss|gradients) became \S+ at epoch 1, step \d") as info:
         train(make_cfg(workspace, tmp_path / "run", "Transfer.strategy=full", "Optimizer.lr.learning_rate=1e30",
                        "Global.epochs=1"))
+    assert isinstance(info.value, UserError) and "Global.nan_policy=skip" in str(info.value)  # one line on the CLI
+
+
+def _poison(monkeypatch, path):
+    """Every time the dataset loads `path`, its pixels are NaN."""
+    getitem = ClassificationDataset.__getitem__
+
+    def nan_for_the_poisoned_image(self, index):
+        image, label = getitem(self, index)
+        return (np.full_like(image, np.nan) if self.samples[index][0] == path else image), label
+
+    monkeypatch.setattr(ClassificationDataset, "__getitem__", nan_for_the_poisoned_image)
+
+
+def test_nan_policy_skip_skips_the_poisoned_batch_and_finishes(workspace, tmp_path, monkeypatch, capsys):
+    """One training image is NaN: each epoch, the one batch holding it makes no
+    update; the rest train, and BatchNorm statistics stay finite. (The first
+    BatchNorm, training, spreads the NaN over the batch; its ReLU turns it
+    into 0 going forward, but the gradients are NaN.)"""
+    _poison(monkeypatch, str(workspace["train"] / "red" / "0.png"))
+    run = tmp_path / "run"
+    metrics = train(make_cfg(workspace, run, "Global.nan_policy=skip", "Transfer.strategy=full", "Arch.input_size=32"))
+    assert [row["skipped_batches"] for row in metrics["history"]] == [1, 1]
+    assert metrics["skipped_batches"] == 2 and metrics["epochs_run"] == 2 and metrics["nan_policy"] == "skip"
+    assert json.loads((run / "metrics.json").read_text())["skipped_batches"] == 2
+    assert all(np.isfinite(row["train_loss"]) for row in metrics["history"])
+    after = _weights(run / "latest.pdparams")
+    assert all(np.isfinite(value).all() for value in after.values())  # running statistics included
+    assert not np.array_equal(after["conv1.1._mean"], _weights(workspace["pretrained"])["conv1.1._mean"])  # trained
+    assert "epoch 2: skipped 1 of 4 batches" in capsys.readouterr().out
+
+
+def test_nan_policy_skip_stops_after_an_epoch_of_skipped_batches(workspace, tmp_path):
+    """lr 1e30: after the first step every batch is non-finite and the weights
+    no longer change; an epoch's worth (4 batches) in a row stops the run."""
+    run = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match=r"at epoch 2, step 1: 4 batches in a row \(an epoch's worth\)"):
+        train(make_cfg(workspace, run, "Global.nan_policy=skip", "Transfer.strategy=full",
+                       "Optimizer.lr.learning_rate=1e30", "Global.epochs=3"))
+    record = load_state(run / "latest")  # epoch 1 (3 of its 4 batches skipped) was saved whole
+    assert record["epochs_done"] == 1 and record["history"][0]["skipped_batches"] == 3
+
+
+def _step_state(model):
+    """Copies of what a training step may change: parameters and BatchNorm
+    statistics, optimizer state, the running training accuracy."""
+    optimizer_state = model._optimizer.state_dict()
+    return ({key: value.numpy().copy() for key, value in model.network.state_dict().items()},
+            {key: value.numpy().copy() for key, value in optimizer_state.items() if key != "LR_Scheduler"},
+            (list(model._metrics[0].total), list(model._metrics[0].count)))
+
+
+def _assert_same_state(a, b):
+    for part_a, part_b in zip(a[:2], b[:2]):
+        assert part_a.keys() == part_b.keys()
+        for key in part_a:
+            assert np.array_equal(part_a[key], part_b[key]), key  # bit for bit (NaN would fail)
+    assert a[2] == b[2]
+
+
+def test_a_non_finite_batch_leaves_the_model_bit_identical():
+    """GuardedModel, one step at a time: a batch with a NaN loss, and one with a
+    finite loss but NaN gradients, change no parameter, BatchNorm statistic,
+    momentum or metric, and leave no gradient behind; a finite batch trains."""
+    paddle.seed(0)
+    # No ReLU: it would turn NaN into 0 and leave only the gradients NaN.
+    network = paddle.nn.Sequential(paddle.nn.Conv2D(3, 4, 3), paddle.nn.BatchNorm2D(4), paddle.nn.Flatten(),
+                                   paddle.nn.Linear(4 * 6 * 6, 3))
+    optimizer = paddle.optimizer.Momentum(0.1, momentum=0.9, parameters=network.parameters(), weight_decay=1e-4)
+    model = GuardedModel(network, inputs=[paddle.static.InputSpec([None, 3, 8, 8], "float32", "image")],
+                         labels=[paddle.static.InputSpec([None, 1], "int64", "label")])
+    nan_gradients = []  # when set, the loss gains a term that is 0 with a NaN gradient
+
+    def loss(logits, labels):
+        value = paddle.nn.functional.cross_entropy(logits, labels)
+        return value + paddle.sqrt(logits.sum() * 0.0) if nan_gradients else value  # d sqrt(0) = inf, x 0 = NaN
+
+    model.prepare(optimizer, loss, paddle.metric.Accuracy())
+    rng = np.random.RandomState(0)
+    images, labels = rng.rand(4, 3, 8, 8).astype("float32"), np.array([[0], [1], [2], [0]], dtype="int64")
+    model.train_batch([images], [labels])  # momentum exists from here on
+    assert model.skipped_update is None
+    before = _step_state(model)
+
+    poisoned = images.copy()
+    poisoned[0, :, 0, 0] = np.nan
+    model.train_batch([poisoned], [labels])
+    assert model.skipped_update == "training loss became nan"
+    _assert_same_state(before, _step_state(model))
+
+    nan_gradients.append(True)
+    loss_value = model.train_batch([images], [labels])[0][0]
+    assert np.isfinite(loss_value) and model.skipped_update == "training gradients became NaN/Inf"
+    _assert_same_state(before, _step_state(model))
+    assert all(p.grad is None or not p.grad.numpy().any() for p in network.parameters())
+
+    nan_gradients.clear()
+    model.train_batch([images], [labels])
+    assert model.skipped_update is None
+    after = _step_state(model)
+    assert not np.array_equal(before[0]["3.weight"], after[0]["3.weight"])
+    assert not np.array_equal(before[0]["1._mean"], after[0]["1._mean"])
+
+
+def test_eval_images_copied_from_training_are_reported(workspace, tmp_path, capsys):
+    evaluation = tmp_path / "eval"
+    shutil.copytree(workspace["val"], evaluation)
+    copied = workspace["train"] / "green" / "3.png"
+    shutil.copy(copied, evaluation / "green" / "copy.png")
+    run = tmp_path / "run"
+    metrics = train(make_cfg(workspace, run, "Global.epochs=1", "Transfer.strategy=linear_probe",
+                             "Arch.input_size=32", f"DataLoader.Eval.dataset.root={evaluation}"))
+    expected = {"count": 1, "pairs": [{"train": str(copied), "eval": str(evaluation / "green" / "copy.png")}]}
+    assert metrics["data_warnings"]["duplicates_across_splits"] == expected
+    assert json.loads((run / "metrics.json").read_text())["data_warnings"]["duplicates_across_splits"] == expected
+    out = capsys.readouterr().out
+    assert "warning: 1 evaluation images are byte-identical to training images" in out and str(copied) in out
+
+
+def test_too_little_free_space_is_refused_before_training(workspace, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    real_disk_usage = shutil.disk_usage
+
+    def nearly_full(path):
+        usage = real_disk_usage(path)
+        return usage._replace(free=5_000_000) if str(path) == str(run) else usage
+
+    monkeypatch.setattr(shutil, "disk_usage", nearly_full)
+    pattern = (rf"Global.output_dir: {re.escape(str(run))} has 5.0 MB free \(5,000,000 bytes\); this run's "
+               r"checkpoints need about [\d.]+ MB \([\d,]+ bytes")
+    with pytest.raises(DiskFullError, match=pattern):
+        train(make_cfg(workspace, run, "Transfer.strategy=linear_probe"))
+    assert not list(run.glob("*.pdparams")) and not (run / "vdl").exists()  # refused before any training
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(workspace, tmp_path, monkeypatch):
+    """ENOSPC while writing epoch 2's latest.pdopt (after its latest.pdparams
+    was written): nothing is replaced, no temporary file is left, and the
+    epoch-1 checkpoint loads and resumes."""
+    run = tmp_path / "run"
+    common = ("Global.epochs=2", "Transfer.strategy=linear_probe", "Arch.input_size=32")
+    save, optimizer_saves = paddle.save, []
+
+    def disk_fills_on_the_second_pdopt(obj, path, *args, **kwargs):
+        if ".pdopt" in str(path):
+            optimizer_saves.append(path)
+            if len(optimizer_saves) == 2:
+                Path(path).write_bytes(b"\0" * 1000)  # partly written when the disk filled
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(paddle, "save", disk_fills_on_the_second_pdopt)
+    pattern = (rf"while writing {re.escape(str(run / 'latest.pdopt'))}; nothing was replaced, so the previous "
+               rf"checkpoint {re.escape(str(run / 'latest'))} is intact")
+    with pytest.raises(DiskFullError, match=pattern):
+        train(make_cfg(workspace, run, *common))
+    monkeypatch.undo()
+    assert not [p.name for p in run.iterdir() if ".tmp" in p.name]
+    assert load_state(run / "latest")["epochs_done"] == 1  # its files match its record
+    resumed = train(make_cfg(workspace, run, *common, f"Global.resume={run}"))
+    assert resumed["epochs_run"] == 2 and [row["epoch"] for row in resumed["history"]] == [1, 2]
 
 
 def test_existing_run_is_moved_aside_and_file_output_refused(workspace, tmp_path):
