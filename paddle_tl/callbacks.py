@@ -8,6 +8,7 @@ part-way, so the callbacks add `RunState.start_epoch` to get the run's epoch.
 import math
 import random
 from dataclasses import asdict, dataclass, field
+from time import perf_counter
 
 import numpy as np
 
@@ -53,7 +54,13 @@ class EpochRecorder(Callback):
     """Averages the training loss over the epoch and the eval loss over the eval
     set (hapi's own logs hold only the last batch's loss), and records one
     history row per epoch. Seeds each epoch from (seed, epoch) so a resumed
-    run draws the same shuffles and augmentations as an uninterrupted one."""
+    run draws the same shuffles and augmentations as an uninterrupted one.
+
+    Training throughput: `train_seconds` runs from the epoch's start to the
+    end of its last training step (data loading included, evaluation and
+    checkpoints not: hapi evaluates after on_epoch_end), and
+    `train_images_per_second` divides the images trained on by it. hapi's
+    batch_size already counts every data-parallel process's images."""
 
     def __init__(self, state, names, evaluates, patience, listeners):
         super().__init__()
@@ -67,6 +74,7 @@ class EpochRecorder(Callback):
         seed_everything(self.state.seed + self._epoch(epoch))
         self.row = {"epoch": self._epoch(epoch) + 1, "lr": float(self.model._optimizer.get_lr())}
         self._sums = [0.0, 0]
+        self._started = perf_counter()  # last: seeding and get_lr are not training
 
     def on_train_batch_end(self, step, logs=None):
         loss = float(logs["loss"][0])
@@ -79,6 +87,9 @@ class EpochRecorder(Callback):
         self._sums[1] += logs["batch_size"]
 
     def on_epoch_end(self, epoch, logs=None):
+        seconds = perf_counter() - self._started
+        self.row["train_seconds"] = round(seconds, 3)
+        self.row["train_images_per_second"] = round(self._sums[1] / seconds, 2)
         self.row["frozen_stages"] = self.state.frozen_stages
         self.row["train_loss"] = self._sums[0] / max(1, self._sums[1])
         self.row.update({f"train_{ours}": float(logs[theirs]) for theirs, ours in self.names.items()})
