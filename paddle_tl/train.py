@@ -26,6 +26,9 @@ from paddle_tl.weights import load_pretrained
 from paddle_tl.zoo import build_model, get_spec
 
 paddle = import_paddle()
+# Global.amp: hapi's O1 runs white-listed ops (conv, matmul) in float16 with a
+# dynamic loss scale; O2 would also keep the weights in float16.
+AMP_LEVEL = "O1"
 
 
 def train(cfg):
@@ -149,7 +152,7 @@ def train(cfg):
     model = paddle.Model(fit_network, inputs=[input_spec],
                          labels=[paddle.static.InputSpec([None, 1], "int64", "label")])
     model.prepare(optimizer, build_loss(cfg.Loss, weights), paddle.metric.Accuracy(topk=topk),
-                  amp_configs="O1" if g.amp else None)
+                  amp_configs=AMP_LEVEL if g.amp else None)
 
     names = metric_names(topk)
     writers, step_loggers = [], []  # rank 0's: per epoch, and per training step

@@ -118,6 +118,36 @@ def test_epoch_throughput_counts_training_steps_only(workspace, tmp_path, monkey
     assert [r.value for r in reader.get_data("scalar", "train/images_per_second")] == [30 / steps] * 2
 
 
+class Prepared(Exception):
+    pass
+
+
+@pytest.mark.parametrize("amp", [True, False])
+def test_amp_setting_reaches_model_prepare_on_a_gpu(workspace, tmp_path, monkeypatch, amp):
+    """The GPU path without a GPU: select_device pretends to find one, and
+    training stops where paddle.Model is prepared."""
+    import paddle_tl.train as train_module
+    seen = {}
+
+    def prepare(self, *args, **kwargs):
+        seen.update(kwargs)
+        raise Prepared
+
+    monkeypatch.setattr(train_module, "select_device", lambda requested: "gpu")
+    monkeypatch.setattr(paddle.Model, "prepare", prepare)
+    with pytest.raises(Prepared):
+        train(make_cfg(workspace, tmp_path / "run", "Transfer.strategy=partial", f"Global.amp={str(amp).lower()}"))
+    assert seen["amp_configs"] == ("O1" if amp else None)
+
+
+def test_amp_without_a_gpu_is_refused_before_training(workspace, tmp_path):
+    if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match="Global.amp: mixed precision needs Global.device=gpu"):
+        train(make_cfg(workspace, tmp_path / "run", "Global.amp=true"))  # Global.device=auto found only the CPU
+    assert not (tmp_path / "run").exists()
+
+
 def test_linear_probe_on_cached_features_learns_and_matches_eval(workspace, tmp_path, shared_dir):
     run = tmp_path / "run"
     imagenet = shared_dir / "weights" / "mobilenet_v1_x0.25_imagenet.pdparams"
