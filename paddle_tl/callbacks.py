@@ -8,6 +8,7 @@ part-way, so the callbacks add `RunState.start_epoch` to get the run's epoch.
 
 import random
 from dataclasses import asdict, dataclass, field
+from time import perf_counter
 
 import numpy as np
 
@@ -60,6 +61,13 @@ class EpochRecorder(Callback):
     history row per epoch. Seeds each epoch from (seed, epoch) so a resumed
     run draws the same shuffles and augmentations as an uninterrupted one.
 
+    Training throughput: `train_seconds` runs from the epoch's start to the
+    end of its last training step (data loading included, evaluation and
+    checkpoints not: hapi evaluates after on_epoch_end), and
+    `train_images_per_second` divides the images trained on (skipped batches
+    not counted) by it. hapi's batch_size already counts every data-parallel
+    process's images, and a domain-adaptation batch's target images.
+
     Non-finite batches (GuardedModel made no update from them): with
     Global.nan_policy=stop the run stops at the first; with skip they are
     counted per epoch (`skipped_batches`, left out of the loss average) and
@@ -83,6 +91,7 @@ class EpochRecorder(Callback):
         self.row = {"epoch": self._epoch(epoch) + 1, "lr": float(self.model._optimizer.get_lr())}
         self._sums = [0.0, 0]
         self.row["skipped_batches"], self._first_skip = 0, None
+        self._started = perf_counter()  # last: seeding and get_lr are not training
 
     def on_train_batch_end(self, step, logs=None):
         reason = self.model.skipped_update
@@ -107,6 +116,9 @@ class EpochRecorder(Callback):
                                  f"no update (Global.nan_policy=skip), so nothing is learning; {advice}.")
 
     def on_epoch_end(self, epoch, logs=None):
+        seconds = perf_counter() - self._started
+        self.row["train_seconds"] = round(seconds, 3)
+        self.row["train_images_per_second"] = round(self._sums[1] / seconds, 2)
         if self.row["skipped_batches"]:
             print(f"epoch {self.row['epoch']}: skipped {self.row['skipped_batches']} of {self.steps_per_epoch} "
                   f"batches, which made no update (Global.nan_policy=skip); first: {self._first_skip}")

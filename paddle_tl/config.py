@@ -46,6 +46,9 @@ class GlobalConfig:
         _require(self.eval_interval >= 1, f"{at}.eval_interval", "must be >= 1")
         _require(self.early_stopping_patience >= 0, f"{at}.early_stopping_patience", "must be >= 0")
         _require(self.log_interval >= 1, f"{at}.log_interval", "must be >= 1")
+        # device auto is checked once the device is known (train.py)
+        _require(not (self.amp and self.device == "cpu"), f"{at}.amp",
+                 "mixed precision needs a GPU, and Global.device is cpu")
 
 
 @dataclass

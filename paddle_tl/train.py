@@ -29,6 +29,9 @@ from paddle_tl.weights import load_pretrained
 from paddle_tl.zoo import build_model, get_spec
 
 paddle = import_paddle()
+# Global.amp: hapi's O1 runs white-listed ops (conv, matmul) in float16 with a
+# dynamic loss scale; O2 would also keep the weights in float16.
+AMP_LEVEL = "O1"
 
 
 def train(cfg):
@@ -170,7 +173,7 @@ def train(cfg):
 
     model = GuardedModel(fit_network, inputs=[input_spec],
                          labels=[paddle.static.InputSpec([None, 1], "int64", "label")])
-    model.prepare(optimizer, loss, metric, amp_configs="O1" if g.amp else None)
+    model.prepare(optimizer, loss, metric, amp_configs=AMP_LEVEL if g.amp else None)
 
     names = metric_names(topk)
     writers, step_loggers = [], []  # rank 0's: per epoch, and per training step

@@ -127,6 +127,20 @@ class TrainTransform:
             image = self._color_jitter(image)
         return self.normalize(image)
 
+    def draft_size(self, width, height):
+        """The smallest decode of a width x height image that this transform
+        can use without losing detail: the image may shrink by a power of two
+        (what JPEG's DCT scaling offers, up to 8) as long as every random crop
+        keeps at least `size` pixels a side, so that no crop is upsampled.
+        The bound does not depend on which way EXIF turns the image."""
+        # A random crop's sides are at least sqrt(area * min scale * min ratio);
+        # the fallback crop's at least the short side.
+        smallest_crop = min(math.sqrt(width * height * self.scale[0] * self.RATIO[0]), width, height)
+        factor = 1
+        while factor < 8 and smallest_crop / (factor * 2) >= self.size:
+            factor *= 2
+        return max(1, width // factor), max(1, height // factor)
+
     def _crop_box(self, width, height):
         """A box of random area fraction in `scale` and aspect ratio in RATIO
         (torchvision's algorithm: 10 tries, then the largest centred box whose

@@ -53,6 +53,13 @@ def test_wrong_types_and_impossible_values_are_refused(override, expected):
     assert expected in refused(override)
 
 
+def test_amp_is_refused_on_cpu_before_any_work():
+    message = refused("Global.device=cpu", "Global.amp=true")
+    assert message == "Global.amp: mixed precision needs a GPU, and Global.device is cpu"
+    for device in ("gpu", "auto"):  # auto: refused at run time when no GPU turns up (test_train)
+        assert load_config(None, [*ROOTS, f"Global.device={device}", "Global.amp=true"]).Global.amp
+
+
 def test_yaml_file_is_read_safely(tmp_path):
     evil = tmp_path / "evil.yaml"
     evil.write_text("Global: !!python/object/apply:os.system ['echo pwned']\n")

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from paddle_tl.config import DatasetConfig
+from paddle_tl.config import AugmentConfig, DatasetConfig
 from paddle_tl.data import DataError, build_dataset, load_rgb, make_loader
-from paddle_tl.transforms import Preprocess, eval_transform
+from paddle_tl.transforms import Preprocess, TrainTransform, eval_transform
 
 PRE = Preprocess(32, 36, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
@@ -76,6 +76,28 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # rotated 90 degrees: stored landscape, shown portrait
     Image.new("RGB", (40, 20)).save(tmp_path / "phone.jpg", exif=exif)
     assert load_rgb(tmp_path / "phone.jpg").size == (20, 40)
+
+
+def test_training_decodes_large_jpegs_reduced_and_evaluation_in_full(tmp_path):
+    """Training augmentation lets a large JPEG decode at 1/8 size (both
+    decodes show the same view, to resampling error); evaluation decodes
+    every pixel, as inference does."""
+    y, x = np.mgrid[0:1024, 0:1024] / 1024.0
+    smooth = np.stack([255 * x, 255 * y, 127 + 100 * np.sin(6 * x + 4 * y)], axis=-1).astype(np.uint8)
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    Image.fromarray(smooth).save(tmp_path / "data" / "a" / "big.jpg", quality=95)
+    path = tmp_path / "data" / "a" / "big.jpg"
+    pre = Preprocess(64, 73, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    augment = TrainTransform(pre, AugmentConfig(crop_scale=[1.0, 1.0], hflip=False))  # a square's only crop: all of it
+
+    assert load_rgb(path, augment.draft_size).size == (128, 128) and load_rgb(path).size == (1024, 1024)
+    dataset = build_dataset(folder_config(tmp_path / "data"), "train", augment)
+    reduced, full = dataset[0][0], augment(load_rgb(path))
+    assert reduced.shape == full.shape == (3, 64, 64)
+    assert 0 < np.abs(reduced - full).max() < 0.1  # decoded differently, the same view
+
+    dataset.transform = eval_transform(pre)
+    assert np.array_equal(dataset[0][0], eval_transform(pre)(load_rgb(path)))
 
 
 def test_unreadable_file_names_itself(tmp_path):

@@ -100,6 +100,63 @@ def test_partial_finetune_freezes_bottom_stages_exactly(workspace, tmp_path):
     assert len(reader.get_data("scalar", "eval/top1")) == 2
 
 
+def test_epoch_throughput_counts_training_steps_only(workspace, tmp_path, monkeypatch):
+    """A fake clock: every training step takes 1 s, every evaluation step
+    1000 s. train_seconds must see the training steps and nothing else."""
+    now = [0.0]
+    adapter = paddle.hapi.model.DynamicGraphAdapter
+    train_batch, eval_batch = adapter.train_batch, adapter.eval_batch
+
+    def timed(method, seconds):
+        def run(*args, **kwargs):
+            now[0] += seconds
+            return method(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(callbacks, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(adapter, "train_batch", timed(train_batch, 1.0))
+    monkeypatch.setattr(adapter, "eval_batch", timed(eval_batch, 1000.0))
+    run = tmp_path / "run"
+    train(make_cfg(workspace, run, "Transfer.strategy=partial"))
+
+    history = json.loads((run / "metrics.json").read_text())["history"]
+    steps = -(-30 // 8)  # 30 training images in batches of 8
+    assert [(row["train_seconds"], row["train_images_per_second"]) for row in history] == [(steps, 30 / steps)] * 2
+    from visualdl import LogReader
+    reader = LogReader(file_path=str(next((run / "vdl").glob("vdlrecords.*.log"))))
+    assert [r.value for r in reader.get_data("scalar", "train/images_per_second")] == [30 / steps] * 2
+
+
+class Prepared(Exception):
+    pass
+
+
+@pytest.mark.parametrize("amp", [True, False])
+def test_amp_setting_reaches_model_prepare_on_a_gpu(workspace, tmp_path, monkeypatch, amp):
+    """The GPU path without a GPU: select_device pretends to find one, and
+    training stops where paddle.Model is prepared."""
+    import paddle_tl.train as train_module
+    seen = {}
+
+    def prepare(self, *args, **kwargs):
+        seen.update(kwargs)
+        raise Prepared
+
+    monkeypatch.setattr(train_module, "select_device", lambda requested: "gpu")
+    monkeypatch.setattr(paddle.Model, "prepare", prepare)
+    with pytest.raises(Prepared):
+        train(make_cfg(workspace, tmp_path / "run", "Transfer.strategy=partial", f"Global.amp={str(amp).lower()}"))
+    assert seen["amp_configs"] == ("O1" if amp else None)
+
+
+def test_amp_without_a_gpu_is_refused_before_training(workspace, tmp_path):
+    if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match="Global.amp: mixed precision needs Global.device=gpu"):
+        train(make_cfg(workspace, tmp_path / "run", "Global.amp=true"))  # Global.device=auto found only the CPU
+    assert not (tmp_path / "run").exists()
+
+
 def test_linear_probe_on_cached_features_learns_and_matches_eval(workspace, tmp_path, shared_dir):
     run = tmp_path / "run"
     imagenet = shared_dir / "weights" / "mobilenet_v1_x0.25_imagenet.pdparams"

@@ -116,3 +116,19 @@ def test_training_without_augmentation_sees_the_evaluation_view():
     assert augmentation_off(off) and not augmentation_off(AugmentConfig())
     image = Image.fromarray(np.random.RandomState(0).randint(0, 256, (50, 70, 3)).astype(np.uint8))
     np.testing.assert_array_equal(train_transform(pre, off)(image), eval_transform(pre)(image))
+
+
+@pytest.mark.parametrize("width, height, factor", [
+    (4000, 3000, 8), (3000, 4000, 8), (500, 375, 2), (1000, 250, 2), (40, 30, 1)])
+def test_reduced_jpeg_decode_leaves_every_crop_at_least_input_size(width, height, factor):
+    """draft_size may shrink the decode, but no random crop of the shrunken
+    image may have fewer than input_size pixels a side (extreme aspect ratios
+    included: there the short side limits the crop)."""
+    augment = train_transform(make_pre(64, 73), AugmentConfig(crop_scale=[0.35, 1.0]))
+    w, h = augment.draft_size(width, height)
+    assert min(width // w, height // h) == factor  # the scale Pillow's JPEG draft picks for this request
+    decoded = (-(-width // factor), -(-height // factor))  # libjpeg rounds scaled sizes up
+    random.seed(0)
+    crops = [augment._crop_box(*decoded) for _ in range(3000)]
+    if factor > 1:
+        assert min(min(c[2:]) for c in crops) >= 64
