@@ -5,7 +5,7 @@ installs). Prints eval top-1 (best and final), epochs, wall-clock seconds
 (start-up, image check and feature caching included) and trainable
 parameters.
 
-    python bench/strategies.py [--root ../shared/datasets/hymenoptera] [--epochs 5] [--input_size 224]
+    python bench/strategies.py [--root ../shared/datasets/hymenoptera | --elpv] [--epochs 5] [--input_size 224]
 """
 
 import argparse
@@ -32,11 +32,14 @@ RUNS = {  # name: overrides
 
 
 def run(name, args, folder):
+    if args.elpv:  # binary defect detection, the quickstart's data
+        data = ["DataLoader.Train.dataset={name: elpv, label_mode: binary}",
+                "DataLoader.Eval.dataset={name: elpv, label_mode: binary}"]
+    else:
+        data = [f"DataLoader.Train.dataset.root={args.root}/train", f"DataLoader.Eval.dataset.root={args.root}/val"]
     cfg = load_config(REPO / "configs" / "mobilenet_v2_imagefolder.yaml", [
         f"Global.output_dir={folder / name}", f"Global.epochs={args.epochs}", f"Arch.pretrained={WEIGHTS}",
-        f"Arch.input_size={args.input_size}",
-        f"DataLoader.Train.dataset.root={args.root}/train", f"DataLoader.Eval.dataset.root={args.root}/val",
-        *RUNS[name]])
+        f"Arch.input_size={args.input_size}", *data, *RUNS[name]])
     started = time.time()
     metrics = train(cfg)
     return metrics, time.time() - started
@@ -45,6 +48,7 @@ def run(name, args, folder):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--root", default=str(REPO.parent / "shared" / "datasets" / "hymenoptera"))
+    parser.add_argument("--elpv", action="store_true", help="elpv binary (the quickstart's data) instead of --root")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--input_size", type=int, default=224)
     parser.add_argument("--only", nargs="*", choices=list(RUNS), default=list(RUNS))
@@ -54,7 +58,8 @@ def main():
         for name in args.only:
             metrics, seconds = run(name, args, Path(tmp))
             rows.append((name, metrics, seconds))
-    print(f"\nmobilenet_v2, {args.root}, {args.epochs} epochs, input {args.input_size}:")
+    print(f"\nmobilenet_v2, {'elpv binary' if args.elpv else args.root}, {args.epochs} epochs, "
+          f"input {args.input_size}:")
     print("| run | strategy used | best top-1 | final top-1 | epochs | wall s | trainable params |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, m, seconds in rows:
