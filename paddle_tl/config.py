@@ -103,6 +103,9 @@ class TransferConfig:
         _require(self.l2sp_alpha >= 0, f"{at}.l2sp_alpha", "must be >= 0")
         _require(self.cache_views >= 1, f"{at}.cache_views", "must be >= 1")
         _require(self.domain_weight > 0, f"{at}.domain_weight", "must be > 0")
+        _require(self.domain_adaptation == "none" or self.strategy != "linear_probe", f"{at}.domain_adaptation",
+                 "adapts the body's features, which linear_probe keeps frozen; use strategy partial, full, "
+                 "gradual or auto")
 
 
 @dataclass

@@ -70,9 +70,6 @@ def plan_transfer(transfer_cfg, num_stages, class_counts, pretrained, similarity
         if adapting and strategy == "linear_probe":
             strategy, frozen = "partial", num_stages // 2
             reason += "; but domain adaptation must move the features -> fine-tune the top stages"
-    elif adapting and strategy == "linear_probe":
-        raise ConfigError("Transfer.domain_adaptation: adapts the body's features, which linear_probe keeps "
-                          "frozen; use strategy partial, full, gradual or auto")
     else:
         reason = "set in the config"
         if not pretrained and strategy != "full":
