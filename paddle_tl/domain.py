@@ -213,9 +213,6 @@ class DomainSetup:
     loss: DomainAdaptationLoss
     extra_layers: dict = field(default_factory=dict)  # trained layers outside the classifier, by name
 
-    def parameters(self):
-        return [p for layer in self.extra_layers.values() for p in layer.parameters()]
-
 
 def setup_domain_adaptation(transfer_cfg, network, spec, train_set, target_set, classification_loss, seed):
     method = transfer_cfg.domain_adaptation
