@@ -83,7 +83,6 @@ class SourceTargetPairs(paddle.io.Dataset):
     def __init__(self, source, target, seed):
         super().__init__()
         self.source, self.target, self.seed, self.epoch = source, target, seed, 0
-        self.samples = source.samples  # what samplers and class counts read
         self._order_epoch, self._order = None, None
 
     def __len__(self):
