@@ -63,3 +63,31 @@ def colour_images(root, per_class, seed, classes=("red", "green", "blue")):
 def colour_folder():
     """colour_folder(root, per_class, seed) -> root of red/green/blue class folders."""
     return colour_images
+
+
+class Killed(Exception):
+    """Stands for the process dying right after a checkpoint was written."""
+
+
+@pytest.fixture
+def train_killed_after():
+    """train_killed_after(cfg, epoch): train `cfg`, dying right after the
+    checkpoint of `epoch` is written (a resume then continues from it)."""
+    from paddle_tl import callbacks
+    from paddle_tl.train import train
+
+    def run(cfg, epoch):
+        save = callbacks.Checkpointer.on_record
+
+        def save_then_die(self, row, improved):
+            save(self, row, improved)
+            if row["epoch"] == epoch:
+                raise Killed
+
+        # A patch of its own: undoing the test's monkeypatch would also undo its private HOME.
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(callbacks.Checkpointer, "on_record", save_then_die)
+            with pytest.raises(Killed):
+                train(cfg)
+
+    return run

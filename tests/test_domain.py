@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from paddle_tl import callbacks
 from paddle_tl.backend import import_paddle
 from paddle_tl.config import ConfigError, load_config
 from paddle_tl.data import UNLABELED, DataError, build_dataset, build_target_dataset
@@ -149,26 +148,12 @@ def test_adaptation_runs_logs_its_domain_loss_and_checkpoints(domains, tmp_path,
     assert json.loads((run / "metrics.json").read_text())["domain_adaptation"]["method"] == method
 
 
-class Killed(Exception):
-    pass
-
-
-def test_dann_resume_restores_the_domain_classifier(domains, tmp_path, monkeypatch):
+def test_dann_resume_restores_the_domain_classifier(domains, tmp_path, train_killed_after):
     """Stopped after epoch 1 and resumed, DANN reaches the weights of an
     uninterrupted run: the domain classifier and its optimizer state came back."""
     common = ("Global.epochs=2", "Transfer.strategy=full")
     train(_cfg(domains, tmp_path / "straight", "dann", *common))
-    save = callbacks.Checkpointer.on_record
-
-    def save_then_die(self, row, improved):
-        save(self, row, improved)
-        if row["epoch"] == 1:
-            raise Killed
-
-    monkeypatch.setattr(callbacks.Checkpointer, "on_record", save_then_die)
-    with pytest.raises(Killed):
-        train(_cfg(domains, tmp_path / "killed", "dann", *common))
-    monkeypatch.undo()
+    train_killed_after(_cfg(domains, tmp_path / "killed", "dann", *common), epoch=1)
     train(_cfg(domains, tmp_path / "killed", "dann", *common, f"Global.resume={tmp_path / 'killed'}"))
     for name in ("latest.pdparams", "latest.domain_classifier.pdparams"):
         a = paddle.load(str(tmp_path / "straight" / name))

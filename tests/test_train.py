@@ -183,26 +183,11 @@ def test_bn_train_keeps_weights_but_updates_statistics(workspace, tmp_path):
     assert not np.array_equal(before["conv1.1._mean"], after["conv1.1._mean"])
 
 
-class Killed(Exception):
-    pass
-
-
-def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(workspace, tmp_path, monkeypatch):
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(workspace, tmp_path, train_killed_after):
     common = ("Global.epochs=3", "Transfer.strategy=partial", "Transfer.freeze_stages=4",
               "Optimizer.lr.warmup_epochs=1")
     straight = train(make_cfg(workspace, tmp_path / "straight", *common))
-
-    save = callbacks.Checkpointer.on_record
-
-    def save_then_die_after_epoch_2(self, row, improved):
-        save(self, row, improved)
-        if row["epoch"] == 2:
-            raise Killed
-
-    monkeypatch.setattr(callbacks.Checkpointer, "on_record", save_then_die_after_epoch_2)
-    with pytest.raises(Killed):
-        train(make_cfg(workspace, tmp_path / "killed", *common))
-    monkeypatch.undo()
+    train_killed_after(make_cfg(workspace, tmp_path / "killed", *common), epoch=2)
     resumed = train(make_cfg(workspace, tmp_path / "killed", *common, f"Global.resume={tmp_path / 'killed'}"))
 
     assert resumed["epochs_run"] == 3 and len(resumed["history"]) == 3
