@@ -4,10 +4,11 @@ A checkpoint is three files sharing a prefix: `<prefix>.pdparams` (a plain
 state dict: what eval and export load), `<prefix>.pdopt` (optimizer and
 scheduler state) and `<prefix>.state.json` (epoch, best score, history). Each
 file is written to a temporary name and renamed, so a kill leaves either the
-old or the new file, never a torn one; the three are renamed only once all
+old or the new file, never a torn one; the files are renamed only once all
 are written (a full disk leaves the old checkpoint whole), `state.json`
-last, and it records the sha256 of the other two, so a resume can tell that
-the three belong together.
+last, and it records the sha256 of the others, so a resume can tell that
+they belong together. Layers trained beside the network (a domain
+classifier) add `<prefix>.<name>.pdparams` files.
 """
 
 import json

@@ -143,7 +143,7 @@ def build_dataset(cfg, side, transform, class_names=None):
     if side not in ("train", "eval", "target"):
         raise ValueError(f"side must be 'train', 'eval' or 'target', got {side!r}")
     key = f"DataLoader.{side.capitalize()}.dataset"
-    required = {"ImageFolder": "root", "ListFile": "list_file", "Images": "root"}.get(cfg.name)
+    required = {"ImageFolder": "root", "ListFile": "list_file"}.get(cfg.name)
     if required and getattr(cfg, required) is None:
         raise DataError(f"{key}.{required}: required for the {cfg.name} dataset")
     if cfg.name == "ImageFolder":
