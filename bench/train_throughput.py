@@ -28,7 +28,12 @@ both; the table gives medians and their ratio.
 
     python bench/train_throughput.py [--arch mobilenet_v2 resnet50] [--mode full linear_probe]
         [--input-size 112] [--steps 3] [--batch-size 8] [--num-workers 2] [--repeats 3]
-        [--device cpu|gpu] [--amp]
+        [--device cpu|gpu] [--amp [O1|O2]] [--to_static]
+
+--amp (GPU only; alone it means O1) and --to_static apply to both arms:
+paddle_tl gets Global.amp and Global.to_static, the plain loop does what
+hapi does for them (auto_cast at the level, a GradScaler, paddle.amp.decorate
+for O2; paddle.jit.to_static on the network).
 """
 
 import argparse
@@ -87,7 +92,8 @@ def config(args, arch, mode, folders, out, cached=False):
     pretrained = str(weights) if weights is not None and weights.is_file() else "false"
     return load_config(None, [
         f"Global.output_dir={out}", f"Global.epochs={args.warmup_epochs + 1}", f"Global.device={args.device}",
-        f"Global.amp={str(args.amp).lower()}", "Global.log_interval=10",
+        f"Global.amp={args.amp or 'false'}", f"Global.to_static={str(args.to_static).lower()}",
+        "Global.log_interval=10",
         f"Arch.name={arch}", f"Arch.pretrained={pretrained}", f"Arch.input_size={args.input_size}",
         f"Transfer.strategy={mode}", f"Transfer.cache_features={str(cached).lower()}",
         f"DataLoader.Train.dataset.root={folders[0]}", f"DataLoader.Eval.dataset.root={folders[1]}",
@@ -139,7 +145,13 @@ def plain_run(cfg):
                                   batch_size=loader_cfg.batch_size, shuffle=True, num_workers=loader_cfg.num_workers)
     epochs = cfg.Global.epochs
     optimizer = build_optimizer(cfg.Optimizer, trainable_parameters(network, spec, plan), len(loader), epochs)
-    scaler = paddle.amp.GradScaler() if cfg.Global.amp else None
+    amp = cfg.Global.amp_level
+    if amp == "O2":  # float16 weights, float32 master copies in the optimizer (what hapi's prepare does)
+        network, optimizer = paddle.amp.decorate(models=network, optimizers=optimizer, level="O2")
+    if cfg.Global.to_static:
+        image_spec = paddle.static.InputSpec([None, 3, pre.input_size, pre.input_size], "float32", "image")
+        network = paddle.jit.to_static(network, input_spec=[image_spec], full_graph=True)
+    scaler = paddle.amp.GradScaler() if amp else None
     network.train()
     if plan.strategy == "linear_probe":
         for layer in body_bn:
@@ -147,7 +159,7 @@ def plain_run(cfg):
     for _ in range(epochs):
         images_seen, started = 0, time.perf_counter()
         for images, labels in loader:
-            with paddle.amp.auto_cast(enable=scaler is not None, level="O1"):
+            with paddle.amp.auto_cast(enable=amp is not None, level=amp or "O1"):
                 loss = paddle.nn.functional.cross_entropy(network(images), labels)
             if scaler is None:
                 loss.backward()
@@ -193,7 +205,9 @@ def main():
     parser.add_argument("--warmup-epochs", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="measured runs of each arm, interleaved")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--amp", action="store_true", help="mixed precision (GPU only)")
+    parser.add_argument("--amp", nargs="?", const="O1", choices=["O1", "O2"],
+                        help="mixed precision at this level (GPU only; --amp alone: O1)")
+    parser.add_argument("--to_static", action="store_true", help="train static graphs (paddle.jit.to_static)")
     parser.add_argument("--root", type=Path, default=SHARED / "datasets" / "hymenoptera",
                         help="an ImageFolder root with train/ and val/")
     args = parser.parse_args()
@@ -238,7 +252,8 @@ def main():
 
     images = args.steps * args.batch_size
     print(f"\n{os.cpu_count()} cores, paddle {paddle.__version__}, device {args.device}"
-          f"{' AMP O1' if args.amp else ''}; input {args.input_size} px, batch {args.batch_size}, "
+          f"{f' AMP {args.amp}' if args.amp else ''}{' to_static' if args.to_static else ''}; "
+          f"input {args.input_size} px, batch {args.batch_size}, "
           f"{args.steps} steps ({images} images) per measured epoch after {args.warmup_epochs} warm-up epoch(s), "
           f"num_workers {args.num_workers}, OMP_NUM_THREADS {os.environ.get('OMP_NUM_THREADS')}; "
           f"{args.repeats} interleaved repeats; load average {load:.2f} at start, {os.getloadavg()[0]:.2f} at end; "

@@ -40,9 +40,9 @@ def save_checkpoint(prefix, network, optimizer=None, state=None, extra_layers=No
             files[ext] = file_digest(tmp)
         return write
 
-    writes = [(prefix + ".pdparams", saving(network.state_dict(), "pdparams"))]
+    writes = [(prefix + ".pdparams", saving(float32_state(network), "pdparams"))]
     for name, layer in (extra_layers or {}).items():
-        writes.append((f"{prefix}.{name}.pdparams", saving(layer.state_dict(), f"{name}.pdparams")))
+        writes.append((f"{prefix}.{name}.pdparams", saving(float32_state(layer), f"{name}.pdparams")))
     if optimizer is not None:
         opt_state = optimizer_state_by_structured_name(network, optimizer, extra_layers)
         writes.append((prefix + ".pdopt", saving(opt_state, "pdopt")))
@@ -51,6 +51,20 @@ def save_checkpoint(prefix, network, optimizer=None, state=None, extra_layers=No
     # All are written before any replaces its old version: a disk that fills
     # up midway leaves the previous checkpoint whole and resumable.
     replace_together(writes, previous=f"the previous checkpoint {prefix}")
+
+
+def float32_state(layer):
+    """The layer's state dict with float16 tensors as float32.
+
+    Under Global.amp=O2 hapi casts the weights to float16 (BatchNorm's stay
+    float32), and paddle refuses to load a float16 tensor into a float32
+    parameter: eval, export and a resumed run (which loads before AMP casts
+    again) all build float32 networks. The values are the float16 ones the run
+    trained and evaluated with; the optimizer's float32 master copies of the
+    trained weights go to .pdopt, from which a resumed run continues."""
+    state = layer.state_dict()
+    half = (paddle.float16, paddle.bfloat16)
+    return {key: value.astype("float32") if value.dtype in half else value for key, value in state.items()}
 
 
 def load_state(prefix):

@@ -32,7 +32,11 @@ class GlobalConfig:
     pretrained_model: Optional[str] = None  # weights of a finished run (eval/export)
     save_inference_dir: str = "inference"
     resume: Optional[str] = None  # a run folder or checkpoint prefix
-    amp: bool = False  # automatic mixed precision (GPU only)
+    # GPU mixed precision: false; O1 (true means O1): float16 compute in
+    # white-listed ops (conv, matmul), float32 weights; O2: float16 weights
+    # too, with float32 master copies in the optimizer (BatchNorm stays float32)
+    amp: Union[bool, Literal["O1", "O2"]] = False
+    to_static: bool = False  # train the network as a static graph (paddle.jit.to_static)
     eval_interval: int = 1  # evaluate every N epochs
     early_stopping_patience: int = 0  # epochs without a better eval top-1; 0 = off
     log_interval: int = 10  # steps between progress-bar/VisualDL training points
@@ -49,6 +53,11 @@ class GlobalConfig:
         # device auto is checked once the device is known (train.py)
         _require(not (self.amp and self.device == "cpu"), f"{at}.amp",
                  "mixed precision needs a GPU, and Global.device is cpu")
+
+    @property
+    def amp_level(self):
+        """None (float32), "O1" or "O2": what paddle.Model.prepare takes."""
+        return "O1" if self.amp is True else self.amp or None
 
 
 @dataclass
@@ -189,13 +198,15 @@ class AugmentConfig:
 class LoaderConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     batch_size: int = 32
-    num_workers: int = 2
+    # Loader worker processes; auto: 2 on CPU (the model uses the cores), on
+    # GPU enough to keep it fed (data.loader_settings)
+    num_workers: Union[int, Literal["auto"]] = "auto"
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # used by Train only
     sampler: Literal["random", "balanced"] = "random"  # Train: balanced draws every class equally often
 
     def validate(self, at):
         _require(self.batch_size >= 1, f"{at}.batch_size", "must be >= 1")
-        _require(self.num_workers >= 0, f"{at}.num_workers", "must be >= 0")
+        _require(self.num_workers == "auto" or self.num_workers >= 0, f"{at}.num_workers", "must be >= 0 or auto")
 
 
 @dataclass
@@ -236,6 +247,17 @@ class Config:
     Optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     DataLoader: DataLoaderConfig = field(default_factory=DataLoaderConfig)
     Metric: MetricConfig = field(default_factory=MetricConfig)
+
+    def validate(self, at):
+        # A static graph is traced once: what Python decides per epoch or per
+        # step afterwards (which stages train, the gradient-reversal
+        # coefficient, feature hooks) would silently stay as traced.
+        _require(not (self.Global.to_static and self.Transfer.strategy == "gradual"), "Global.to_static",
+                 "cannot follow Transfer.strategy=gradual (stages unfrozen after the graph is traced would "
+                 "stay frozen); use partial or full, or Global.to_static=false")
+        _require(not (self.Global.to_static and self.Transfer.domain_adaptation != "none"), "Global.to_static",
+                 "is not supported with Transfer.domain_adaptation (its per-step coefficient would be traced as "
+                 "a constant); use Global.to_static=false")
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -324,6 +346,14 @@ def _join(at, name):
     return f"{at}.{name}" if at else name
 
 
+def _describe(hint):
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(map(repr, typing.get_args(hint)))
+    return hint.__name__
+
+
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -351,7 +381,7 @@ def _convert(hint, value, at):
                 return _convert(option, value, at)
             except ConfigError:
                 continue
-        expected = " or ".join("null" if o is type(None) else o.__name__ for o in options)
+        expected = " or ".join(_describe(option) for option in options)
         raise ConfigError(f"{at}: expected {expected}, got {type(value).__name__} {value!r}")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):

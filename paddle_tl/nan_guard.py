@@ -9,6 +9,9 @@ parameters, the optimizer state, BatchNorm running statistics and the
 running training metrics exactly as they were. What to do about such a batch
 (stop or skip: Global.nan_policy) is EpochRecorder's decision, told through
 `skipped_update`.
+
+It also carries what paddle_tl needs from hapi's AMP: evaluation under O2,
+and the loss scale (for L2-SP's gradient hook).
 """
 
 import copy
@@ -24,6 +27,27 @@ paddle = import_paddle()
 class GuardedModel(paddle.Model):
     # Why the last training batch made no update (None when it made one).
     skipped_update = None
+    amp_level = None  # Global.amp as prepared: None, "O1" or "O2"
+
+    def prepare(self, optimizer=None, loss=None, metrics=None, amp_configs=None):
+        self.amp_level = amp_configs
+        super().prepare(optimizer, loss, metrics, amp_configs=amp_configs)
+
+    def eval_batch(self, inputs, labels=None):
+        # O2 casts the weights to float16 (BatchNorm's stay float32), but
+        # hapi's evaluation runs the network outside auto_cast, where float32
+        # images meet float16 weights and the kernels refuse the mix; evaluate
+        # as training computes. O1 keeps float32 weights: it evaluates in
+        # float32, as PaddleClas does by default.
+        with paddle.amp.auto_cast(enable=self.amp_level == "O2", level="O2"):
+            return super().eval_batch(inputs, labels)
+
+    def loss_scale(self):
+        """The factor AMP multiplied the loss by before backward (a tensor),
+        or None without AMP. hapi creates its GradScaler at the first
+        training step; gradient hooks run after that."""
+        scaler = self._amp_scaler()
+        return scaler._scale if scaler is not None and scaler.is_enable() else None
 
     def train_batch(self, inputs, labels=None, update=True):
         if not update:  # gradient accumulation (not used here): no update to guard

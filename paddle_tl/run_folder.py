@@ -41,21 +41,25 @@ def prepare_output_dir(path, resuming):
 # keeps two moments per parameter), and a new latest written beside the old
 # one before it replaces it (3 more). Plus room for logs, metrics and the report.
 CHECKPOINT_COPIES = 7
+# Global.amp=O2: latest.pdopt also holds the optimizer's float32 master
+# weights, in the old and the new latest.
+MASTER_WEIGHT_COPIES = 2
 LOGS_BYTES = 16 << 20
 
 
-def require_free_space(run_dir, network):
+def require_free_space(run_dir, network, master_weights=False):
     """Refuse to start a run whose checkpoints would not fit on the output
     folder's file system (better now than after the first epoch)."""
     state_bytes = sum(math.prod(t.shape) * t.element_size() for t in network.state_dict().values())
+    copies = CHECKPOINT_COPIES + (MASTER_WEIGHT_COPIES if master_weights else 0)
     # A resumed run's checkpoints already hold part of that room.
     written = sum(path.stat().st_size for path in Path(run_dir).glob("*.pd*"))  # .pdparams, .pdopt
-    needed = CHECKPOINT_COPIES * state_bytes + LOGS_BYTES - written
+    needed = copies * state_bytes + LOGS_BYTES - written
     free = shutil.disk_usage(run_dir).free
     if free < needed:
         raise DiskFullError(
             f"Global.output_dir: {run_dir} has {_size(free)} free ({free:,} bytes); this run's checkpoints need "
-            f"about {_size(needed)} ({needed:,} bytes: {CHECKPOINT_COPIES} copies of the {_size(state_bytes)} "
+            f"about {_size(needed)} ({needed:,} bytes: {copies} copies of the {_size(state_bytes)} "
             f"model state, plus logs); free some space or choose another Global.output_dir")
     return needed
 

@@ -29,16 +29,21 @@ from paddle_tl.weights import load_pretrained
 from paddle_tl.zoo import build_model, get_spec
 
 paddle = import_paddle()
-# Global.amp: hapi's O1 runs white-listed ops (conv, matmul) in float16 with a
-# dynamic loss scale; O2 would also keep the weights in float16.
-AMP_LEVEL = "O1"
 
 
 def train(cfg):
     """Run a fine-tuning as configured; returns the metrics written to metrics.json."""
     g, loaders = cfg.Global, cfg.DataLoader
     device = select_device(g.device)
-    if g.amp and device != "gpu":
+    # hapi's O1 runs white-listed ops (conv, matmul) in float16 under a dynamic
+    # loss scale; O2 also casts the weights to float16 when the model is
+    # prepared, keeping float32 master copies in the optimizer (multi_precision)
+    # and BatchNorm in float32. What paddle_tl does around it for O2:
+    # checkpoints are saved as float32 (checkpoint.float32_state), evaluation
+    # runs under auto_cast (GuardedModel.eval_batch), and L2-SP's pull is
+    # scaled like the loss (transfer.add_l2sp).
+    amp = g.amp_level
+    if amp and device != "gpu":
         raise ConfigError("Global.amp: mixed precision needs Global.device=gpu")
     resume_prefix = resolve_resume(g.resume) if g.resume else None
     # Under `paddle.distributed.launch`: every process trains on its shard,
@@ -70,7 +75,7 @@ def train(cfg):
 
     network = build_model(spec.name, num_classes, **cfg.Arch.kwargs)
     if is_main:
-        require_free_space(run_dir, network)
+        require_free_space(run_dir, network, master_weights=amp == "O2")
     pretrained = cfg.Arch.pretrained is not False
     if pretrained:  # also when resuming: L2-SP and the similarity probe need the pretrained weights
         report = load_pretrained(network, cfg.Arch.pretrained, spec.head, imagenet_url=spec.imagenet_url,
@@ -85,8 +90,10 @@ def train(cfg):
     if plan.l2sp_alpha:
         if not pretrained:
             raise ConfigError("Transfer.l2sp_alpha: L2-SP pulls toward pretrained weights, but Arch.pretrained is false")
-        print(f"L2-SP: {add_l2sp(network, spec, plan.l2sp_alpha):,} body parameters pulled toward their "
-              f"pretrained values (alpha {plan.l2sp_alpha:g})")
+        # `model` is created below, before the first backward calls the hook.
+        anchored = add_l2sp(network, spec, plan.l2sp_alpha, loss_scale=lambda: model.loss_scale())
+        print(f"L2-SP: {anchored:,} body parameters pulled toward their pretrained values "
+              f"(alpha {plan.l2sp_alpha:g})")
 
     state = RunState(seed=g.seed, class_names=class_names, epochs=g.epochs)
     if resume_prefix is not None:
@@ -171,9 +178,16 @@ def train(cfg):
                   f"restarts over the {schedule_epochs} epochs left")
             state.epochs = g.epochs
 
+    if g.to_static:
+        # The network is traced into a static graph at its first step, with
+        # the stages frozen now and BatchNorm as set now (Global.to_static
+        # refuses gradual unfreezing, which would change them later). The
+        # converted layer is the same object with the same parameters, so
+        # checkpoints, `network` and export are unaffected.
+        fit_network = paddle.jit.to_static(fit_network, input_spec=[input_spec], full_graph=True)
     model = GuardedModel(fit_network, inputs=[input_spec],
                          labels=[paddle.static.InputSpec([None, 1], "int64", "label")])
-    model.prepare(optimizer, loss, metric, amp_configs=AMP_LEVEL if g.amp else None)
+    model.prepare(optimizer, loss, metric, amp_configs=amp)
 
     names = metric_names(topk)
     writers, step_loggers = [], []  # rank 0's: per epoch, and per training step
@@ -195,9 +209,10 @@ def train(cfg):
     except (MemoryError, RuntimeError) as exc:
         if not _out_of_memory(exc):
             raise
+        amp_hint = {None: ", turn on Global.amp (O1, or O2)", "O1": ", try Global.amp=O2"}.get(amp, "")
         raise OutOfMemoryError(
             f"out of {'GPU ' if device == 'gpu' else ''}memory at epoch {state.epochs_done + 1}: lower "
-            f"DataLoader.Train.batch_size (now {batch_size}){', turn on Global.amp' if device == 'gpu' else ''}"
+            f"DataLoader.Train.batch_size (now {batch_size}){amp_hint if device == 'gpu' else ''}"
             f", or lower Arch.input_size; resume with -o Global.resume={run_dir}") from exc
     train_seconds = time.time() - started
 
@@ -220,7 +235,9 @@ def train(cfg):
                                                        "pairs": duplicates[:DUPLICATES_RECORDED]}},
         "strategy": dict(plan.to_dict(), cached_features=not_cached is None,
                          cache_views=cfg.Transfer.cache_views if not_cached is None else 0),
-        **counts, "device": device, "history": state.history,
+        **counts, "device": device, "amp": amp, "to_static": g.to_static,
+        "num_workers": {"train": train_loader.num_workers, "eval": eval_loader.num_workers},
+        "history": state.history,
     }
     metrics["processes"] = world
     if not is_main:

@@ -185,19 +185,34 @@ def trainable_parameters(model, spec, plan):
     return params
 
 
-def add_l2sp(model, spec, alpha):
+def add_l2sp(model, spec, alpha, loss_scale=None):
     """L2-SP: pull every body weight toward its current (pretrained) value with
     the penalty alpha/2 * ||w - w0||^2, in place of weight decay toward zero.
     The penalty's gradient alpha * (w - w0) is added by a gradient hook, so the
-    training loop needs no change; the head keeps ordinary weight decay."""
+    training loop needs no change; the head keeps ordinary weight decay.
+
+    Under AMP the hook sees gradients of the loss times the loss scale, which
+    the optimizer step divides out again: `loss_scale()` (None without AMP)
+    scales the pull too, or it would shrink by that factor (65536 at first).
+    Under O2 the weights and gradients are float16; the pull is computed
+    against the float32 start and cast (an overflow there is skipped and
+    lowers the scale, like any other)."""
     statistics_ids = {id(p) for p in running_statistics(model)}
     no_decay = paddle.regularizer.L2Decay(0.0)
+
+    def pull(grad, param, start):
+        term = alpha * (param.detach().astype(start.dtype) - start)
+        scale = loss_scale() if loss_scale is not None else None
+        if scale is not None:
+            term = term * scale
+        return grad + term.astype(grad.dtype)
+
     anchored = 0
     for name, param in model.named_parameters():
         if id(param) in statistics_ids or match_prefix(name, spec.head):
             continue
         start = param.detach().clone()
-        param.register_hook(lambda grad, p=param, w0=start: grad + alpha * (p.detach() - w0))
+        param.register_hook(lambda grad, p=param, w0=start: pull(grad, p, w0))
         param.regularizer = no_decay
         anchored += int(param.size)
     return anchored

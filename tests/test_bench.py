@@ -18,6 +18,10 @@ HAS_GPU = paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_co
     pytest.param(["--device", "gpu"], "Global.device: gpu requested, but this paddle build or machine has no GPU",
                  marks=pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU")),
     (["--amp"], "--amp: mixed precision needs --device gpu"),
+    (["--amp", "O2", "--to_static"], "--amp: mixed precision needs --device gpu"),
+    pytest.param(["--device", "gpu", "--amp", "O2", "--to_static"],
+                 "Global.device: gpu requested, but this paddle build or machine has no GPU",
+                 marks=pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU")),
 ])
 def test_train_throughput_refuses_cleanly(args, message, tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "bench" / "train_throughput.py"), *args],

@@ -53,11 +53,40 @@ def test_wrong_types_and_impossible_values_are_refused(override, expected):
     assert expected in refused(override)
 
 
-def test_amp_is_refused_on_cpu_before_any_work():
-    message = refused("Global.device=cpu", "Global.amp=true")
+@pytest.mark.parametrize("level", ["true", "O1", "O2"])
+def test_amp_is_refused_on_cpu_before_any_work(level):
+    message = refused("Global.device=cpu", f"Global.amp={level}")
     assert message == "Global.amp: mixed precision needs a GPU, and Global.device is cpu"
     for device in ("gpu", "auto"):  # auto: refused at run time when no GPU turns up (test_train)
-        assert load_config(None, [*ROOTS, f"Global.device={device}", "Global.amp=true"]).Global.amp
+        assert load_config(None, [*ROOTS, f"Global.device={device}", f"Global.amp={level}"]).Global.amp
+
+
+@pytest.mark.parametrize("value, level", [("false", None), ("true", "O1"), ("O1", "O1"), ("O2", "O2")])
+def test_amp_level_true_means_o1(value, level):
+    assert load_config(None, [*ROOTS, "Global.device=gpu", f"Global.amp={value}"]).Global.amp_level == level
+
+
+@pytest.mark.parametrize("value", ["O3", "o2", "1"])
+def test_amp_level_must_be_o1_or_o2(value):
+    assert refused("Global.device=gpu", f"Global.amp={value}").startswith(
+        "Global.amp: expected bool or 'O1' or 'O2', got ")
+
+
+def test_num_workers_takes_a_count_or_auto():
+    loaders = load_config(None, [*ROOTS, "DataLoader.Train.num_workers=4"]).DataLoader
+    assert loaders.Train.num_workers == 4 and loaders.Eval.num_workers == "auto"  # auto is the default
+    assert refused("DataLoader.Train.num_workers=-1") == "DataLoader.Train.num_workers: must be >= 0 or auto"
+    assert refused("DataLoader.Eval.num_workers=many") == (
+        "DataLoader.Eval.num_workers: expected int or 'auto', got str 'many'")
+
+
+@pytest.mark.parametrize("override, problem", [
+    ("Transfer.strategy=gradual", "cannot follow Transfer.strategy=gradual"),
+    ("Transfer.domain_adaptation=mmd", "is not supported with Transfer.domain_adaptation"),
+])
+def test_to_static_refuses_what_changes_after_tracing(override, problem):
+    assert refused("Global.to_static=true", override).startswith(f"Global.to_static: {problem}")
+    assert not load_config(None, [*ROOTS, override]).Global.to_static  # fine without to_static
 
 
 def test_yaml_file_is_read_safely(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from paddle_tl.config import AugmentConfig, DatasetConfig
-from paddle_tl.data import DataError, build_dataset, load_rgb, make_loader
+from paddle_tl.data import DataError, build_dataset, load_rgb, loader_settings, make_loader
 from paddle_tl.transforms import Preprocess, TrainTransform, eval_transform
 
 PRE = Preprocess(32, 36, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
@@ -398,3 +398,41 @@ def test_decompression_bomb_is_skipped_not_decoded(tiny_image_folder, monkeypatc
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400 * 400 // 3)  # > 2x the limit: PIL refuses it
     dataset = build_dataset(_folder_cfg(root), "train", transform=None)
     assert [path for path, _ in dataset.skipped] == [str(root / "fox" / "huge.png")]
+
+
+# ---------------------------------------------------------------- loader settings
+
+GB = 1 << 30
+
+
+@pytest.mark.parametrize("device, cores, processes, workers", [
+    ("cpu", 2, 1, 2), ("cpu", 64, 1, 2),  # CPU: the model needs the cores; 2 as before "auto"
+    ("gpu", 16, 1, 8), ("gpu", 64, 1, 8),  # capped
+    ("gpu", 4, 1, 3),  # one core left to the training process
+    ("gpu", 1, 1, 1),  # but at least one worker
+    ("gpu", 16, 4, 3),  # 4 data-parallel processes share the 16 cores
+])
+def test_auto_workers_follow_the_device_and_the_cores(device, cores, processes, workers):
+    assert loader_settings("auto", device, cores, processes, shm_free=2 * GB) == {
+        "num_workers": workers, "use_shared_memory": True}
+
+
+@pytest.mark.parametrize("device", ["cpu", "gpu"])
+def test_a_worker_count_is_used_as_given(device):
+    assert loader_settings(5, device, cores=2)["num_workers"] == 5
+    assert loader_settings(0, device, cores=16, shm_free=2 * GB) == {"num_workers": 0, "use_shared_memory": False}
+
+
+def test_small_shared_memory_hands_batches_over_through_pipes():
+    assert not loader_settings("auto", "gpu", 16, shm_free=64 << 20)["use_shared_memory"]  # a container's 64 MB
+    assert loader_settings("auto", "gpu", 16, shm_free=2 * GB)["use_shared_memory"]
+
+
+def test_make_loader_resolves_auto_for_the_current_device(tiny_image_folder):
+    from paddle_tl.backend import import_paddle
+    if import_paddle().device.get_device() != "cpu":
+        pytest.skip("paddle runs on a GPU here")
+    dataset = build_dataset(folder_config(tiny_image_folder()), "train", eval_transform(PRE))
+    loader = make_loader(dataset, 4, shuffle=False, num_workers="auto")
+    assert loader.num_workers == 2
+    assert len(list(loader)) == 5  # 18 images in batches of 4

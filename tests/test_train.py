@@ -17,11 +17,12 @@ from PIL import Image
 
 from paddle_tl import callbacks
 from paddle_tl.backend import import_paddle
-from paddle_tl.checkpoint import load_state
+from paddle_tl.checkpoint import load_state, save_checkpoint
 from paddle_tl.config import ConfigError, load_config
 from paddle_tl.data import ClassificationDataset
 from paddle_tl.errors import UserError
 from paddle_tl.evaluate import evaluate
+from paddle_tl.export import export
 from paddle_tl.files import DiskFullError
 from paddle_tl.nan_guard import GuardedModel
 from paddle_tl.train import train
@@ -131,8 +132,8 @@ class Prepared(Exception):
     pass
 
 
-@pytest.mark.parametrize("amp", [True, False])
-def test_amp_setting_reaches_model_prepare_on_a_gpu(workspace, tmp_path, monkeypatch, amp):
+@pytest.mark.parametrize("amp, level", [("true", "O1"), ("O1", "O1"), ("O2", "O2"), ("false", None)])
+def test_amp_setting_reaches_model_prepare_on_a_gpu(workspace, tmp_path, monkeypatch, amp, level):
     """The GPU path without a GPU: select_device pretends to find one, and
     training stops where paddle.Model is prepared."""
     import paddle_tl.train as train_module
@@ -145,8 +146,54 @@ def test_amp_setting_reaches_model_prepare_on_a_gpu(workspace, tmp_path, monkeyp
     monkeypatch.setattr(train_module, "select_device", lambda requested: "gpu")
     monkeypatch.setattr(paddle.Model, "prepare", prepare)
     with pytest.raises(Prepared):
-        train(make_cfg(workspace, tmp_path / "run", "Transfer.strategy=partial", f"Global.amp={str(amp).lower()}"))
-    assert seen["amp_configs"] == ("O1" if amp else None)
+        train(make_cfg(workspace, tmp_path / "run", "Transfer.strategy=partial", f"Global.amp={amp}"))
+    assert seen["amp_configs"] == level
+
+
+@pytest.mark.parametrize("level", ["O2", None])
+def test_o2_evaluates_under_auto_cast(monkeypatch, level):
+    """hapi evaluates outside auto_cast, where O2's float16 weights would meet
+    float32 inputs; GuardedModel evaluates under O2's auto_cast (the float16
+    kernels themselves need a GPU)."""
+    entered = []
+    auto_cast = paddle.amp.auto_cast
+
+    def recording(enable=True, level="O1", **kwargs):
+        entered.append((enable, level))
+        return auto_cast(enable=False)
+
+    model = GuardedModel(paddle.nn.Linear(4, 3), inputs=[paddle.static.InputSpec([None, 4], "float32", "x")],
+                         labels=[paddle.static.InputSpec([None, 1], "int64", "label")])
+    model.prepare(paddle.optimizer.SGD(parameters=model.network.parameters()), paddle.nn.CrossEntropyLoss(),
+                  amp_configs=level)
+    monkeypatch.setattr(paddle.amp, "auto_cast", recording)
+    model.eval_batch([np.ones((2, 4), "float32")], [np.zeros((2, 1), "int64")])
+    assert entered == [(level == "O2", "O2")]
+
+
+def test_o2_checkpoints_hold_float32_that_eval_and_export_load(workspace, tmp_path):
+    """O2 casts the weights to float16 (paddle's own cast, as hapi's prepare
+    calls it; BatchNorm stays float32); the checkpoint is float32, loads into
+    the float32 network that eval and export build, and exports."""
+    from paddle.amp.auto_cast import amp_initialize
+    network = paddle.vision.models.mobilenet_v1(scale=0.25, num_classes=3)
+    network.set_state_dict({k: v for k, v in paddle.load(str(workspace["pretrained"])).items()
+                            if not k.startswith("fc.")})
+    amp_initialize([network], "float16", None)
+    half = {k: v.numpy() for k, v in network.state_dict().items()}
+    assert half["conv1.0.weight"].dtype == np.float16 and half["conv1.1._mean"].dtype == np.float32
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(run / "best_model", network, state={"class_names": sorted(CLASSES)})
+
+    saved = _weights(run / "best_model.pdparams")
+    assert {v.dtype for v in saved.values()} == {np.dtype("float32")}
+    for key, value in half.items():
+        assert np.array_equal(saved[key], value.astype(np.float32)), key
+    cfg = make_cfg(workspace, run, f"Global.pretrained_model={run / 'best_model'}",
+                   f"Global.save_inference_dir={tmp_path / 'inference'}")
+    export(cfg)  # loads best_model into a float32 network, exports, and checks parity
+    assert evaluate(cfg)["top1"] >= 0
 
 
 def test_amp_without_a_gpu_is_refused_before_training(workspace, tmp_path):
@@ -155,6 +202,44 @@ def test_amp_without_a_gpu_is_refused_before_training(workspace, tmp_path):
     with pytest.raises(ConfigError, match="Global.amp: mixed precision needs Global.device=gpu"):
         train(make_cfg(workspace, tmp_path / "run", "Global.amp=true"))  # Global.device=auto found only the CPU
     assert not (tmp_path / "run").exists()
+
+
+def test_to_static_trains_like_the_dynamic_graph_and_exports(workspace, tmp_path):
+    """Global.to_static on CPU: the static graph trains what the dynamic one
+    does (frozen stages and their BatchNorm statistics untouched), and its
+    checkpoint exports."""
+    common = ("Transfer.strategy=partial", "Transfer.freeze_stages=3", "Global.epochs=1")
+    assert not train(make_cfg(workspace, tmp_path / "dynamic", *common))["to_static"]
+    static, converted = tmp_path / "static", []
+    to_static = paddle.jit.to_static
+
+    def converting(layer, **kwargs):
+        converted.append(to_static(layer, **kwargs))
+        return converted[-1]
+
+    with pytest.MonkeyPatch.context() as patch:  # its own: the test's monkeypatch holds the private HOME
+        patch.setattr(paddle.jit, "to_static", converting)
+        assert train(make_cfg(workspace, static, *common, "Global.to_static=true"))["to_static"]
+    assert len(converted) == 1
+    assert len(converted[0].forward.program_cache) == 2  # traced for training and for evaluation, and used
+
+    spec = get_spec("mobilenet_v1")
+    before, dynamic, traced = (_weights(workspace["pretrained"]), _weights(tmp_path / "dynamic" / "latest.pdparams"),
+                               _weights(static / "latest.pdparams"))
+    moved = 0
+    for key, value in traced.items():
+        index = stage_index(spec, key)
+        if index is not None and index < 3:
+            assert np.array_equal(value, before[key]), f"frozen {key} changed"
+        elif key in before and value.shape == before[key].shape:
+            moved += not np.array_equal(value, before[key])
+        # measured here: bit-identical (the same CPU kernels)
+        np.testing.assert_allclose(value, dynamic[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    assert moved > 20
+
+    cfg = make_cfg(workspace, static, f"Global.pretrained_model={static / 'best_model'}",
+                   f"Global.save_inference_dir={tmp_path / 'inference'}")
+    export(cfg)  # with its parity check
 
 
 def test_linear_probe_on_cached_features_learns_and_matches_eval(workspace, tmp_path, shared_dir):
@@ -359,6 +444,14 @@ def test_too_little_free_space_is_refused_before_training(workspace, tmp_path, m
     assert not list(run.glob("*.pdparams")) and not (run / "vdl").exists()  # refused before any training
 
 
+def test_o2_room_counts_the_optimizers_master_weights(tmp_path):
+    from paddle_tl.run_folder import require_free_space
+    network = paddle.vision.models.mobilenet_v1(scale=0.25, num_classes=3)
+    state_bytes = sum(int(np.prod(t.shape)) * 4 for t in network.state_dict().values())  # all float32
+    extra = require_free_space(tmp_path, network, master_weights=True) - require_free_space(tmp_path, network)
+    assert extra == 2 * state_bytes  # in the old and the new latest.pdopt
+
+
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(workspace, tmp_path, monkeypatch):
     """ENOSPC while writing epoch 2's latest.pdopt (after its latest.pdparams
     was written): nothing is replaced, no temporary file is left, and the
@@ -507,6 +600,20 @@ def test_l2sp_holds_the_body_near_its_pretrained_weights(workspace, tmp_path):
     plain, strong = distance(tmp_path / "plain"), distance(tmp_path / "strong")
     assert distance(tmp_path / "zero") == plain  # alpha 0 is plain fine-tuning
     assert strong < 0.5 * plain, (strong, plain)  # measured: 0.35 of the plain drift
+
+
+def test_l2sp_pull_is_scaled_like_the_loss_under_amp():
+    """Under AMP the hook sees gradients of the scaled loss, which the
+    optimizer step divides by the scale again: the pull must be scaled too."""
+    from paddle_tl.transfer import add_l2sp
+    network = paddle.vision.models.mobilenet_v1(scale=0.25, num_classes=3)
+    scale = paddle.to_tensor([1024.0])
+    add_l2sp(network, get_spec("mobilenet_v1"), alpha=0.5, loss_scale=lambda: scale)
+    body = network.conv1[0].weight
+    body.set_value(body.numpy() + 1.0)  # displaced by 1 from the anchor
+    network.eval()
+    (network(paddle.randn([2, 3, 32, 32])).sum() * 0.0 * scale).backward()  # no loss gradient: only the pull
+    np.testing.assert_allclose(body.grad.numpy() / 1024.0, 0.5 * 1.0, rtol=1e-6)
 
 
 def test_l2sp_gradient_pulls_toward_the_start_exactly():
