@@ -51,6 +51,27 @@ def metric_names(topk):
     return {f"acc_top{k}": f"top{k}" for k in topk}
 
 
+class EvalSchedule:
+    """Which epochs are evaluated (Global.eval_interval): every interval-th
+    epoch of the run, counted from 1 as the history counts them, and always
+    the last one, so the final model is scored and can be the best.
+
+    hapi's fit evaluates after its local epoch e (from 0, restarting at a
+    resume) when `e % eval_freq == 0`, which with eval_freq=N scores epochs
+    1, N+1, 2N+1, ... and may skip the last. Passed as eval_freq, this object
+    answers that test itself (__rmod__: 0 means evaluate)."""
+
+    def __init__(self, interval, start_epoch, epochs):
+        self.interval, self.start_epoch, self.epochs = interval, start_epoch, epochs
+
+    def evaluates(self, local_epoch):
+        epoch = self.start_epoch + local_epoch + 1
+        return epoch % self.interval == 0 or epoch == self.epochs
+
+    def __rmod__(self, local_epoch):
+        return 0 if self.evaluates(local_epoch) else 1
+
+
 class NonFiniteError(UserError, FloatingPointError):
     """A NaN/Inf loss or gradient stopped the run (Global.nan_policy)."""
 

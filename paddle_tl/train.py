@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from paddle_tl.backend import import_paddle, select_device
-from paddle_tl.callbacks import (Checkpointer, EpochRecorder, RunState, SamplerEpoch, VisualDLLogger,
+from paddle_tl.callbacks import (Checkpointer, EpochRecorder, EvalSchedule, RunState, SamplerEpoch, VisualDLLogger,
                                  metric_names, seed_everything)
 from paddle_tl.checkpoint import load_state, load_weights, resolve_resume, restore_optimizer
 from paddle_tl.config import ConfigError
@@ -197,13 +197,14 @@ def train(cfg):
     schedule = DomainSchedule(domain, state, len(train_loader)) if domain else None
     if schedule:
         extra_callbacks.append(schedule)
-    recorder = EpochRecorder(state, names, lambda local_epoch: local_epoch % g.eval_interval == 0,
+    eval_schedule = EvalSchedule(g.eval_interval, state.start_epoch, g.epochs)
+    recorder = EpochRecorder(state, names, eval_schedule.evaluates,
                              g.early_stopping_patience, listeners=writers, nan_policy=g.nan_policy,
                              steps_per_epoch=len(train_loader),
                              extra_figures=schedule.epoch_figures if schedule else None)
 
     try:
-        model.fit(train_loader, eval_loader, epochs=g.epochs - state.start_epoch, eval_freq=g.eval_interval,
+        model.fit(train_loader, eval_loader, epochs=g.epochs - state.start_epoch, eval_freq=eval_schedule,
                   log_freq=g.log_interval, verbose=1 if sys.stdout.isatty() else 2,  # bar on a terminal
                   callbacks=[recorder, *step_loggers, *extra_callbacks])
     except (MemoryError, RuntimeError) as exc:
@@ -216,9 +217,7 @@ def train(cfg):
             f", or lower Arch.input_size; resume with -o Global.resume={run_dir}") from exc
     train_seconds = time.time() - started
 
-    final_top1 = state.history[-1].get("eval_top1")
-    if final_top1 is None:  # the last epoch fell between evaluations
-        final_top1 = float(model.evaluate(eval_loader, verbose=0)[next(iter(names))])
+    final_top1 = state.history[-1]["eval_top1"]  # the last epoch is always evaluated (EvalSchedule)
     metrics = {
         "best_top1": state.best_top1, "best_epoch": state.best_epoch, "final_top1": final_top1,
         "epochs_run": state.epochs_done, "train_seconds": round(train_seconds, 2),

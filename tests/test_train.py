@@ -303,6 +303,20 @@ def test_early_stopping_stops_when_eval_stalls(workspace, tmp_path):
     assert metrics["epochs_run"] == 2
 
 
+def test_eval_interval_counts_run_epochs_and_always_scores_the_last():
+    fresh = callbacks.EvalSchedule(2, start_epoch=0, epochs=5)
+    assert [local for local in range(5) if local % fresh == 0] == [1, 3, 4]  # epochs 2, 4 and the last, 5
+    resumed = callbacks.EvalSchedule(2, start_epoch=3, epochs=5)  # hapi's local epoch 0 is the run's epoch 4
+    assert [local for local in range(2) if local % resumed == 0] == [0, 1]
+
+
+def test_eval_interval_run_evaluates_the_final_model(workspace, tmp_path):
+    metrics = train(make_cfg(workspace, tmp_path / "run", "Global.epochs=3", "Global.eval_interval=2",
+                             "Transfer.strategy=linear_probe"))
+    assert [("eval_top1" in row) for row in metrics["history"]] == [False, True, True]
+    assert metrics["best_epoch"] in (2, 3)
+
+
 def test_nan_loss_stops_with_a_clear_message(workspace, tmp_path):
     # The first step (lr 1e30) makes the weights huge; the next batch's
     # gradients, or its loss, are no longer finite.
