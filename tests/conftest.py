@@ -17,7 +17,7 @@ def private_home(tmp_path_factory, monkeypatch):
     return home
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_dir():
     """../shared beside the checkout (weights and datasets); skips without it."""
     if not SHARED_DIR.is_dir():
