@@ -166,7 +166,6 @@ def test_dann_resume_restores_the_domain_classifier(domains, tmp_path, train_kil
             np.testing.assert_allclose(a[key].numpy(), b[key].numpy(), rtol=1e-5, atol=1e-6, err_msg=f"{name} {key}")
 
 
-
 @pytest.fixture(scope="module")
 def adaptation_scores(tmp_path_factory, shared_dir):
     """Target top-1 of the last epoch's model (choosing an epoch by target
@@ -176,6 +175,8 @@ def adaptation_scores(tmp_path_factory, shared_dir):
     folders = shift_folders(base)
     weights = shared_dir / "weights" / "mobilenet_v2_imagenet.pdparams"
     with pytest.MonkeyPatch.context() as patch:
+        # A module fixture runs before the per-test private HOME is set: paddle and VisualDL get their own here.
+        patch.setenv("HOME", str(tmp_path_factory.mktemp("home")))
         patch.setattr(train_module, "write_report", lambda run_dir: run_dir)  # the report is not under test
         return {method: train(load_config(None, shift_overrides(folders, base / method, method, weights, seed=0)))
                 ["final_top1"] for method in ("none", "mmd", "dann")}
