@@ -42,7 +42,7 @@ def step_speed(make_network, shape, steps, static=False):
     """Median images/s of training steps on a fixed batch of `shape` after
     one warm-up step, and the last loss."""
     import numpy as np
-    from paddle_tl.backend import import_paddle
+    from paddle_tl.runtime import import_paddle
     paddle = import_paddle()
     paddle.seed(0)
     network = make_network()
@@ -65,7 +65,7 @@ def step_speed(make_network, shape, steps, static=False):
 
 
 def vision_model(arch):
-    from paddle_tl.backend import import_paddle
+    from paddle_tl.runtime import import_paddle
     return lambda: getattr(import_paddle().vision.models, arch)(num_classes=2)
 
 
@@ -73,7 +73,7 @@ def inverted_residuals(data_format):
     """A stride-4 stem, four MobileNetV2 blocks (expand 1x1, depthwise 3x3,
     project 1x1, with BatchNorm and ReLU6) and a classifier, in either
     layout (paddle.vision's models are NCHW only)."""
-    from paddle_tl.backend import import_paddle
+    from paddle_tl.runtime import import_paddle
     nn = import_paddle().nn
 
     def conv_bn(cin, cout, kernel, groups=1, act=True, stride=1):
@@ -120,7 +120,7 @@ def large_copies(paths, folder):
 
 def decode_arms(paths, transform):
     """name -> run(): seconds per image of decode + training transform."""
-    from paddle_tl.data import load_rgb
+    from paddle_tl.data.datasets import load_rgb
 
     def timed(load):
         def run():
@@ -187,9 +187,9 @@ def main():
         return
 
     from paddle_tl.config import AugmentConfig
-    from paddle_tl.data import find_images
-    from paddle_tl.transforms import Preprocess, TrainTransform
-    from paddle_tl.zoo import get_spec
+    from paddle_tl.data.datasets import find_images
+    from paddle_tl.data.transforms import Preprocess, TrainTransform
+    from paddle_tl.models.zoo import get_spec
 
     started, load = time.time(), os.getloadavg()[0]
     rows, notes = [], []
@@ -244,7 +244,7 @@ def main():
                         args.repeats)
     rows.append(row(f"training step, 4 inverted-residual blocks, {args.input_size} px, batch {args.batch_size}",
                     layouts, *layouts, "img/s", higher_is_better=True))
-    from paddle_tl.backend import import_paddle
+    from paddle_tl.runtime import import_paddle
     paddle = import_paddle()
     notes.append(f"bfloat16 on this CPU: paddle.amp.is_bfloat16_supported('cpu') = "
                  f"{paddle.amp.is_bfloat16_supported('cpu')}; float16: {paddle.amp.is_float16_supported('cpu')}")

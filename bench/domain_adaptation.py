@@ -17,8 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from paddle_tl.config import load_config  # noqa: E402
-from paddle_tl.evaluate import evaluate  # noqa: E402
-from paddle_tl.train import train  # noqa: E402
+from paddle_tl.engine.evaluate import evaluate  # noqa: E402
+from paddle_tl.engine.train import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DIRECTIONS = ("mono_to_poly", "poly_to_mono")  # configs/elpv_<direction>.yaml

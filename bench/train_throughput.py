@@ -49,16 +49,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from paddle_tl.backend import import_paddle, select_device  # noqa: E402
-from paddle_tl.callbacks import seed_everything  # noqa: E402
-from paddle_tl.config import ConfigError, load_config  # noqa: E402
-from paddle_tl.data import build_dataset, find_images, make_loader  # noqa: E402
-from paddle_tl.optim import build_optimizer  # noqa: E402
-from paddle_tl.train import train  # noqa: E402
-from paddle_tl.transfer import plan_transfer, set_frozen_stages, trainable_parameters  # noqa: E402
-from paddle_tl.transforms import Preprocess, train_transform  # noqa: E402
-from paddle_tl.weights import load_pretrained  # noqa: E402
-from paddle_tl.zoo import build_model, get_spec, match_prefix  # noqa: E402
+from paddle_tl.runtime import import_paddle, select_device  # noqa: E402
+from paddle_tl.runtime import seed_everything  # noqa: E402
+from paddle_tl.config import load_config  # noqa: E402
+from paddle_tl.errors import ConfigError
+from paddle_tl.data.datasets import build_dataset, find_images  # noqa: E402
+from paddle_tl.data.loaders import make_loader
+from paddle_tl.engine.optim import build_optimizer  # noqa: E402
+from paddle_tl.engine.train import train  # noqa: E402
+from paddle_tl.transfer.freezing import set_frozen_stages, trainable_parameters  # noqa: E402
+from paddle_tl.transfer.plan import plan_transfer
+from paddle_tl.data.transforms import Preprocess, train_transform  # noqa: E402
+from paddle_tl.models.weights import load_pretrained  # noqa: E402
+from paddle_tl.models.zoo import build_model, get_spec, match_prefix  # noqa: E402
 
 paddle = import_paddle()
 REPO = Path(__file__).resolve().parents[1]

@@ -25,13 +25,13 @@ def _load(args):
 
 def run_train(argv):
     args = _config_parser("paddle-tl train", "Fine-tune a pretrained network.").parse_args(argv)
-    from paddle_tl.train import train
+    from paddle_tl.engine.train import train
     train(_load(args))
 
 
 def run_eval(argv):
     args = _config_parser("paddle-tl eval", "Evaluate Global.pretrained_model on the Eval split.").parse_args(argv)
-    from paddle_tl.evaluate import evaluate
+    from paddle_tl.engine.evaluate import evaluate
     result = evaluate(_load(args))
     print(json.dumps(result))
 
@@ -41,7 +41,7 @@ def run_export(argv):
     parser.add_argument("--onnx", action="store_true",
                         help="also write inference.onnx (paddle2onnx; needs the onnx extra) and check its parity")
     args = parser.parse_args(argv)
-    from paddle_tl.export import export
+    from paddle_tl.deploy.export import export
     export(_load(args), onnx=args.onnx)
 
 
@@ -49,19 +49,19 @@ def run_check_data(argv):
     parser = _config_parser("paddle-tl check-data", "Summarise and check the Train and Eval data.")
     parser.add_argument("--output", default="data_check", help="folder for data_check.json and the histogram")
     args = parser.parse_args(argv)
-    from paddle_tl.data_check import check_data, format_table
+    from paddle_tl.data.check import check_data, format_table
     report = check_data(_load(args), args.output)
     print(format_table(report))
     print(f"report: {args.output}/data_check.json, {args.output}/class_histogram.png")
 
 
 def run_report(argv):
-    from paddle_tl.report import report_command
+    from paddle_tl.engine.report import report_command
     report_command(argv)
 
 
 def run_infer(argv):
-    from paddle_tl.inference import main as infer_main
+    from paddle_tl.predict.predictor import main as infer_main
     infer_main(argv)
 
 

@@ -16,11 +16,7 @@ from typing import Literal, Optional, Union
 
 import yaml
 
-from paddle_tl.errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A config that cannot be run; the message names the offending key."""
+from paddle_tl.errors import ConfigError
 
 
 @dataclass

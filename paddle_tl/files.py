@@ -8,11 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from paddle_tl.errors import UserError
-
-
-class DiskFullError(UserError, OSError):
-    """No room on the device for the run's files; the message names the file or folder."""
+from paddle_tl.errors import DiskFullError
 
 
 def file_digest(path, algorithm="sha256"):

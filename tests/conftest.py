@@ -73,8 +73,8 @@ class Killed(Exception):
 def train_killed_after():
     """train_killed_after(cfg, epoch): train `cfg`, dying right after the
     checkpoint of `epoch` is written (a resume then continues from it)."""
-    from paddle_tl import callbacks
-    from paddle_tl.train import train
+    from paddle_tl.engine import callbacks
+    from paddle_tl.engine.train import train
 
     def run(cfg, epoch):
         save = callbacks.Checkpointer.on_record

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from paddle_tl.backend import import_paddle
+from paddle_tl.runtime import import_paddle
 
 paddle = import_paddle()
 REPO = Path(__file__).resolve().parents[1]

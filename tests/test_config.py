@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from paddle_tl.config import ConfigError, load_config
+from paddle_tl.config import load_config
+from paddle_tl.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 ROOTS = ["DataLoader.Train.dataset.root=/data/train", "DataLoader.Eval.dataset.root=/data/val"]

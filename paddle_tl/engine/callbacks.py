@@ -1,0 +1,240 @@
+"""Training features as `paddle.Model` callbacks: epoch records, early
+stopping, the NaN policy (with nan_guard.GuardedModel), VisualDL and
+checkpoints. The loop stays hapi's own.
+
+hapi numbers epochs from 0 in every `fit` call; a resumed run starts `fit`
+part-way, so the callbacks add `RunState.start_epoch` to get the run's epoch.
+"""
+
+from dataclasses import asdict, dataclass, field
+from time import perf_counter
+
+from paddle_tl.engine.checkpoint import save_checkpoint
+from paddle_tl.errors import NonFiniteError
+from paddle_tl.runtime import import_paddle, seed_everything
+
+paddle = import_paddle()
+Callback = paddle.callbacks.Callback
+
+
+@dataclass
+class RunState:
+    """What the callbacks share and what a checkpoint records to resume."""
+    seed: int
+    class_names: list
+    epochs: int  # Global.epochs the learning-rate schedule was built for
+    frozen_stages: int = -1  # bottom stages frozen in the current epoch
+    start_epoch: int = 0
+    epochs_done: int = 0
+    best_top1: float = -1.0
+    best_epoch: int = -1
+    epochs_without_improvement: int = 0
+    history: list = field(default_factory=list)  # one dict per finished epoch
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def metric_names(topk):
+    """hapi's Accuracy names its results acc (one k) or acc_topK; ours are topK."""
+    if len(topk) == 1:
+        return {"acc": f"top{topk[0]}"}
+    return {f"acc_top{k}": f"top{k}" for k in topk}
+
+
+class EvalSchedule:
+    """Which epochs are evaluated (Global.eval_interval): every interval-th
+    epoch of the run, counted from 1 as the history counts them, and always
+    the last one, so the final model is scored and can be the best.
+
+    hapi's fit evaluates after its local epoch e (from 0, restarting at a
+    resume) when `e % eval_freq == 0`, which with eval_freq=N scores epochs
+    1, N+1, 2N+1, ... and may skip the last. Passed as eval_freq, this object
+    answers that test itself (__rmod__: 0 means evaluate)."""
+
+    def __init__(self, interval, start_epoch, epochs):
+        self.interval, self.start_epoch, self.epochs = interval, start_epoch, epochs
+
+    def evaluates(self, local_epoch):
+        epoch = self.start_epoch + local_epoch + 1
+        return epoch % self.interval == 0 or epoch == self.epochs
+
+    def __rmod__(self, local_epoch):
+        return 0 if self.evaluates(local_epoch) else 1
+
+
+class EpochRecorder(Callback):
+    """Averages the training loss over the epoch and the eval loss over the eval
+    set (hapi's own logs hold only the last batch's loss), and records one
+    history row per epoch. Seeds each epoch from (seed, epoch) so a resumed
+    run draws the same shuffles and augmentations as an uninterrupted one.
+
+    Training throughput: `train_seconds` runs from the epoch's start to the
+    end of its last training step (data loading included, evaluation and
+    checkpoints not: hapi evaluates after on_epoch_end), and
+    `train_images_per_second` divides the images trained on (skipped batches
+    not counted) by it. hapi's batch_size already counts every data-parallel
+    process's images, and a domain-adaptation batch's target images.
+
+    Non-finite batches (GuardedModel made no update from them): with
+    Global.nan_policy=stop the run stops at the first; with skip they are
+    counted per epoch (`skipped_batches`, left out of the loss average) and
+    the run stops once an epoch's worth of batches in a row was skipped (the
+    weights no longer change, so nothing is learning)."""
+
+    def __init__(self, state, names, evaluates, patience, listeners, nan_policy, steps_per_epoch,
+                 extra_figures=None):
+        super().__init__()
+        self.state, self.names, self.evaluates, self.patience = state, names, evaluates, patience
+        self.listeners = listeners  # objects with on_record(row, improved), told in order
+        self.nan_policy, self.steps_per_epoch = nan_policy, steps_per_epoch
+        self._skipped_in_a_row = 0  # across epochs: consecutive batches that made no update
+        self.extra_figures = extra_figures  # () -> dict of more training columns for the epoch's row
+
+    def _epoch(self, local_epoch):
+        return self.state.start_epoch + local_epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        seed_everything(self.state.seed + self._epoch(epoch))
+        self.row = {"epoch": self._epoch(epoch) + 1, "lr": float(self.model._optimizer.get_lr())}
+        self._sums = [0.0, 0]
+        self.row["skipped_batches"], self._first_skip = 0, None
+        self._started = perf_counter()  # last: seeding and get_lr are not training
+
+    def on_train_batch_end(self, step, logs=None):
+        reason = self.model.skipped_update
+        if reason is not None:
+            self._skipped(step, reason)
+            return
+        self._skipped_in_a_row = 0
+        self._sums[0] += float(sum(logs["loss"])) * logs["batch_size"]  # a loss may come in parts
+        self._sums[1] += logs["batch_size"]
+
+    def _skipped(self, step, reason):
+        where = f"{reason} at epoch {self.row['epoch']}, step {step + 1}"
+        advice = ("the run stopped and its last checkpoint (latest.pdparams) is intact. Try a smaller "
+                  "Optimizer.lr.learning_rate or add warm-up")
+        if self.nan_policy == "stop":
+            raise NonFiniteError(f"{where}; {advice}, or Global.nan_policy=skip to skip such batches.")
+        self.row["skipped_batches"] += 1
+        self._first_skip = self._first_skip or where
+        self._skipped_in_a_row += 1
+        if self._skipped_in_a_row >= self.steps_per_epoch:
+            raise NonFiniteError(f"{where}: {self._skipped_in_a_row} batches in a row (an epoch's worth) made "
+                                 f"no update (Global.nan_policy=skip), so nothing is learning; {advice}.")
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = perf_counter() - self._started
+        self.row["train_seconds"] = round(seconds, 3)
+        self.row["train_images_per_second"] = round(self._sums[1] / seconds, 2)
+        if self.row["skipped_batches"]:
+            print(f"epoch {self.row['epoch']}: skipped {self.row['skipped_batches']} of {self.steps_per_epoch} "
+                  f"batches, which made no update (Global.nan_policy=skip); first: {self._first_skip}")
+        self.row["frozen_stages"] = self.state.frozen_stages
+        self.row["train_loss"] = self._sums[0] / max(1, self._sums[1])
+        self.row.update({f"train_{ours}": float(logs[theirs]) for theirs, ours in self.names.items()})
+        if self.extra_figures is not None:
+            self.row.update(self.extra_figures())
+        if not self.evaluates(epoch):
+            self._finish()
+
+    def on_eval_begin(self, logs=None):
+        self._eval_sums = [0.0, 0]
+
+    def on_eval_batch_end(self, step, logs=None):
+        self._eval_sums[0] += float(sum(logs["loss"])) * logs["batch_size"]
+        self._eval_sums[1] += logs["batch_size"]
+
+    def on_eval_end(self, logs=None):
+        self.row["eval_loss"] = self._eval_sums[0] / max(1, self._eval_sums[1])
+        self.row.update({f"eval_{ours}": float(logs[theirs]) for theirs, ours in self.names.items()})
+        self._finish()
+
+    def _finish(self):
+        """Book the epoch: best score, history, early stopping. This runs on
+        every rank of a data-parallel run (eval metrics are gathered across
+        ranks), so all ranks stop together; listeners may be rank 0's only."""
+        row, state = self.row, self.state
+        improved = "eval_top1" in row and row["eval_top1"] > state.best_top1
+        if improved:
+            state.best_top1, state.best_epoch = row["eval_top1"], row["epoch"]
+            state.epochs_without_improvement = 0
+        elif "eval_top1" in row:
+            state.epochs_without_improvement += 1
+        state.history.append(row)
+        state.epochs_done = row["epoch"]
+        for listener in self.listeners:
+            listener.on_record(row, improved)
+        if self.patience and state.epochs_without_improvement >= self.patience:
+            print(f"early stopping: no better eval top-1 for {self.patience} epochs "
+                  f"(best {state.best_top1:.4f} at epoch {state.best_epoch})")
+            self.model.stop_training = True
+
+
+class VisualDLLogger(Callback):
+    """Into RUN/vdl: per epoch `train/*` and `eval/*` (loss, topK, lr), and
+    every `log_interval` steps `train_step/*` (the batch's loss, the running
+    accuracy, the learning rate)."""
+
+    def __init__(self, logdir, state, names, log_interval, steps_per_epoch):
+        super().__init__()
+        from visualdl import LogWriter
+        self.writer = LogWriter(logdir=str(logdir))
+        self.state, self.names = state, names
+        self.log_interval, self.steps_per_epoch = log_interval, steps_per_epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = self.state.start_epoch + epoch
+
+    def on_train_batch_end(self, step, logs=None):
+        if (step + 1) % self.log_interval:
+            return
+        global_step = self._epoch * self.steps_per_epoch + step + 1
+        self.writer.add_scalar("train_step/loss", float(sum(logs["loss"])), global_step)
+        self.writer.add_scalar("train_step/lr", float(self.model._optimizer.get_lr()), global_step)
+        for theirs, ours in self.names.items():
+            self.writer.add_scalar(f"train_step/{ours}", float(logs[theirs]), global_step)
+
+    def on_record(self, row, improved):
+        for key, value in row.items():
+            if key in ("lr", "frozen_stages", "skipped_batches"):
+                self.writer.add_scalar(f"train/{key}", value, row["epoch"])
+            elif key != "epoch":
+                split, _, name = key.partition("_")  # "eval_top1" -> eval/top1
+                self.writer.add_scalar(f"{split}/{name}", value, row["epoch"])
+        self.writer.flush()
+
+    def on_train_end(self, logs=None):
+        self.writer.close()
+
+
+class Checkpointer:
+    """After each epoch (and its evaluation): `latest` always, `best_model`
+    when eval top-1 improved."""
+
+    def __init__(self, run_dir, network, optimizer, state, extra_layers=None):
+        # The whole network, which is more than the model being fit when only
+        # the head trains on cached features. Layers trained only to train it
+        # (a domain classifier) go to `latest`, for resuming.
+        self.run_dir, self.network, self.optimizer, self.state = run_dir, network, optimizer, state
+        self.extra_layers = extra_layers
+
+    def on_record(self, row, improved):
+        if improved:
+            save_checkpoint(self.run_dir / "best_model", self.network, state=self.state.to_dict())
+        save_checkpoint(self.run_dir / "latest", self.network, self.optimizer, self.state.to_dict(),
+                        self.extra_layers)
+
+
+class SamplerEpoch(Callback):
+    """The batch samplers that draw from the number given to set_epoch
+    (DistributedBatchSampler, BalancedBatchSampler): hapi never advances it;
+    give them (seed + epoch), like every other draw, so that every process
+    of a data-parallel run, and a resumed run, draws the same."""
+
+    def __init__(self, batch_sampler, state):
+        super().__init__()
+        self.batch_sampler, self.state = batch_sampler, state
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.batch_sampler.set_epoch(self.state.seed + self.state.start_epoch + epoch)

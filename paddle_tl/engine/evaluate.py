@@ -1,0 +1,53 @@
+"""Evaluation of a fine-tuned model on the Eval split: top-k, loss and
+per-class accuracy."""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from paddle_tl.data.datasets import build_dataset
+from paddle_tl.data.loaders import make_loader
+from paddle_tl.data.transforms import eval_transform
+from paddle_tl.engine.run_folder import trained_model
+from paddle_tl.metrics import classification_metrics
+from paddle_tl.runtime import import_paddle, select_device
+
+paddle = import_paddle()
+
+
+def predict(network, loader):
+    """Logits and labels of every sample the loader yields, in order."""
+    network.eval()
+    logits, labels = [], []
+    with paddle.no_grad():
+        for images, targets in loader:
+            logits.append(network(images).numpy())
+            labels.append(targets.numpy().reshape(-1))
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+@dataclass
+class EvalSplit:
+    device: str
+    network: object  # the fine-tuned network, in eval mode
+    input_size: int
+    dataset: object
+    loader: object  # in the dataset's order
+    class_names: list
+
+
+def eval_split(cfg):
+    """Global.pretrained_model and an ordered loader over the Eval split,
+    with the preprocessing of its architecture."""
+    device = select_device(cfg.Global.device)
+    network, _spec, pre, class_names = trained_model(cfg)
+    loader_cfg = cfg.DataLoader.Eval
+    dataset = build_dataset(loader_cfg.dataset, "eval", eval_transform(pre), class_names=class_names)
+    loader = make_loader(dataset, loader_cfg.batch_size, shuffle=False, num_workers=loader_cfg.num_workers)
+    return EvalSplit(device, network, pre.input_size, dataset, loader, class_names)
+
+
+def evaluate(cfg):
+    split = eval_split(cfg)
+    logits, labels = predict(split.network, split.loader)
+    return classification_metrics(logits, labels, split.class_names, cfg.Metric.topk)

@@ -1,0 +1,292 @@
+"""`paddle-tl report RUN`: what a finished run learnt, as pictures and one
+HTML page in RUN/report/ — training curves, the confusion matrix, per-class
+precision/recall/F1 and the Eval images the best model gets most confidently
+wrong."""
+
+import argparse
+import csv
+import html
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from paddle_tl.config import load_config
+from paddle_tl.data.datasets import load_rgb
+from paddle_tl.engine.evaluate import eval_split, predict
+from paddle_tl.errors import ConfigError
+from paddle_tl.metrics import classification_metrics
+from paddle_tl.models.static import temporary_static_model
+from paddle_tl.predict.predictor import softmax
+
+REPORT_DIR = "report"
+MAX_ERRORS = 16
+ERROR_TILE_PIXELS = 320
+# Beyond this many classes, numbers in the confusion matrix's cells are unreadable.
+ANNOTATE_MAX_CLASSES = 15
+
+
+def write_report(run_dir):
+    """Write RUN/report/ (curves.png, confusion_matrix.png, per_class.csv,
+    errors.png, index.html) for a finished run; returns index.html's path."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.json").is_file():
+        raise ConfigError(f"{run_dir} has no metrics.json: not the folder of a finished training run")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    config_file = run_dir / "config.yaml"
+    cfg = load_config(config_file, ["Global.pretrained_model=" + str(run_dir / "best_model")])
+    started = time.perf_counter()
+    paths, labels, logits, class_names = predict_eval(cfg)
+    predict_seconds = time.perf_counter() - started
+    scores = classification_metrics(logits, labels, class_names, cfg.Metric.topk)
+    probabilities = softmax(logits)
+    # Outputs beyond the named classes (Arch.num_classes above the data's) keep their index as name.
+    output_names = list(class_names) + [str(i) for i in range(len(class_names), logits.shape[1])]
+
+    out_dir = run_dir / REPORT_DIR
+    out_dir.mkdir(exist_ok=True)
+    plot_curves(metrics["history"], out_dir / "curves.png")
+    plot_confusion(np.array(scores["confusion_matrix"]), class_names, out_dir / "confusion_matrix.png")
+    rows = per_class_rows(scores, class_names)
+    write_per_class_csv(rows, out_dir / "per_class.csv")
+    errors = most_confident_errors(probabilities, labels, MAX_ERRORS)
+    plot_errors([(paths[i], output_names[labels[i]], output_names[probabilities[i].argmax()],
+                  probabilities[i].max()) for i in errors], out_dir / "errors.png")
+    wrong = int((probabilities.argmax(axis=1) != labels).sum())
+    page = render_html(run_dir, metrics, scores, rows, config_file.read_text(), wrong, predict_seconds)
+    index = out_dir / "index.html"
+    index.write_text(page, encoding="utf-8")
+    return index
+
+
+def predict_eval(cfg):
+    """(paths, labels, logits, class_names) of the Eval split under
+    Global.pretrained_model, in the dataset's order. On CPU through a static
+    export run by Paddle Inference with oneDNN (several times faster than the
+    dynamic graph), on GPU with the dynamic graph."""
+    split = eval_split(cfg)
+    if split.device == "gpu":
+        logits, labels = predict(split.network, split.loader)
+    else:
+        with temporary_static_model(split.network, split.input_size, cfg.DataLoader.Eval.batch_size) as model:
+            batches = [(model.run(images.numpy()), targets.numpy().reshape(-1)) for images, targets in split.loader]
+        logits, labels = (np.concatenate(parts) for parts in zip(*batches))
+    paths = [path for path, _ in split.dataset.samples]
+    return paths, labels, logits, split.class_names
+
+
+def most_confident_errors(probabilities, labels, k=MAX_ERRORS):
+    """Indices of at most k wrong top-1 predictions, the most confident
+    (highest predicted probability) first; ties keep the dataset's order."""
+    predicted = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != labels)
+    confidence = probabilities[wrong, predicted[wrong]]
+    return wrong[np.argsort(-confidence, kind="stable")][:k]
+
+
+def per_class_rows(scores, class_names):
+    """(class, precision, recall, f1, support) per class, as
+    classification_metrics computed them (recall and f1 are None for a class
+    absent from the split)."""
+    return [(name, c["precision"], c["accuracy"], c["f1"], c["support"])
+            for name, c in ((name, scores["per_class"][name]) for name in class_names)]
+
+
+def write_per_class_csv(rows, path):
+    with open(path, "w", newline="", encoding="utf-8") as file:
+        table = csv.writer(file)
+        table.writerow(["class", "precision", "recall", "f1", "support"])
+        for name, *numbers, support in rows:
+            table.writerow([name, *("" if value is None else f"{value:.6f}" for value in numbers), support])
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_curves(history, path):
+    """Loss and top-1 (train and eval) and the learning rate per epoch, with a
+    dashed line wherever gradual unfreezing changed the frozen stages."""
+    plt = _pyplot()
+    epochs = [row["epoch"] for row in history]
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, (title, keys) in zip(axes, (("loss", ("train_loss", "eval_loss")),
+                                        ("top-1", ("train_top1", "eval_top1")),
+                                        ("learning rate", ("lr",)))):
+        for key in keys:
+            # Eval keys are missing on epochs between evaluations (Global.eval_interval).
+            points = [(row["epoch"], row[key]) for row in history if row.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, label=key)
+        for epoch, frozen in _unfreezing_points(history):
+            ax.axvline(epoch - 0.5, color="grey", linestyle="--", linewidth=1)
+            if ax is axes[0]:
+                ax.annotate(f"{frozen} frozen", (epoch - 0.5, 1), xycoords=("data", "axes fraction"),
+                            xytext=(3, -12), textcoords="offset points", fontsize=8, color="grey")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        if epochs:
+            ax.set_xlim(min(epochs) - 0.7, max(epochs) + 0.7)
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _unfreezing_points(history):
+    """(epoch, frozen stages from then on) wherever frozen_stages changed."""
+    return [(row["epoch"], row["frozen_stages"]) for previous, row in zip(history, history[1:])
+            if row.get("frozen_stages") != previous.get("frozen_stages")]
+
+
+def plot_confusion(confusion, class_names, path):
+    """Row-normalised confusion matrix (each row: where that class's images
+    went); the raw counts are written in the cells when there are few classes."""
+    plt = _pyplot()
+    totals = confusion.sum(axis=1, keepdims=True)
+    normalised = confusion / np.maximum(totals, 1)
+    size = max(4.5, 0.45 * len(class_names) + 2.5)
+    figure, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    positions = range(len(class_names))
+    # parse_math=False: class names are user data, and "$" would start mathtext.
+    ax.set_xticks(list(positions), class_names, rotation=45, ha="right", parse_math=False)
+    ax.set_yticks(list(positions), class_names, parse_math=False)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if len(class_names) <= ANNOTATE_MAX_CLASSES:
+        for (row, column), count in np.ndenumerate(confusion):
+            ax.text(column, row, str(count), ha="center", va="center", fontsize=9,
+                    color="white" if normalised[row, column] > 0.5 else "black")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_errors(errors, path):
+    """A grid of (path, true name, predicted name, probability), as decoded
+    from disk (before resizing and cropping); a short note when there are none."""
+    plt = _pyplot()
+    if not errors:
+        figure, ax = plt.subplots(figsize=(5, 1.2))
+        ax.text(0.5, 0.5, "no wrong predictions on the Eval split", ha="center", va="center")
+        ax.axis("off")
+    else:
+        columns = min(4, len(errors))
+        rows = -(-len(errors) // columns)
+        figure, grid = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows), squeeze=False)
+        for ax in grid.flat:
+            ax.axis("off")
+        for ax, (image_path, true, predicted, probability) in zip(grid.flat, errors):
+            image = load_rgb(image_path)
+            image.thumbnail((ERROR_TILE_PIXELS, ERROR_TILE_PIXELS))  # a tile is ~300 px; full size only bloats the PNG
+            ax.imshow(image)
+            ax.set_title(f"true: {true} / pred: {predicted} (p={probability:.2f})", fontsize=9, parse_math=False)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+PAGE_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 1.5em auto; padding: 0 1em; color: #222; }
+h1 { font-size: 1.5em; margin-bottom: 0.2em; }
+h2 { font-size: 1.15em; margin-top: 1.6em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
+table { border-collapse: collapse; margin: 0.5em 0; }
+th, td { padding: 0.25em 0.8em; border-bottom: 1px solid #eee; text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.cards { display: flex; flex-wrap: wrap; gap: 0.8em; }
+.card { border: 1px solid #ddd; border-radius: 6px; padding: 0.5em 1em; min-width: 9em; }
+.card b { display: block; font-size: 1.4em; }
+.muted { color: #666; font-size: 0.9em; }
+img { max-width: 100%; height: auto; border: 1px solid #eee; }
+.row { display: flex; flex-wrap: wrap; gap: 0 3em; align-items: flex-start; }
+.row > div { flex: 1 1 22em; min-width: 0; }
+.reason { max-width: 40em; }
+pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
+"""
+
+
+def _number(value, digits=4):
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _table(rows, header=None, numeric=()):
+    """An HTML table of already-formatted cells; every cell is escaped here."""
+    head = "<tr>" + "".join(f"<th>{html.escape(str(cell))}</th>" for cell in header) + "</tr>" if header else ""
+    body = "".join("<tr>" + "".join(f'<td{" class=num" if i in numeric else ""}>{html.escape(str(cell))}</td>'
+                                    for i, cell in enumerate(row)) + "</tr>" for row in rows)
+    return f"<table>{head}{body}</table>"
+
+
+def render_html(run_dir, metrics, scores, rows, config_text, wrong, predict_seconds):
+    """The report page: self-contained (inline CSS, no scripts, images by
+    relative link), every value from the run escaped, since class names,
+    paths and config values are user data."""
+    escape = html.escape
+    cards = [("best top-1", f"{_number(metrics.get('best_top1'))} (epoch {metrics.get('best_epoch', '?')})"),
+             ("final top-1", _number(metrics.get("final_top1"))),
+             ("best model top-1", _number(scores.get("top1"))),
+             ("balanced accuracy", _number(scores["balanced_accuracy"])),
+             ("macro F1", _number(scores["macro_f1"]))]
+    topk = [(key, _number(value)) for key, value in scores.items() if key.startswith("top") and key != "top1"]
+    strategy = metrics.get("strategy") or {}
+    epochs = metrics.get("epochs_run") or 0
+    seconds = metrics.get("train_seconds")
+    timings = [("training", f"{seconds:.1f} s" if seconds is not None else "–"),
+               ("epochs", epochs),
+               ("per epoch", f"{seconds / epochs:.1f} s" if seconds is not None and epochs else "–"),
+               ("device", metrics.get("device", "–")),
+               ("report's Eval prediction", f"{predict_seconds:.1f} s for {scores['num_images']} images")]
+    per_class = [(name, _number(precision), _number(recall), _number(f1), support)
+                 for name, precision, recall, f1, support in rows]
+    sections = [
+        f"<h1>Run report: {escape(str(run_dir))}</h1>",
+        f"<p class=muted>{escape(str(len(metrics.get('class_names', []))))} classes, "
+        f"{escape(str(metrics.get('train_images', '?')))} training and {scores['num_images']} Eval images. "
+        "“best model top-1” and the per-class figures are recomputed here from best_model on the Eval split.</p>",
+        '<div class=cards>' + "".join(f"<div class=card>{escape(name)}<b>{escape(value)}</b></div>"
+                                      for name, value in cards) + "</div>",
+        _table(topk + [("Eval loss", _number(scores["loss"]))], numeric={1}) if topk else "",
+        # Side by side where the window allows: these sections are narrow and would leave half the page empty.
+        '<div class=row><div>',
+        "<h2>Transfer strategy</h2>",
+        f"<p><b>{escape(str(strategy.get('strategy', '–')))}</b> "
+        f"<span class=muted>(requested: {escape(str(strategy.get('requested', '–')))})</span></p>",
+        f"<p class=reason>{escape(str(strategy.get('reason', '')))}</p>",
+        _table(sorted((strategy.get("figures") or {}).items()), header=("figure", "value"), numeric={1}),
+        "</div><div>",
+        "<h2>Timings</h2>",
+        _table(timings),
+        "</div></div>",
+        "<h2>Training curves</h2>",
+        '<a href="curves.png"><img src="curves.png" alt="loss, top-1 and learning rate per epoch"></a>',
+        "<h2>Per class</h2>",
+        '<div class=row><div>',
+        _table(per_class, header=("class", "precision", "recall", "F1", "support"), numeric={1, 2, 3, 4}),
+        '<a href="per_class.csv">per_class.csv</a>',
+        '</div><div><a href="confusion_matrix.png"><img src="confusion_matrix.png" alt="confusion matrix">'
+        "</a></div></div>",
+        f"<h2>Most confident errors ({min(wrong, MAX_ERRORS)} of {wrong} wrong)</h2>",
+        '<a href="errors.png"><img src="errors.png" alt="most confidently wrong Eval images"></a>',
+        "<h2>Config</h2>",
+        f"<pre>{escape(config_text)}</pre>",
+    ]
+    body = "\n".join(section for section in sections if section)
+    return (f"<!DOCTYPE html>\n<html lang=en>\n<head>\n<meta charset=utf-8>\n"
+            f"<title>{escape(Path(run_dir).name)} report</title>\n<style>{PAGE_STYLE}</style>\n</head>\n"
+            f"<body>\n{body}\n</body>\n</html>\n")
+
+
+def report_command(argv=None):
+    parser = argparse.ArgumentParser(prog="paddle-tl report",
+                                     description="Write RUN/report/: curves, confusion matrix, per-class table, "
+                                                 "most confident errors and index.html.")
+    parser.add_argument("run", metavar="RUN", help="a finished run folder (Global.output_dir)")
+    args = parser.parse_args(argv)
+    print(write_report(args.run))

@@ -1,0 +1,119 @@
+"""A network in inference form: saved as a static program (paddle.jit.save)
+and run by Paddle Inference. Export writes one for deployment; the feature
+cache and the report run one, because on CPU it is several times faster than
+the dynamic graph for the same numbers."""
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from paddle_tl.errors import ConfigError, ExportError
+from paddle_tl.runtime import import_paddle
+
+paddle = import_paddle()
+
+PREFIX = "inference"
+# paddle.jit.save writes a PIR program (.json, Paddle 3 default) or a legacy ProgramDesc (.pdmodel).
+MODEL_FILES = (f"{PREFIX}.json", f"{PREFIX}.pdmodel")
+PARAMS_FILE = f"{PREFIX}.pdiparams"
+# The exported model's one input: float32 images [N, 3, input_size, input_size].
+INPUT_NAME = "image"
+# Initial GPU memory pool (--gpu_mem); Paddle Inference grows it on demand.
+GPU_MEMORY_POOL_MB = 256
+TRT_PRECISIONS = ("fp32", "fp16")
+
+class _BatchedModel:
+    """Runs any number of images in batches of at most batch_size, the largest
+    batch the model is prepared for."""
+
+    def __init__(self, batch_size):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+
+    def run(self, batch):
+        return np.concatenate([self._run(np.ascontiguousarray(batch[start:start + self.batch_size], dtype=np.float32))
+                               for start in range(0, len(batch), self.batch_size)])
+
+
+class StaticModel(_BatchedModel):
+    """A static model run by Paddle Inference: float32 batches in, outputs out.
+    Loaded once and reusable; oneDNN on CPU by default. On device gpu only:
+    gpu_mem (MB, the initial memory pool) and trt ("fp32" or "fp16": TensorRT
+    subgraphs, which need the model's input image_size)."""
+
+    def __init__(self, model_file, params_file, device="cpu", cpu_threads=None, use_mkldnn=True, batch_size=8,
+                 gpu_mem=None, trt=None, image_size=None):
+        super().__init__(batch_size)
+        config = paddle.inference.Config(str(model_file), str(params_file))
+        if device == "gpu":
+            if not paddle.device.is_compiled_with_cuda():
+                raise ConfigError("device gpu: this paddle build has no CUDA support (install paddlepaddle-gpu, "
+                                  "or use --device cpu)")
+            config.enable_use_gpu(gpu_mem or GPU_MEMORY_POOL_MB, 0)
+            if trt:
+                self._enable_trt(config, trt, image_size)
+        elif device == "cpu":
+            if gpu_mem or trt:
+                raise ConfigError("--gpu_mem and --trt apply only with --device gpu")
+            config.disable_gpu()
+            if use_mkldnn:
+                config.enable_mkldnn()
+            else:
+                config.disable_mkldnn()
+            config.set_cpu_math_library_num_threads(cpu_threads or os.cpu_count() or 1)
+        else:
+            raise ConfigError(f"device {device!r}: expected cpu or gpu")
+        config.disable_glog_info()
+        self._predictor = paddle.inference.create_predictor(config)
+        self._input = self._predictor.get_input_handle(self._predictor.get_input_names()[0])
+        self._output = self._predictor.get_output_handle(self._predictor.get_output_names()[0])
+
+    def _enable_trt(self, config, precision, size):
+        """TensorRT subgraphs for batches of 1..batch_size. Untested: written
+        on machines without a GPU build of paddle."""
+        if precision not in TRT_PRECISIONS:
+            raise ConfigError(f"--trt {precision!r}: expected one of {', '.join(TRT_PRECISIONS)}")
+        modes = {"fp32": paddle.inference.PrecisionType.Float32, "fp16": paddle.inference.PrecisionType.Half}
+        config.enable_tensorrt_engine(workspace_size=1 << 30, max_batch_size=self.batch_size, min_subgraph_size=3,
+                                      precision_mode=modes[precision], use_static=False, use_calib_mode=False)
+        # The batch dimension is dynamic, so TensorRT needs its range; the image size is fixed.
+        smallest, largest = ({INPUT_NAME: [batch, 3, size, size]} for batch in (1, self.batch_size))
+        config.set_trt_dynamic_shape_info(smallest, largest, largest)
+
+    def _run(self, chunk):
+        self._input.reshape(list(chunk.shape))
+        self._input.copy_from_cpu(chunk)
+        self._predictor.run()
+        return self._output.copy_to_cpu()
+
+
+@contextlib.contextmanager
+def temporary_static_model(network, input_size, batch_size):
+    """The network saved in inference form to a temporary folder and loaded
+    by Paddle Inference (CPU, oneDNN), for the length of the context."""
+    with tempfile.TemporaryDirectory(prefix="paddle_tl_static_") as folder:
+        folder = Path(folder)
+        model_file = save_static(network, input_size, folder)
+        yield StaticModel(folder / model_file, folder / PARAMS_FILE, batch_size=batch_size)
+
+
+def save_static(network, input_size, out_dir):
+    """Save the network in inference form; returns the model file's name.
+
+    The network is in eval mode (trained_model), so every BatchNorm, frozen or
+    not, is traced with its running statistics."""
+    for name in MODEL_FILES:
+        # a stale model file from an older export would make the folder ambiguous
+        (out_dir / name).unlink(missing_ok=True)
+    input_spec = [paddle.static.InputSpec([None, 3, input_size, input_size], "float32", INPUT_NAME)]
+    paddle.jit.save(network, str(out_dir / PREFIX), input_spec=input_spec)
+    written = [name for name in MODEL_FILES if (out_dir / name).is_file()]
+    if not written or not (out_dir / PARAMS_FILE).is_file():
+        raise ExportError(f"paddle.jit.save wrote no {' or '.join(MODEL_FILES)} + {PARAMS_FILE} in {out_dir}")
+    return written[0]
+
+

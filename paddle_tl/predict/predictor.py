@@ -1,0 +1,364 @@
+"""Prediction from an exported inference folder (`paddle-tl infer`,
+`tools/infer.py`) with Paddle Inference or, for a folder exported with
+`--onnx`, onnxruntime; plus accuracy on a labelled folder and a latency
+benchmark.
+
+The folder holds the static model and `inference.yml`; preprocessing is rebuilt
+from the yml with the very transform evaluation uses, so a deployed prediction
+matches `paddle-tl eval` image for image, whichever backend runs the model.
+"""
+
+import argparse
+import csv
+import importlib
+import json
+import logging
+import math
+import os
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from paddle_tl.config import DatasetConfig
+from paddle_tl.data.datasets import build_dataset, find_images, load_rgb, read_lines
+from paddle_tl.data.transforms import Preprocess, eval_transform
+from paddle_tl.errors import ConfigError, DataError, ExportError
+from paddle_tl.metrics import classification_metrics
+from paddle_tl.models.static import GPU_MEMORY_POOL_MB, TRT_PRECISIONS, StaticModel, _BatchedModel
+from paddle_tl.runtime import import_paddle
+
+paddle = import_paddle()
+log = logging.getLogger("paddle_tl")
+
+META_FILE = "inference.yml"
+# What EvalTransform does beyond Preprocess's own fields; written into
+# inference.yml for deployers, and refused when a yml asks for anything else.
+FIXED_PREPROCESS = {"interpolation": "bilinear", "scale": 1 / 255}
+BACKENDS = {"paddle": "Paddle Inference", "onnx": "onnxruntime"}
+# --benchmark preprocesses at most this many inputs: enough distinct images for
+# the timed batches, without holding a whole large folder in memory.
+BENCHMARK_MAX_IMAGES = 256
+
+
+def import_onnx_package(name):
+    """paddle2onnx or onnxruntime, which are optional (the `onnx` extra); a
+    missing one is a one-line error saying how to install it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise ExportError(f"{name} is not installed ({exc}); ONNX export and the onnx backend need the "
+                          "`onnx` extra: pip install -e \".[onnx]\"") from None
+
+
+def read_meta(model_dir):
+    """inference.yml of an inference folder, checked for what prediction needs."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ExportError(f"inference folder {model_dir} does not exist; write one with tools/export_model.py")
+    path = model_dir / META_FILE
+    if not path.is_file():
+        raise ExportError(f"{model_dir} has no {META_FILE}: not an inference folder written by "
+                          "tools/export_model.py")
+    try:
+        meta = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ExportError(f"{path}: not valid YAML: {exc}") from exc
+    missing = [key for key in ("class_names", "num_classes", "preprocess", "model_file", "params_file")
+               if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise ExportError(f"{path}: missing {', '.join(missing)}; re-export the model")
+    for key in ("model_file", "params_file"):
+        if not (model_dir / meta[key]).is_file():
+            raise ExportError(f"{path}: {key} {meta[key]} is not in {model_dir}; re-export the model")
+    return meta
+
+
+def _onnx_file(model_dir, meta):
+    name = meta.get("onnx_file")
+    if name is None:
+        raise ExportError(f"{model_dir} has no ONNX model; export it with --onnx (tools/export_model.py ... --onnx)")
+    if not (model_dir / name).is_file():
+        raise ExportError(f"{model_dir / META_FILE}: onnx_file {name} is not in {model_dir}; re-export with --onnx")
+    return model_dir / name
+
+
+def preprocess_from_meta(preprocess, where):
+    """The Preprocess an inference.yml describes (its documentation-only keys
+    checked against what the transform really does)."""
+    fields = dict(preprocess)
+    for key, value in FIXED_PREPROCESS.items():
+        given = fields.pop(key, value)
+        if given != value and not (isinstance(value, float) and isinstance(given, (int, float))
+                                   and math.isclose(given, value)):
+            raise ExportError(f"{where}: preprocess.{key} {given!r} is not supported (only {value!r})")
+    try:
+        return Preprocess.from_dict(fields)
+    except (TypeError, ValueError) as exc:
+        raise ExportError(f"{where}: invalid preprocess: {exc}") from exc
+
+
+def softmax(logits):
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+class OnnxModel(_BatchedModel):
+    """An ONNX model run by onnxruntime on CPU (CPUExecutionProvider); the
+    same interface as StaticModel."""
+
+    def __init__(self, onnx_file, cpu_threads=None, batch_size=8):
+        super().__init__(batch_size)
+        ort = import_onnx_package("onnxruntime")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = cpu_threads or os.cpu_count() or 1
+        # Errors only: the default level warns about every unused initializer paddle2onnx leaves.
+        options.log_severity_level = 3
+        self._session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
+        self._input = self._session.get_inputs()[0].name
+
+    def _run(self, chunk):
+        return self._session.run(None, {self._input: chunk})[0]
+
+
+class Predictor:
+    """A loaded inference folder, reusable for any number of predictions.
+    backend "paddle" runs the static model with Paddle Inference, "onnx" runs
+    inference.onnx (export --onnx) with onnxruntime on CPU."""
+
+    def __init__(self, model_dir, device="cpu", cpu_threads=None, use_mkldnn=True, batch_size=8, *,
+                 backend="paddle", gpu_mem=None, trt=None):
+        self.model_dir = model_dir = Path(model_dir)
+        self.meta = meta = read_meta(model_dir)
+        self.batch_size = batch_size
+        self.backend = backend
+        self.pre = preprocess_from_meta(meta["preprocess"], model_dir / META_FILE)
+        self.transform = eval_transform(self.pre)
+        # Outputs beyond the named classes (Arch.num_classes above the data's) keep their index as name.
+        names = list(meta["class_names"])
+        self.class_names = names + [str(i) for i in range(len(names), meta["num_classes"])]
+        if backend == "paddle":
+            self.model_file = model_dir / meta["model_file"]
+            self._model = StaticModel(self.model_file, model_dir / meta["params_file"], device, cpu_threads,
+                                      use_mkldnn, batch_size, gpu_mem=gpu_mem, trt=trt, image_size=self.pre.input_size)
+        elif backend == "onnx":
+            if device != "cpu" or gpu_mem or trt:
+                raise ConfigError("--backend onnx runs on CPU (onnxruntime's CPUExecutionProvider); "
+                                  "--device gpu, --gpu_mem and --trt are for --backend paddle")
+            self.model_file = _onnx_file(model_dir, meta)
+            self._model = OnnxModel(self.model_file, cpu_threads, batch_size)
+        else:
+            raise ConfigError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+        # The first run builds kernels (oneDNN primitives, CUDA contexts); pay that here, not on image one.
+        size = self.pre.input_size
+        self.predict_arrays(np.zeros((1, 3, size, size), np.float32))
+
+    def preprocess(self, path):
+        """float32 CHW of one image file, exactly as evaluation prepares it.
+        Raises DataError when the file cannot be decoded."""
+        return self.transform(load_rgb(path))
+
+    def predict_arrays(self, batch):
+        """Logits [N, num_classes] of preprocessed images [N, 3, S, S]."""
+        size = self.pre.input_size
+        if batch.ndim != 4 or batch.shape[1:] != (3, size, size):
+            raise ValueError(f"expected a batch of shape [N, 3, {size}, {size}], got {list(batch.shape)}")
+        return self._model.run(batch)
+
+    def predict_paths(self, paths, top_k=5):
+        """One record per path, in order: {"file", "class_ids", "scores",
+        "label_names"} best first (scores are softmax probabilities), or
+        {"file", "error"} for an image that cannot be read."""
+        top_k = min(top_k, len(self.class_names))
+        paths = list(paths)
+        for start in range(0, len(paths), self.batch_size):
+            arrays, records = [], []
+            for path in paths[start:start + self.batch_size]:
+                try:
+                    arrays.append(self.preprocess(path))
+                    records.append({"file": str(path)})
+                except DataError as exc:
+                    log.warning("skipping: %s", exc)
+                    records.append({"file": str(path), "error": str(exc)})
+            probabilities = iter(softmax(self.predict_arrays(np.stack(arrays)))) if arrays else None
+            for record in records:
+                if "error" not in record:
+                    record.update(self._ranked(next(probabilities), top_k))
+                yield record
+
+    def _ranked(self, probabilities, top_k):
+        ids = np.argsort(-probabilities, kind="stable")[:top_k]
+        return {"class_ids": [int(i) for i in ids], "scores": [float(probabilities[i]) for i in ids],
+                "label_names": [self.class_names[i] for i in ids]}
+
+
+def list_inputs(path):
+    """Image paths named by --input: one image, a folder (recursively, in sorted
+    order, image extensions only) or a .txt list of paths, one per line and
+    optionally followed by a label (ignored); relative paths in a list are
+    relative to the list's folder, as for ListFile datasets."""
+    path = Path(path)
+    if path.is_dir():
+        images = list(find_images(path))
+        if not images:
+            raise DataError(f"--input {path}: no images in this folder or below")
+        return images
+    if not path.exists():
+        raise DataError(f"--input {path} does not exist")
+    if path.suffix.lower() != ".txt":
+        return [str(path)]
+    images = []
+    for _, line in read_lines(path):
+        parts = line.rsplit(maxsplit=1)
+        # A trailing integer is a label, unless the whole line names a file (a path with a space).
+        if len(parts) == 2 and parts[1].lstrip("-").isdigit() and not (path.parent / line).exists():
+            line = parts[0]
+        images.append(str(path.parent / line))
+    if not images:
+        raise DataError(f"--input {path}: the list names no images")
+    return images
+
+
+def evaluate_folder(predictor, root, topk=(1, 5)):
+    """Accuracy of the exported model on a labelled ImageFolder: the metrics
+    `paddle-tl eval` prints for the same folder (same decoding, preprocessing,
+    class mapping through the yml's class names, and metric code)."""
+    logits, labels = folder_logits(predictor, root)
+    return classification_metrics(logits, labels, predictor.meta["class_names"], topk)
+
+
+def folder_logits(predictor, root):
+    """(logits [N, num_classes], labels [N]) of a labelled ImageFolder; a class
+    folder whose name is not one of the model's classes is a DataError."""
+    dataset = build_dataset(DatasetConfig(name="ImageFolder", root=str(root)), "eval", predictor.transform,
+                            class_names=predictor.meta["class_names"])
+    if not len(dataset):
+        raise DataError(f"--input {root}: no readable images to evaluate")
+    batches = np.array_split(np.arange(len(dataset)), math.ceil(len(dataset) / predictor.batch_size))
+    logits = [predictor.predict_arrays(np.stack([dataset[int(i)][0] for i in batch])) for batch in batches]
+    return np.concatenate(logits), np.array([label for _, label in dataset.samples])
+
+
+def time_batches(run, batches, warmup=2):
+    """Seconds each call run(batch) takes, over `batches` in order, after
+    `warmup` untimed calls on the first: the first calls of a shape pick
+    kernels and allocate (oneDNN primitives, onnxruntime arenas)."""
+    for _ in range(warmup):
+        run(batches[0])
+    seconds = []
+    for batch in batches:
+        started = time.perf_counter()
+        run(batch)
+        seconds.append(time.perf_counter() - started)
+    return np.array(seconds)
+
+
+def benchmark(predictor, paths, runs=20):
+    """Model latency (p50/p95 ms) and throughput (images/s) at batch 1 and at
+    the predictor's batch size, over the readable inputs, repeated when there
+    are fewer than a batch. Decoding and preprocessing are not in the latency;
+    their cost per image is reported beside it."""
+    wanted = min(len(paths), BENCHMARK_MAX_IMAGES, runs * predictor.batch_size)
+    started, arrays = time.perf_counter(), []
+    for path in paths[:wanted]:
+        try:
+            arrays.append(predictor.preprocess(path))
+        except DataError as exc:
+            log.warning("skipping: %s", exc)
+    if not arrays:
+        raise DataError(f"--benchmark: none of the {wanted} inputs could be read")
+    preprocess_ms = 1000 * (time.perf_counter() - started) / len(arrays)
+    images = np.stack(arrays)
+    result = {"backend": predictor.backend, "model_dir": str(predictor.model_dir), "images": len(images),
+              "preprocess_ms_per_image": round(preprocess_ms, 2)}
+    for size in sorted({1, predictor.batch_size}):
+        # Cycle through the images so that each timed batch holds different ones.
+        pool = np.resize(images, (max(len(images), size * runs), *images.shape[1:]))
+        seconds = time_batches(predictor.predict_arrays, [pool[i * size:(i + 1) * size] for i in range(runs)])
+        result[f"batch_{size}"] = {"runs": runs, "p50_ms": round(1000 * float(np.percentile(seconds, 50)), 3),
+                                   "p95_ms": round(1000 * float(np.percentile(seconds, 95)), 3),
+                                   "images_per_s": round(size * runs / float(seconds.sum()), 2)}
+    return result
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="paddle-tl infer",
+                                     description="Predict with an exported inference model (Paddle Inference "
+                                                 "or onnxruntime).")
+    parser.add_argument("--model_dir", required=True, help="inference folder written by export")
+    parser.add_argument("--input", required=True, help="an image, a folder (searched recursively) or a .txt list; "
+                                                        "with --eval, a folder of class sub-folders")
+    parser.add_argument("--top_k", type=_positive_int, default=5, help="classes per image (default 5)")
+    parser.add_argument("--output", help="also write the JSON lines to this .jsonl file")
+    parser.add_argument("--csv", help="also write file, top class, score (and any error) to this .csv file")
+    parser.add_argument("--backend", choices=tuple(BACKENDS), default="paddle",
+                        help="paddle: Paddle Inference; onnx: onnxruntime on CPU (needs export --onnx)")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--batch_size", type=_positive_int, default=8)
+    parser.add_argument("--cpu_threads", type=_positive_int, default=None, help="default: all cores")
+    parser.add_argument("--no_mkldnn", action="store_true", help="run without oneDNN on CPU (paddle backend)")
+    parser.add_argument("--gpu_mem", type=_positive_int, metavar="MB",
+                        help=f"--device gpu: initial GPU memory pool (default {GPU_MEMORY_POOL_MB})")
+    parser.add_argument("--trt", choices=TRT_PRECISIONS, help="--device gpu: TensorRT subgraphs at this precision")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--eval", action="store_true",
+                      help="evaluate on the labelled folder --input; print top-1, top-k and per-class accuracy "
+                           "as one JSON line")
+    mode.add_argument("--benchmark", action="store_true",
+                      help="time the model at batch 1 and --batch_size; print latency and throughput as one JSON line")
+    parser.add_argument("--benchmark_runs", type=_positive_int, default=20, help="timed batches per batch size")
+    return parser
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def main(argv=None):
+    """One JSON line per image on stdout (and in --output / --csv); unreadable
+    images are reported on stderr and get an "error" line; the run goes on.
+    --eval and --benchmark print one JSON object instead."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if (args.eval or args.benchmark) and (args.output or args.csv):
+        parser.error("--output and --csv record per-image predictions; they do not apply to --eval or --benchmark")
+    predictor = Predictor(args.model_dir, device=args.device, cpu_threads=args.cpu_threads,
+                          use_mkldnn=not args.no_mkldnn, batch_size=args.batch_size, backend=args.backend,
+                          gpu_mem=args.gpu_mem, trt=args.trt)
+    if args.eval:
+        print(json.dumps(evaluate_folder(predictor, args.input, (1, args.top_k))))
+        return
+    paths = list_inputs(args.input)
+    if args.benchmark:
+        print(json.dumps(benchmark(predictor, paths, args.benchmark_runs)))
+        return
+    started, failed = time.perf_counter(), 0
+    with ExitStack() as files:
+        jsonl = _open_output(files, args.output)
+        table = csv.writer(_open_output(files, args.csv, newline="")) if args.csv else None
+        if table:
+            table.writerow(["file", "label_name", "score", "error"])
+        for record in predictor.predict_paths(paths, args.top_k):
+            failed += "error" in record
+            line = json.dumps(record)
+            print(line)
+            if jsonl:
+                jsonl.write(line + "\n")  # line by line: an interrupted run keeps what it predicted
+            if table:
+                table.writerow([record["file"], *(("", "", record["error"]) if "error" in record
+                                                  else (record["label_names"][0], record["scores"][0], ""))])
+    log.info("predicted %d images, %d unreadable, in %.1f s", len(paths) - failed, failed,
+             time.perf_counter() - started)
+
+
+def _open_output(files, path, newline=None):
+    if not path:
+        return None
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return files.enter_context(open(path, "w", encoding="utf-8", newline=newline))

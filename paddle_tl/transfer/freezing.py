@@ -1,0 +1,116 @@
+"""Freezing that really freezes: the bottom stages of the body (BatchNorm
+statistics included), the parameters the optimizer gets with their per-stage
+learning rates, L2-SP, and gradual unfreezing."""
+
+from paddle_tl.models.zoo import match_prefix, stage_index
+from paddle_tl.runtime import import_paddle
+
+paddle = import_paddle()
+
+
+def running_statistics(model):
+    """BatchNorm running means and variances, which paddle lists among a
+    model's parameters (with stop_gradient set) although no gradient moves them."""
+    return [p for layer in model.sublayers() if _is_batch_norm(layer) for p in (layer._mean, layer._variance)]
+
+
+def _is_batch_norm(layer):
+    return isinstance(layer, (paddle.nn.layer.norm._BatchNormBase, paddle.nn.BatchNorm))
+
+
+def _below(spec, name, frozen_stages):
+    index = stage_index(spec, name)
+    return index is not None and index < frozen_stages
+
+
+def set_frozen_stages(model, spec, frozen_stages, bn):
+    """Freeze the bottom `frozen_stages` stages and unfreeze the rest.
+
+    `paddle.Model.fit` calls `network.train()` every batch, which would put a
+    frozen stage's BatchNorm back to updating its running statistics;
+    `use_global_stats=True` makes it normalise with (and keep) its stored
+    statistics in train mode too. Unfrozen layers get paddle's default back
+    (None: batch statistics in training, stored ones in evaluation; False
+    would mean batch statistics even in evaluation)."""
+    frozen_params = trainable_params = 0
+    statistics_ids = {id(p) for p in running_statistics(model)}
+    for name, param in model.named_parameters():
+        if id(param) in statistics_ids:
+            continue  # never trained by the optimizer; frozen through use_global_stats below
+        frozen = _below(spec, name, frozen_stages)
+        param.stop_gradient = frozen
+        if frozen:
+            frozen_params += int(param.size)
+        else:
+            trainable_params += int(param.size)
+    for name, layer in model.named_sublayers():
+        if _is_batch_norm(layer):
+            layer._use_global_stats = True if bn == "freeze" and _below(spec, name, frozen_stages) else None
+    return {"trainable_params": trainable_params, "frozen_params": frozen_params}
+
+
+def trainable_parameters(model, spec, plan):
+    """Every parameter the optimizer may update during the run (gradual
+    unfreezing included: paddle skips a parameter while its stop_gradient is
+    set and creates its optimizer state when it first trains), each carrying
+    its learning-rate multiplier in `optimize_attr` (what
+    `ParamAttr(learning_rate=...)` sets; parameter-group dicts would break
+    `paddle.Model`, whose `minimize` expects a flat list)."""
+    statistics_ids = {id(p) for p in running_statistics(model)}
+    params = []
+    for name, param in model.named_parameters():
+        if id(param) in statistics_ids or _below(spec, name, plan.always_frozen):
+            continue
+        index = stage_index(spec, name)
+        param.optimize_attr["learning_rate"] = 1.0 if index is None else plan.stage_lr_mults[index]
+        params.append(param)
+    return params
+
+
+def add_l2sp(model, spec, alpha, loss_scale=None):
+    """L2-SP: pull every body weight toward its current (pretrained) value with
+    the penalty alpha/2 * ||w - w0||^2, in place of weight decay toward zero.
+    The penalty's gradient alpha * (w - w0) is added by a gradient hook, so the
+    training loop needs no change; the head keeps ordinary weight decay.
+
+    Under AMP the hook sees gradients of the loss times the loss scale, which
+    the optimizer step divides out again: `loss_scale()` (None without AMP)
+    scales the pull too, or it would shrink by that factor (65536 at first).
+    Under O2 the weights and gradients are float16; the pull is computed
+    against the float32 start and cast (an overflow there is skipped and
+    lowers the scale, like any other)."""
+    statistics_ids = {id(p) for p in running_statistics(model)}
+    no_decay = paddle.regularizer.L2Decay(0.0)
+
+    def pull(grad, param, start):
+        term = alpha * (param.detach().astype(start.dtype) - start)
+        scale = loss_scale() if loss_scale is not None else None
+        if scale is not None:
+            term = term * scale
+        return grad + term.astype(grad.dtype)
+
+    anchored = 0
+    for name, param in model.named_parameters():
+        if id(param) in statistics_ids or match_prefix(name, spec.head):
+            continue
+        start = param.detach().clone()
+        param.register_hook(lambda grad, p=param, w0=start: pull(grad, p, w0))
+        param.regularizer = no_decay
+        anchored += int(param.size)
+    return anchored
+
+
+class GradualUnfreezer(paddle.callbacks.Callback):
+    """Applies the plan's frozen stages at the start of every epoch."""
+
+    def __init__(self, network, spec, plan, state):
+        super().__init__()
+        self.network, self.spec, self.plan, self.state = network, spec, plan, state
+
+    def on_epoch_begin(self, epoch, logs=None):
+        frozen = self.plan.frozen_stages_at(self.state.start_epoch + epoch)
+        if frozen != self.state.frozen_stages:
+            counts = set_frozen_stages(self.network, self.spec, frozen, self.plan.bn)
+            print(f"epoch {self.state.start_epoch + epoch + 1}: {frozen}/{self.plan.num_stages} stages frozen, "
+                  f"{counts['trainable_params']:,} trainable parameters")
+            self.state.frozen_stages = frozen
