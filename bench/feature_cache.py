@@ -23,8 +23,7 @@ import numpy as np  # noqa: E402
 
 from paddle_tl.config import load_config  # noqa: E402
 from paddle_tl.data.datasets import build_dataset  # noqa: E402
-from paddle_tl.models.features import head_linear  # noqa: E402
-from paddle_tl.transfer.feature_cache import extract_features, feature_extractor
+from paddle_tl.transfer.feature_cache import feature_extractor  # noqa: E402
 from paddle_tl.engine.train import train  # noqa: E402
 from paddle_tl.data.transforms import Preprocess, eval_transform  # noqa: E402
 from paddle_tl.models.weights import load_pretrained  # noqa: E402
@@ -48,7 +47,8 @@ def extraction(root):
         static = extract(dataset, transform, 2, "static")
         static_s = time.time() - started
     started = time.time()
-    dynamic = extract_features(network, head_linear(network, spec), dataset, transform, 32, 2, "dynamic")
+    with feature_extractor(network, spec, spec.input_size, 32, "dynamic") as extract:
+        dynamic = extract(dataset, transform, 2, "dynamic")
     dynamic_s = time.time() - started
     n = len(dataset)
     print(f"\nfeature extraction, mobilenet_v2 224 px, {n} images, {os.cpu_count()} cores:")

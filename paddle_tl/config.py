@@ -16,6 +16,7 @@ from typing import Literal, Optional, Union
 
 import yaml
 
+from paddle_tl.combinations import Facts, check_combinations
 from paddle_tl.errors import ConfigError
 
 
@@ -46,9 +47,6 @@ class GlobalConfig:
         _require(self.eval_interval >= 1, f"{at}.eval_interval", "must be >= 1")
         _require(self.early_stopping_patience >= 0, f"{at}.early_stopping_patience", "must be >= 0")
         _require(self.log_interval >= 1, f"{at}.log_interval", "must be >= 1")
-        # device auto is checked once the device is known (train.py)
-        _require(not (self.amp and self.device == "cpu"), f"{at}.amp",
-                 "mixed precision needs a GPU, and Global.device is cpu")
 
     @property
     def amp_level(self):
@@ -108,9 +106,6 @@ class TransferConfig:
         _require(self.l2sp_alpha >= 0, f"{at}.l2sp_alpha", "must be >= 0")
         _require(self.cache_views >= 1, f"{at}.cache_views", "must be >= 1")
         _require(self.domain_weight > 0, f"{at}.domain_weight", "must be > 0")
-        _require(self.domain_adaptation == "none" or self.strategy != "linear_probe", f"{at}.domain_adaptation",
-                 "adapts the body's features, which linear_probe keeps frozen; use strategy partial, full, "
-                 "gradual or auto")
 
 
 @dataclass
@@ -244,17 +239,6 @@ class Config:
     DataLoader: DataLoaderConfig = field(default_factory=DataLoaderConfig)
     Metric: MetricConfig = field(default_factory=MetricConfig)
 
-    def validate(self, at):
-        # A static graph is traced once: what Python decides per epoch or per
-        # step afterwards (which stages train, the gradient-reversal
-        # coefficient, feature hooks) would silently stay as traced.
-        _require(not (self.Global.to_static and self.Transfer.strategy == "gradual"), "Global.to_static",
-                 "cannot follow Transfer.strategy=gradual (stages unfrozen after the graph is traced would "
-                 "stay frozen); use partial or full, or Global.to_static=false")
-        _require(not (self.Global.to_static and self.Transfer.domain_adaptation != "none"), "Global.to_static",
-                 "is not supported with Transfer.domain_adaptation (its per-step coefficient would be traced as "
-                 "a constant); use Global.to_static=false")
-
     def to_dict(self):
         return dataclasses.asdict(self)
 
@@ -308,7 +292,10 @@ def apply_override(raw, override):
 
 
 def from_dict(raw):
-    return _build(Config, raw, "")
+    cfg = _build(Config, raw, "")
+    # Pairs of settings that cannot run together, as far as the config alone tells.
+    check_combinations(Facts.of_config(cfg))
+    return cfg
 
 
 def _build(cls, raw, at):

@@ -77,7 +77,7 @@ def train_killed_after():
     from paddle_tl.engine.train import train
 
     def run(cfg, epoch):
-        save = callbacks.Checkpointer.on_record
+        save = callbacks.Checkpointer.on_recorded
 
         def save_then_die(self, row, improved):
             save(self, row, improved)
@@ -86,7 +86,7 @@ def train_killed_after():
 
         # A patch of its own: undoing the test's monkeypatch would also undo its private HOME.
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(callbacks.Checkpointer, "on_record", save_then_die)
+            patch.setattr(callbacks.Checkpointer, "on_recorded", save_then_die)
             with pytest.raises(Killed):
                 train(cfg)
 

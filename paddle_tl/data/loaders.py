@@ -5,6 +5,7 @@ import os
 import shutil
 
 import numpy as np
+from tqdm import tqdm
 
 from paddle_tl.runtime import import_paddle
 
@@ -109,3 +110,16 @@ def _cores():
     """The cores this process may run on (a container or taskset may allow
     fewer than the machine has)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def map_batches(run, loader, desc=None):
+    """(outputs, labels) of `run(images)` (a batch tensor -> numpy array) over
+    every batch the loader yields, in order: the one loop that runs a network
+    over a dataset (evaluation, the report, cached features, the similarity
+    probe). `desc` shows progress."""
+    outputs, labels = [], []
+    batches = tqdm(loader, desc=desc, unit="batch", leave=False) if desc else loader
+    for images, targets in batches:
+        outputs.append(run(images))
+        labels.append(targets.numpy().reshape(-1))
+    return np.concatenate(outputs), np.concatenate(labels)

@@ -1,9 +1,13 @@
 """Training features as `paddle.Model` callbacks: epoch records, early
-stopping, the NaN policy (with nan_guard.GuardedModel), VisualDL and
-checkpoints. The loop stays hapi's own.
+stopping, the NaN policy (with engine/model.py's GuardedModel), VisualDL and
+checkpoints. The loop stays hapi's own, and callbacks are the one way to
+follow it.
 
 hapi numbers epochs from 0 in every `fit` call; a resumed run starts `fit`
-part-way, so the callbacks add `RunState.start_epoch` to get the run's epoch.
+part-way, so `RunState.run_epoch` turns hapi's epoch into the run's.
+EpochRecorder books each epoch (after its evaluation, when it has one);
+callbacks that act on a booked epoch (checkpoints, VisualDL) derive from
+AfterEpoch and come after it in the list.
 """
 
 from dataclasses import asdict, dataclass, field
@@ -30,6 +34,12 @@ class RunState:
     best_epoch: int = -1
     epochs_without_improvement: int = 0
     history: list = field(default_factory=list)  # one dict per finished epoch
+    # The row of the epoch being trained; callbacks may add columns (not saved).
+    row = None
+
+    def run_epoch(self, local_epoch):
+        """The run's epoch (from 0) of hapi's epoch in this `fit` call."""
+        return self.start_epoch + local_epoch
 
     def to_dict(self):
         return asdict(self)
@@ -52,11 +62,11 @@ class EvalSchedule:
     1, N+1, 2N+1, ... and may skip the last. Passed as eval_freq, this object
     answers that test itself (__rmod__: 0 means evaluate)."""
 
-    def __init__(self, interval, start_epoch, epochs):
-        self.interval, self.start_epoch, self.epochs = interval, start_epoch, epochs
+    def __init__(self, interval, state, epochs):
+        self.interval, self.state, self.epochs = interval, state, epochs
 
     def evaluates(self, local_epoch):
-        epoch = self.start_epoch + local_epoch + 1
+        epoch = self.state.run_epoch(local_epoch) + 1
         return epoch % self.interval == 0 or epoch == self.epochs
 
     def __rmod__(self, local_epoch):
@@ -82,21 +92,16 @@ class EpochRecorder(Callback):
     the run stops once an epoch's worth of batches in a row was skipped (the
     weights no longer change, so nothing is learning)."""
 
-    def __init__(self, state, names, evaluates, patience, listeners, nan_policy, steps_per_epoch,
-                 extra_figures=None):
+    def __init__(self, state, names, evaluates, patience, nan_policy, steps_per_epoch):
         super().__init__()
         self.state, self.names, self.evaluates, self.patience = state, names, evaluates, patience
-        self.listeners = listeners  # objects with on_record(row, improved), told in order
         self.nan_policy, self.steps_per_epoch = nan_policy, steps_per_epoch
         self._skipped_in_a_row = 0  # across epochs: consecutive batches that made no update
-        self.extra_figures = extra_figures  # () -> dict of more training columns for the epoch's row
-
-    def _epoch(self, local_epoch):
-        return self.state.start_epoch + local_epoch
 
     def on_epoch_begin(self, epoch, logs=None):
-        seed_everything(self.state.seed + self._epoch(epoch))
-        self.row = {"epoch": self._epoch(epoch) + 1, "lr": float(self.model._optimizer.get_lr())}
+        run_epoch = self.state.run_epoch(epoch)
+        seed_everything(self.state.seed + run_epoch)
+        self.row = self.state.row = {"epoch": run_epoch + 1, "lr": float(self.model._optimizer.get_lr())}
         self._sums = [0.0, 0]
         self.row["skipped_batches"], self._first_skip = 0, None
         self._started = perf_counter()  # last: seeding and get_lr are not training
@@ -133,8 +138,6 @@ class EpochRecorder(Callback):
         self.row["frozen_stages"] = self.state.frozen_stages
         self.row["train_loss"] = self._sums[0] / max(1, self._sums[1])
         self.row.update({f"train_{ours}": float(logs[theirs]) for theirs, ours in self.names.items()})
-        if self.extra_figures is not None:
-            self.row.update(self.extra_figures())
         if not self.evaluates(epoch):
             self._finish()
 
@@ -153,7 +156,8 @@ class EpochRecorder(Callback):
     def _finish(self):
         """Book the epoch: best score, history, early stopping. This runs on
         every rank of a data-parallel run (eval metrics are gathered across
-        ranks), so all ranks stop together; listeners may be rank 0's only."""
+        ranks), so all ranks stop together; AfterEpoch callbacks may be rank
+        0's only."""
         row, state = self.row, self.state
         improved = "eval_top1" in row and row["eval_top1"] > state.best_top1
         if improved:
@@ -163,28 +167,52 @@ class EpochRecorder(Callback):
             state.epochs_without_improvement += 1
         state.history.append(row)
         state.epochs_done = row["epoch"]
-        for listener in self.listeners:
-            listener.on_record(row, improved)
         if self.patience and state.epochs_without_improvement >= self.patience:
             print(f"early stopping: no better eval top-1 for {self.patience} epochs "
                   f"(best {state.best_top1:.4f} at epoch {state.best_epoch})")
             self.model.stop_training = True
 
 
-class VisualDLLogger(Callback):
+class AfterEpoch(Callback):
+    """A callback that acts on each epoch EpochRecorder booked (placed after
+    it): `on_recorded(row, improved)`, once per epoch, after the epoch's
+    evaluation when it has one."""
+
+    def __init__(self, state):
+        super().__init__()
+        self.state = state
+        self._last = state.epochs_done  # a resumed run's booked epochs are not told again
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._tell()
+
+    def on_eval_end(self, logs=None):
+        self._tell()
+
+    def _tell(self):
+        if self.state.epochs_done != self._last:
+            self._last = self.state.epochs_done
+            row = self.state.history[-1]
+            self.on_recorded(row, improved=self.state.best_epoch == row["epoch"])
+
+    def on_recorded(self, row, improved):
+        raise NotImplementedError
+
+
+class VisualDLLogger(AfterEpoch):
     """Into RUN/vdl: per epoch `train/*` and `eval/*` (loss, topK, lr), and
     every `log_interval` steps `train_step/*` (the batch's loss, the running
     accuracy, the learning rate)."""
 
     def __init__(self, logdir, state, names, log_interval, steps_per_epoch):
-        super().__init__()
+        super().__init__(state)
         from visualdl import LogWriter
         self.writer = LogWriter(logdir=str(logdir))
-        self.state, self.names = state, names
+        self.names = names
         self.log_interval, self.steps_per_epoch = log_interval, steps_per_epoch
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = self.state.start_epoch + epoch
+        self._epoch = self.state.run_epoch(epoch)
 
     def on_train_batch_end(self, step, logs=None):
         if (step + 1) % self.log_interval:
@@ -195,7 +223,7 @@ class VisualDLLogger(Callback):
         for theirs, ours in self.names.items():
             self.writer.add_scalar(f"train_step/{ours}", float(logs[theirs]), global_step)
 
-    def on_record(self, row, improved):
+    def on_recorded(self, row, improved):
         for key, value in row.items():
             if key in ("lr", "frozen_stages", "skipped_batches"):
                 self.writer.add_scalar(f"train/{key}", value, row["epoch"])
@@ -208,7 +236,7 @@ class VisualDLLogger(Callback):
         self.writer.close()
 
 
-class Checkpointer:
+class Checkpointer(AfterEpoch):
     """After each epoch (and its evaluation): `latest` always, `best_model`
     when eval top-1 improved."""
 
@@ -216,10 +244,11 @@ class Checkpointer:
         # The whole network, which is more than the model being fit when only
         # the head trains on cached features. Layers trained only to train it
         # (a domain classifier) go to `latest`, for resuming.
-        self.run_dir, self.network, self.optimizer, self.state = run_dir, network, optimizer, state
+        super().__init__(state)
+        self.run_dir, self.network, self.optimizer = run_dir, network, optimizer
         self.extra_layers = extra_layers
 
-    def on_record(self, row, improved):
+    def on_recorded(self, row, improved):
         if improved:
             save_checkpoint(self.run_dir / "best_model", self.network, state=self.state.to_dict())
         save_checkpoint(self.run_dir / "latest", self.network, self.optimizer, self.state.to_dict(),
@@ -237,4 +266,4 @@ class SamplerEpoch(Callback):
         self.batch_sampler, self.state = batch_sampler, state
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.batch_sampler.set_epoch(self.state.seed + self.state.start_epoch + epoch)
+        self.batch_sampler.set_epoch(self.state.seed + self.state.run_epoch(epoch))

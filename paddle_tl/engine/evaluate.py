@@ -3,27 +3,15 @@ per-class accuracy."""
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from paddle_tl.data.datasets import build_dataset
-from paddle_tl.data.loaders import make_loader
+from paddle_tl.data.loaders import make_loader, map_batches
 from paddle_tl.data.transforms import eval_transform
 from paddle_tl.engine.run_folder import trained_model
 from paddle_tl.metrics import classification_metrics
+from paddle_tl.models.static import dynamic_runner
 from paddle_tl.runtime import import_paddle, select_device
 
 paddle = import_paddle()
-
-
-def predict(network, loader):
-    """Logits and labels of every sample the loader yields, in order."""
-    network.eval()
-    logits, labels = [], []
-    with paddle.no_grad():
-        for images, targets in loader:
-            logits.append(network(images).numpy())
-            labels.append(targets.numpy().reshape(-1))
-    return np.concatenate(logits), np.concatenate(labels)
 
 
 @dataclass
@@ -49,5 +37,6 @@ def eval_split(cfg):
 
 def evaluate(cfg):
     split = eval_split(cfg)
-    logits, labels = predict(split.network, split.loader)
+    # The dynamic graph, as training evaluates: the same top-1 as the run's.
+    logits, labels = map_batches(dynamic_runner(split.network), split.loader)
     return classification_metrics(logits, labels, split.class_names, cfg.Metric.topk)

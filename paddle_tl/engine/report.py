@@ -14,10 +14,11 @@ import numpy as np
 
 from paddle_tl.config import load_config
 from paddle_tl.data.datasets import load_rgb
-from paddle_tl.engine.evaluate import eval_split, predict
+from paddle_tl.data.loaders import map_batches
+from paddle_tl.engine.evaluate import eval_split
 from paddle_tl.errors import ConfigError
 from paddle_tl.metrics import classification_metrics
-from paddle_tl.models.static import temporary_static_model
+from paddle_tl.models.static import fastest_runner
 from paddle_tl.predict.predictor import softmax
 
 REPORT_DIR = "report"
@@ -66,12 +67,8 @@ def predict_eval(cfg):
     export run by Paddle Inference with oneDNN (several times faster than the
     dynamic graph), on GPU with the dynamic graph."""
     split = eval_split(cfg)
-    if split.device == "gpu":
-        logits, labels = predict(split.network, split.loader)
-    else:
-        with temporary_static_model(split.network, split.input_size, cfg.DataLoader.Eval.batch_size) as model:
-            batches = [(model.run(images.numpy()), targets.numpy().reshape(-1)) for images, targets in split.loader]
-        logits, labels = (np.concatenate(parts) for parts in zip(*batches))
+    with fastest_runner(split.network, split.input_size, cfg.DataLoader.Eval.batch_size, split.device) as run:
+        logits, labels = map_batches(run, split.loader)
     paths = [path for path, _ in split.dataset.samples]
     return paths, labels, logits, split.class_names
 

@@ -1,5 +1,7 @@
 """The head's input features: the one place that knows where a network's
-head is and how to tap what flows into it."""
+head is and the one way to tap what flows into it (the network with its head
+swapped for Identity outputs exactly the head's input). Cached features,
+the similarity probe and domain adaptation all go through `headless`."""
 
 import contextlib
 
@@ -17,13 +19,22 @@ def head_linear(network, spec):
 
 
 @contextlib.contextmanager
-def _head_as_identity(network, spec):
-    """The head swapped for Identity, so that the network outputs the head's input."""
+def headless(network, spec):
+    """Within the context the network outputs its head's input (the head is
+    swapped for Identity); yields the head layer. Needs a single-Linear
+    head (head_linear), which is the network's last operation."""
     parent_path, _, attr = spec.head[0].rpartition(".")
     parent = dict(network.named_sublayers())[parent_path] if parent_path else network
     head = getattr(parent, attr)
     setattr(parent, attr, paddle.nn.Identity())
     try:
-        yield
+        yield head
     finally:
         setattr(parent, attr, head)
+
+
+def features_and_logits(network, spec, images):
+    """(head input, logits) of one forward pass."""
+    with headless(network, spec) as head:
+        features = network(images)
+    return features, head(features)

@@ -91,6 +91,32 @@ class StaticModel(_BatchedModel):
         return self._output.copy_to_cpu()
 
 
+def dynamic_runner(network):
+    """run(images) -> the network's outputs as numpy, in eval mode, without
+    gradients (the dynamic graph: what training computes)."""
+    network.eval()
+
+    def run(images):
+        with paddle.no_grad():
+            return network(images).numpy()
+
+    return run
+
+
+@contextlib.contextmanager
+def fastest_runner(network, input_size, batch_size, device):
+    """Yields run(images) -> the network's outputs as numpy, in eval mode. On
+    CPU through a temporary static model run by Paddle Inference with oneDNN,
+    several times faster than the dynamic graph for the same numbers (within
+    float tolerance); on GPU (or with device "dynamic") the dynamic graph."""
+    if device != "cpu":
+        yield dynamic_runner(network)
+        return
+    network.eval()
+    with temporary_static_model(network, input_size, batch_size) as model:
+        yield lambda images: model.run(images.numpy())
+
+
 @contextlib.contextmanager
 def temporary_static_model(network, input_size, batch_size):
     """The network saved in inference form to a temporary folder and loaded

@@ -28,7 +28,7 @@ import numpy as np
 
 from paddle_tl.data.datasets import UNLABELED
 from paddle_tl.errors import ConfigError
-from paddle_tl.models.features import head_linear
+from paddle_tl.models.features import features_and_logits, head_linear
 from paddle_tl.runtime import import_paddle
 
 paddle = import_paddle()
@@ -116,24 +116,18 @@ class DomainClassifier(paddle.nn.Sequential):
 
 class DomainAdaptationNet(paddle.nn.Layer):
     """The classification network, returning (logits, features) for mmd or
-    (logits, domain logits) for dann. Features are the head's input, caught
-    by a forward pre-hook that lives only for the call."""
+    (logits, domain logits) for dann. Features are the head's input
+    (models.features)."""
 
-    def __init__(self, network, head, method):
+    def __init__(self, network, spec, method):
         super().__init__()
-        self.network, self.method = network, method
-        self._head = [head]  # a list, so that the head is not registered twice
-        self.domain_classifier = DomainClassifier(head.weight.shape[0]) if method == "dann" else None
+        self.network, self.spec, self.method = network, spec, method
+        feature_size = head_linear(network, spec).weight.shape[0]
+        self.domain_classifier = DomainClassifier(feature_size) if method == "dann" else None
         self.reversal = 0.0  # gradient-reversal coefficient, set by DomainSchedule
 
     def forward(self, images):
-        captured = []
-        hook = self._head[0].register_forward_pre_hook(lambda _layer, inputs: captured.append(inputs[0]))
-        try:
-            logits = self.network(images)
-        finally:
-            hook.remove()
-        features = captured[0]
+        features, logits = features_and_logits(self.network, self.spec, images)
         if self.method == "dann":
             return logits, self.domain_classifier(reverse_gradient(features, self.reversal))
         return logits, features
@@ -179,17 +173,18 @@ class DomainSchedule(paddle.callbacks.Callback):
     """Sets the ramp every step, the target order every epoch, and averages
     the unweighted domain loss over each epoch for the history."""
 
-    def __init__(self, setup, state, steps_per_epoch):
+    def __init__(self, setup, state):
         super().__init__()
-        self.setup, self.state, self.steps_per_epoch = setup, state, steps_per_epoch
+        self.setup, self.state = setup, state
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = self.state.start_epoch + epoch
+        self.epoch = self.state.run_epoch(epoch)
         self.setup.train_data.epoch = self.epoch
         self._sum, self._count = 0.0, 0
 
     def on_train_batch_begin(self, step, logs=None):
-        progress = (self.epoch * self.steps_per_epoch + step) / (self.state.epochs * self.steps_per_epoch)
+        steps_per_epoch = self.params["steps"]  # hapi's: the training loader's length
+        progress = (self.epoch * steps_per_epoch + step) / (self.state.epochs * steps_per_epoch)
         self.ramp = ramp(progress)
         self.setup.loss.ramp = self.setup.network.reversal = self.ramp
 
@@ -197,15 +192,14 @@ class DomainSchedule(paddle.callbacks.Callback):
         if self.setup.loss.last_domain_loss is not None:
             self._sum += self.setup.loss.last_domain_loss
             self._count += 1
-
-    def epoch_figures(self):
-        """History columns (VisualDL train/domain_loss, train/domain_ramp)."""
-        return {"train_domain_loss": self._sum / max(self._count, 1), "train_domain_ramp": self.ramp}
+        # The epoch's figures so far, as columns of its history row (VisualDL
+        # train/domain_loss, train/domain_ramp).
+        self.state.row.update(train_domain_loss=self._sum / max(self._count, 1), train_domain_ramp=self.ramp)
 
 
 @dataclass
 class DomainSetup:
-    """What train() swaps in for domain adaptation."""
+    """What the domain_pairs fit mode (engine/fit.py) trains with."""
     method: str
     train_data: SourceTargetPairs
     network: DomainAdaptationNet
@@ -219,7 +213,7 @@ def setup_domain_adaptation(transfer_cfg, network, spec, train_set, target_set, 
     if head is None:
         raise ConfigError(f"Transfer.domain_adaptation: needs the head's input features, and the head of "
                           f"{spec.name} is not a single Linear layer")
-    net = DomainAdaptationNet(network, head, method)
+    net = DomainAdaptationNet(network, spec, method)
     extra = {"domain_classifier": net.domain_classifier} if method == "dann" else {}
     return DomainSetup(method=method, train_data=SourceTargetPairs(train_set, target_set, seed), network=net,
                        loss=DomainAdaptationLoss(classification_loss, method, transfer_cfg.domain_weight),

@@ -3,8 +3,8 @@ once and train the head on the stored features.
 
 A linear probe otherwise spends nearly all its time pushing the same images
 through the same frozen body every epoch. The features are the input of the
-head layer, captured with a forward pre-hook, so this works for any
-architecture whose head is a single Linear layer. Training on a fixed set of
+head layer (models.features.headless), so this works for any architecture
+whose head is a single Linear layer. Training on a fixed set of
 features gives up per-epoch random augmentation; instead `cache_views`
 views of each training image are cached: the first is the plain evaluation
 view, the others are random training augmentations, and epoch e trains on
@@ -15,48 +15,13 @@ import contextlib
 import copy
 
 import numpy as np
-from tqdm import tqdm
 
-from paddle_tl.data.loaders import make_loader
-from paddle_tl.models.features import _head_as_identity, head_linear
-from paddle_tl.models.static import temporary_static_model
+from paddle_tl.data.loaders import make_loader, map_batches
+from paddle_tl.models.features import head_linear, headless
+from paddle_tl.models.static import fastest_runner
 from paddle_tl.runtime import import_paddle, seed_everything
 
 paddle = import_paddle()
-
-
-def why_not_cached(plan, network, spec):
-    """None when features can be cached, else the reason they cannot."""
-    if plan.always_frozen < plan.num_stages:
-        return "part of the body trains"
-    if plan.bn != "freeze":
-        return "Transfer.bn=train keeps updating BatchNorm statistics"
-    if head_linear(network, spec) is None:
-        return f"the head of {spec.name} is not a single Linear layer"
-    return None
-
-
-def extract_features(network, head, dataset, transform, batch_size, num_workers, desc):
-    """Inputs of `head` for every sample of `dataset` under `transform`, from
-    the dynamic graph (used on GPU, and as the reference in tests)."""
-    captured = []
-    hook = head.register_forward_pre_hook(lambda _layer, inputs: captured.append(inputs[0].numpy()))
-    network.eval()
-    try:
-        with paddle.no_grad():
-            for images in _image_batches(dataset, transform, batch_size, num_workers, desc):
-                network(images)
-    finally:
-        hook.remove()
-    return np.concatenate(captured).astype("float32")
-
-
-def _image_batches(dataset, transform, batch_size, num_workers, desc):
-    view = copy.copy(dataset)
-    view.transform = transform
-    loader = make_loader(view, batch_size, shuffle=False, num_workers=num_workers)
-    for images, _labels in tqdm(loader, desc=desc, unit="batch", leave=False):
-        yield images
 
 
 class FeatureViews(paddle.io.Dataset):
@@ -90,28 +55,20 @@ class ViewSwitcher(paddle.callbacks.Callback):
         self.dataset, self.state = dataset, state
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.dataset.epoch = self.state.start_epoch + epoch
+        self.dataset.epoch = self.state.run_epoch(epoch)
 
 
 @contextlib.contextmanager
 def feature_extractor(network, spec, input_size, batch_size, device):
-    """Yields extract(dataset, transform, num_workers, desc) -> head inputs.
-    On CPU the body is exported once (the head swapped out while saving) and
-    run by Paddle Inference with oneDNN: several times faster than the
-    dynamic graph for the same numbers. On GPU, the dynamic graph."""
-    if device != "cpu":
-        head = head_linear(network, spec)
-        yield lambda dataset, transform, workers, desc: extract_features(
-            network, head, dataset, transform, batch_size, workers, desc)
-        return
-    network.eval()
-    with contextlib.ExitStack() as stack:
-        with _head_as_identity(network, spec):
-            body = stack.enter_context(temporary_static_model(network, input_size, batch_size))
-
+    """Yields extract(dataset, transform, num_workers, desc) -> head inputs
+    (float32), computed by models.static.fastest_runner on the headless
+    network: on CPU a static export of the body run by Paddle Inference."""
+    with headless(network, spec), fastest_runner(network, input_size, batch_size, device) as run:
         def extract(dataset, transform, workers, desc):
-            batches = _image_batches(dataset, transform, batch_size, workers, desc)
-            return np.concatenate([body.run(images.numpy()) for images in batches]).astype("float32")
+            view = copy.copy(dataset)
+            view.transform = transform
+            loader = make_loader(view, batch_size, shuffle=False, num_workers=workers)
+            return map_batches(run, loader, desc)[0].astype("float32")
 
         yield extract
 

@@ -67,11 +67,28 @@ def trainable_parameters(model, spec, plan):
     return params
 
 
+class L2SP:
+    """The anchors add_l2sp set: `anchored` body parameters. `loss_scale` (a
+    callable returning the AMP loss scale, or None) may be given later, once
+    the paddle.Model that owns the scaler exists."""
+
+    def __init__(self, alpha, loss_scale=None):
+        self.alpha, self.loss_scale, self.anchored = alpha, loss_scale, 0
+
+    def pull(self, grad, param, start):
+        term = self.alpha * (param.detach().astype(start.dtype) - start)
+        scale = self.loss_scale() if self.loss_scale is not None else None
+        if scale is not None:
+            term = term * scale
+        return grad + term.astype(grad.dtype)
+
+
 def add_l2sp(model, spec, alpha, loss_scale=None):
     """L2-SP: pull every body weight toward its current (pretrained) value with
     the penalty alpha/2 * ||w - w0||^2, in place of weight decay toward zero.
     The penalty's gradient alpha * (w - w0) is added by a gradient hook, so the
     training loop needs no change; the head keeps ordinary weight decay.
+    Returns the L2SP.
 
     Under AMP the hook sees gradients of the loss times the loss scale, which
     the optimizer step divides out again: `loss_scale()` (None without AMP)
@@ -81,23 +98,15 @@ def add_l2sp(model, spec, alpha, loss_scale=None):
     lowers the scale, like any other)."""
     statistics_ids = {id(p) for p in running_statistics(model)}
     no_decay = paddle.regularizer.L2Decay(0.0)
-
-    def pull(grad, param, start):
-        term = alpha * (param.detach().astype(start.dtype) - start)
-        scale = loss_scale() if loss_scale is not None else None
-        if scale is not None:
-            term = term * scale
-        return grad + term.astype(grad.dtype)
-
-    anchored = 0
+    l2sp = L2SP(alpha, loss_scale)
     for name, param in model.named_parameters():
         if id(param) in statistics_ids or match_prefix(name, spec.head):
             continue
         start = param.detach().clone()
-        param.register_hook(lambda grad, p=param, w0=start: pull(grad, p, w0))
+        param.register_hook(lambda grad, p=param, w0=start: l2sp.pull(grad, p, w0))
         param.regularizer = no_decay
-        anchored += int(param.size)
-    return anchored
+        l2sp.anchored += int(param.size)
+    return l2sp
 
 
 class GradualUnfreezer(paddle.callbacks.Callback):
@@ -108,9 +117,10 @@ class GradualUnfreezer(paddle.callbacks.Callback):
         self.network, self.spec, self.plan, self.state = network, spec, plan, state
 
     def on_epoch_begin(self, epoch, logs=None):
-        frozen = self.plan.frozen_stages_at(self.state.start_epoch + epoch)
+        run_epoch = self.state.run_epoch(epoch)
+        frozen = self.plan.frozen_stages_at(run_epoch)
         if frozen != self.state.frozen_stages:
             counts = set_frozen_stages(self.network, self.spec, frozen, self.plan.bn)
-            print(f"epoch {self.state.start_epoch + epoch + 1}: {frozen}/{self.plan.num_stages} stages frozen, "
+            print(f"epoch {run_epoch + 1}: {frozen}/{self.plan.num_stages} stages frozen, "
                   f"{counts['trainable_params']:,} trainable parameters")
             self.state.frozen_stages = frozen

@@ -13,15 +13,15 @@ from PIL import Image
 
 from paddle_tl.config import load_config
 from paddle_tl.data.datasets import build_dataset
-from paddle_tl.data.loaders import make_loader
+from paddle_tl.data.loaders import make_loader, map_batches
 from paddle_tl.data.transforms import eval_transform
-from paddle_tl.engine.evaluate import predict
 from paddle_tl.engine.report import (_unfreezing_points, most_confident_errors, predict_eval, report_command,
                                      write_report)
 from paddle_tl.engine.run_folder import trained_model
 from paddle_tl.engine.train import train
 from paddle_tl.errors import ConfigError
 from paddle_tl.metrics import classification_metrics
+from paddle_tl.models.static import dynamic_runner
 
 # "<b>&green" is a legal folder name and so a class name: the page must show it, not interpret it.
 CLASSES = ("red", "<b>&green", "blue")
@@ -90,7 +90,8 @@ def test_static_prediction_matches_the_dynamic_network(run):
     _paths, labels, logits, _names = predict_eval(cfg)
     network, _spec, pre, class_names = trained_model(cfg)
     dataset = build_dataset(cfg.DataLoader.Eval.dataset, "eval", eval_transform(pre), class_names=class_names)
-    expected, expected_labels = predict(network, make_loader(dataset, 8, shuffle=False, num_workers=0))
+    loader = make_loader(dataset, 8, shuffle=False, num_workers=0)
+    expected, expected_labels = map_batches(dynamic_runner(network), loader)
     assert np.array_equal(labels, expected_labels)
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(expected).max()))
 

@@ -199,7 +199,8 @@ def test_o2_checkpoints_hold_float32_that_eval_and_export_load(workspace, tmp_pa
 def test_amp_without_a_gpu_is_refused_before_training(workspace, tmp_path):
     if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
         pytest.skip("this machine has a GPU")
-    with pytest.raises(ConfigError, match="Global.amp: mixed precision needs Global.device=gpu"):
+    with pytest.raises(ConfigError, match=r"Global.amp=true cannot be combined with Global.device=auto \(found "
+                                          r"cpu only\): mixed precision needs a GPU"):
         train(make_cfg(workspace, tmp_path / "run", "Global.amp=true"))  # Global.device=auto found only the CPU
     assert not (tmp_path / "run").exists()
 
@@ -304,9 +305,9 @@ def test_early_stopping_stops_when_eval_stalls(workspace, tmp_path):
 
 
 def test_eval_interval_counts_run_epochs_and_always_scores_the_last():
-    fresh = callbacks.EvalSchedule(2, start_epoch=0, epochs=5)
+    fresh = callbacks.EvalSchedule(2, callbacks.RunState(0, [], 5), epochs=5)
     assert [local for local in range(5) if local % fresh == 0] == [1, 3, 4]  # epochs 2, 4 and the last, 5
-    resumed = callbacks.EvalSchedule(2, start_epoch=3, epochs=5)  # hapi's local epoch 0 is the run's epoch 4
+    resumed = callbacks.EvalSchedule(2, callbacks.RunState(0, [], 5, start_epoch=3), epochs=5)  # hapi's local epoch 0 is the run's epoch 4
     assert [local for local in range(2) if local % resumed == 0] == [0, 1]
 
 

@@ -111,8 +111,9 @@ def test_domain_adaptation_needs_a_body_that_trains():
     transfer = load_config(None, ["Transfer.domain_adaptation=mmd"]).Transfer
     plan = plan_transfer(transfer, 5, [40, 40], pretrained=True, similarity={"separability": 0.9})
     assert plan.strategy == "partial" and plan.frozen_stages == 2 and "domain adaptation" in plan.reason
-    with pytest.raises(ConfigError, match="Transfer.domain_adaptation: adapts the body's features, which "
-                                          "linear_probe keeps frozen"):
+    with pytest.raises(ConfigError, match="Transfer.domain_adaptation=dann cannot be combined with "
+                                          "Transfer.strategy=linear_probe: domain adaptation moves the body's "
+                                          "features, which linear_probe keeps frozen"):
         load_config(None, ["Transfer.domain_adaptation=dann", "Transfer.strategy=linear_probe"])
     with pytest.raises(ConfigError, match="Transfer.domain_adaptation: 'coral' is not one of"):
         load_config(None, ["Transfer.domain_adaptation=coral"])

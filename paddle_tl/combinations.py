@@ -1,0 +1,129 @@
+"""Which settings combine: every rule that refuses a pair of settings, in one
+table that tests enumerate.
+
+A rule names two settings, when each of them is "on", and why the pair cannot
+run. Most facts come from the config alone and are checked when it is read;
+the rest (the device `auto` resolves to, the number of data-parallel
+processes, how many stages the architecture has) only when training starts,
+before any work. A rule whose facts are not known yet is left for then.
+Fallbacks that still run (features not cached under data-parallel, say) are
+not refusals: engine/fit.py chooses those and says why.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from paddle_tl.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the rules look at: the config, and what only training knows."""
+    cfg: object
+    device: Optional[str] = None  # "cpu" or "gpu" once resolved; None while Global.device is auto
+    processes: Optional[int] = None  # data-parallel processes
+    stages: Optional[int] = None  # body stages of the architecture
+
+    @classmethod
+    def of_config(cls, cfg):
+        device = cfg.Global.device
+        return cls(cfg, device=None if device == "auto" else device)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One side of a rule: a key, a test of the facts (None: not known yet),
+    and how to show its value."""
+    key: str
+    is_on: Callable[[Facts], Optional[bool]]
+    shown: Callable[[Facts], str]
+
+
+@dataclass(frozen=True)
+class Rule:
+    first: Setting
+    second: Setting
+    why: str  # the problem, and what to do instead
+
+    def refuses(self, facts):
+        return bool(self.first.is_on(facts) and self.second.is_on(facts))
+
+    def message(self, facts):
+        return (f"{self.first.key}={self.first.shown(facts)} cannot be combined with "
+                f"{self.second.key}={self.second.shown(facts)}: {self.why}")
+
+
+def _config_value(path):
+    def value(facts):
+        node = facts.cfg
+        for part in path.split("."):
+            node = getattr(node, part)
+        return node
+    return value
+
+
+def _is(path, test):
+    value = _config_value(path)
+    return Setting(path, lambda facts: test(value(facts)), lambda facts: _yaml(value(facts)))
+
+
+def _yaml(value):
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _fact(key, name, test, shown):
+    """A setting whose fact is known only once training starts."""
+    def is_on(facts):
+        value = getattr(facts, name)
+        return None if value is None else test(value)
+    return Setting(key, is_on, lambda facts: shown(getattr(facts, name), facts))
+
+
+AMP = _is("Global.amp", bool)
+TO_STATIC = _is("Global.to_static", bool)
+ADAPTING = _is("Transfer.domain_adaptation", lambda method: method != "none")
+GRADUAL = _is("Transfer.strategy", lambda strategy: strategy == "gradual")
+LINEAR_PROBE = _is("Transfer.strategy", lambda strategy: strategy == "linear_probe")
+L2SP = _is("Transfer.l2sp_alpha", lambda alpha: alpha > 0)
+NOT_PRETRAINED = _is("Arch.pretrained", lambda pretrained: pretrained is False)
+CPU = _fact("Global.device", "device", lambda device: device == "cpu",
+            lambda device, facts: device if facts.cfg.Global.device == device else f"auto (found {device} only)")
+DATA_PARALLEL = _fact("data-parallel training", "processes", lambda processes: processes > 1,
+                      lambda processes, facts: f"{processes} processes")
+
+
+def _freezes_every_stage(facts):
+    """partial or gradual with Transfer.freeze_stages covering the whole body:
+    no stage of the body ever trains."""
+    transfer = facts.cfg.Transfer
+    if transfer.strategy not in ("partial", "gradual") or transfer.freeze_stages is None:
+        return False
+    return None if facts.stages is None else transfer.freeze_stages >= facts.stages
+
+
+FROZEN_BODY = Setting("Transfer.freeze_stages", _freezes_every_stage,
+                      lambda facts: f"{facts.cfg.Transfer.freeze_stages} (all {facts.stages} stages of "
+                                    f"{facts.cfg.Arch.name})")
+
+RULES = (
+    Rule(AMP, CPU, "mixed precision needs a GPU; set Global.amp=false or run on a GPU"),
+    Rule(TO_STATIC, GRADUAL, "stages unfrozen after the graph is traced would stay frozen; use partial or full, "
+                             "or Global.to_static=false"),
+    Rule(TO_STATIC, ADAPTING, "the per-step gradient-reversal and ramp coefficients would be traced as constants; "
+                              "use Global.to_static=false"),
+    Rule(ADAPTING, LINEAR_PROBE, "domain adaptation moves the body's features, which linear_probe keeps frozen; use "
+                                 "strategy partial, full, gradual or auto"),
+    Rule(ADAPTING, FROZEN_BODY, "domain adaptation moves the body's features, and no stage would train; lower "
+                                "Transfer.freeze_stages"),
+    Rule(ADAPTING, DATA_PARALLEL, "source/target pairs are not sharded across processes; train on one process"),
+    Rule(L2SP, NOT_PRETRAINED, "L2-SP pulls the body toward its pretrained weights, and there are none; set "
+                               "Arch.pretrained or Transfer.l2sp_alpha=0"),
+)
+
+
+def check_combinations(facts):
+    """Raise ConfigError for the first refused pair (its message names both
+    settings); rules whose facts are not known yet pass."""
+    for rule in RULES:
+        if rule.refuses(facts):
+            raise ConfigError(rule.message(facts))

@@ -1,0 +1,114 @@
+"""How a run is fitted: one chooser decides what hapi's loop trains and
+evaluates on, and says why; one builder per mode prepares it.
+
+- images: the network on images (augmented every epoch), the plain way.
+- cached_features: no stage of the body trains, so its features are computed
+  once (transfer/feature_cache.py) and only the head trains, on them.
+- domain_pairs: every batch holds labeled source and unlabeled target images,
+  and the loss adds a domain term (transfer/domain.py).
+
+Which settings may not combine at all is combinations.py's business; here
+every mode runs, and a fallback (features not cached under data-parallel,
+say) is a choice with its reason, not a refusal.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from paddle_tl.models.features import head_linear
+from paddle_tl.runtime import import_paddle
+from paddle_tl.transfer.domain import DomainSchedule, LabeledAccuracy, pair_collate, setup_domain_adaptation
+from paddle_tl.transfer.feature_cache import ViewSwitcher, cached_datasets
+
+paddle = import_paddle()
+
+
+@dataclass
+class Fit:
+    """What paddle.Model fits, on what, with which loss and metric."""
+    mode: str  # images, cached_features or domain_pairs
+    reason: str
+    network: object  # the whole network, its head alone, or the domain-adaptation wrapper
+    train_data: object
+    eval_data: object
+    input_spec: object  # of one input batch
+    loss: object
+    metric: object
+    workers: tuple  # loader workers (train, eval)
+    collate: Optional[Callable] = None  # how a training batch is put together (paddle's default when None)
+    callbacks: list = field(default_factory=list)  # what the mode needs told every epoch or step
+    extra_layers: dict = field(default_factory=dict)  # trained beside the network and checkpointed: name -> layer
+    record: dict = field(default_factory=dict)  # what metrics.json says about it
+
+
+def choose_fit_mode(cfg, plan, network, spec, processes):
+    """(mode, reason)."""
+    transfer = cfg.Transfer
+    if transfer.domain_adaptation != "none":
+        return "domain_pairs", (f"Transfer.domain_adaptation={transfer.domain_adaptation}: every step trains on "
+                                "labeled source and unlabeled target images")
+    not_cached = _why_not_cached(transfer, plan, network, spec, processes)
+    if not_cached:
+        return "images", f"features not cached: {not_cached}"
+    return "cached_features", ("no stage of the body trains: its features are computed once and the head trains "
+                               "on them")
+
+
+def _why_not_cached(transfer, plan, network, spec, processes):
+    if plan.always_frozen < plan.num_stages:
+        return "part of the body trains"
+    if not transfer.cache_features:
+        return "turned off (Transfer.cache_features=false)"
+    if processes > 1:
+        return "data-parallel training"
+    if plan.bn != "freeze":
+        return "Transfer.bn=train keeps updating BatchNorm statistics"
+    if head_linear(network, spec) is None:
+        return f"the head of {spec.name} is not a single Linear layer"
+    return None
+
+
+def prepare_fit(cfg, mode, reason, network, spec, pre, data, state, loss, metric, device):
+    """The Fit of `mode` (from choose_fit_mode)."""
+    return _BUILDERS[mode](cfg, reason, network, spec, pre, data, state, loss, metric, device)
+
+
+def _image_spec(pre):
+    return paddle.static.InputSpec([None, 3, pre.input_size, pre.input_size], "float32", "image")
+
+
+def _images(cfg, reason, network, spec, pre, data, state, loss, metric, device):
+    loaders = cfg.DataLoader
+    return Fit("images", reason, network, data.train, data.eval, _image_spec(pre), loss, metric,
+               workers=(loaders.Train.num_workers, loaders.Eval.num_workers))
+
+
+def _cached_features(cfg, reason, network, spec, pre, data, state, loss, metric, device):
+    views = cfg.Transfer.cache_views
+    print(f"frozen body: computing its features once, then training the head on them "
+          f"({views} view(s) per training image: the plain one + {views - 1} augmented)")
+    train_data, eval_data, head, feature_size = cached_datasets(
+        network, spec, pre.input_size, data.train, data.eval, data.eval_tf, data.train_tf, views,
+        cfg.DataLoader.Eval, cfg.Global.seed, device)
+    return Fit("cached_features", reason, head, train_data, eval_data,
+               paddle.static.InputSpec([None, feature_size], "float32", "features"), loss, metric,
+               workers=(0, 0),  # in-memory arrays
+               callbacks=[ViewSwitcher(train_data, state)], record={"cache_views": views})
+
+
+def _domain_pairs(cfg, reason, network, spec, pre, data, state, loss, metric, device):
+    transfer = cfg.Transfer
+    domain = setup_domain_adaptation(transfer, network, spec, data.train, data.target, loss, cfg.Global.seed)
+    print(f"domain adaptation ({domain.method}, weight {transfer.domain_weight:g}): "
+          f"{len(data.train)} labeled source and {len(data.target)} unlabeled target images; every step "
+          f"takes {cfg.DataLoader.Train.batch_size} of each")
+    return Fit("domain_pairs", reason, domain.network, domain.train_data, data.eval, _image_spec(pre), domain.loss,
+               LabeledAccuracy(topk=metric.topk), collate=pair_collate,
+               workers=(cfg.DataLoader.Train.num_workers, cfg.DataLoader.Eval.num_workers),
+               callbacks=[DomainSchedule(domain, state)], extra_layers=domain.extra_layers,
+               record={"method": domain.method, "weight": transfer.domain_weight,
+                       "target_images": len(data.target),
+                       "target_skipped_files": [path for path, _ in data.target.skipped]})
+
+
+_BUILDERS = {"images": _images, "cached_features": _cached_features, "domain_pairs": _domain_pairs}

@@ -1,0 +1,140 @@
+"""The one table of settings that cannot combine (paddle_tl/combinations.py):
+every rule refuses its pair with a message naming both settings, lets each
+side alone through, and its allowed neighbour trains."""
+
+import pytest
+import yaml
+
+from paddle_tl.combinations import RULES, Facts, check_combinations
+from paddle_tl.config import load_config
+from paddle_tl.engine import train as train_module
+from paddle_tl.engine.train import train
+from paddle_tl.errors import ConfigError
+from paddle_tl.models.zoo import get_spec
+from paddle_tl.runtime import import_paddle
+
+paddle = import_paddle()
+STAGES = len(get_spec("mobilenet_v1").stages)
+
+
+def _id(rule):
+    return f"{rule.first.key} x {rule.second.key}"
+
+
+# Per rule: overrides and training facts that turn both settings on, then the
+# same with one side off (each must pass), then the allowed neighbour that
+# trains here on CPU (None where it needs a GPU).
+CASES = {
+    "Global.amp x Global.device": (["Global.device=auto", "Global.amp=O1"], {"device": "cpu"},
+                                   [(["Global.device=auto", "Global.amp=false"], {"device": "cpu"}),
+                                    (["Global.device=auto", "Global.amp=O1"], {"device": "gpu"})], None),
+    "Global.to_static x Transfer.strategy": (["Global.to_static=true", "Transfer.strategy=gradual"], {},
+                                             [(["Transfer.strategy=gradual"], {}),
+                                              (["Global.to_static=true", "Transfer.strategy=partial"], {})],
+                                             ["Global.to_static=true", "Transfer.strategy=partial"]),
+    "Global.to_static x Transfer.domain_adaptation": (
+        ["Global.to_static=true", "Transfer.domain_adaptation=dann"], {},
+        [(["Transfer.domain_adaptation=dann"], {}), (["Global.to_static=true"], {})],
+        ["Transfer.domain_adaptation=dann", "Transfer.strategy=partial"]),
+    "Transfer.domain_adaptation x Transfer.strategy": (
+        ["Transfer.domain_adaptation=mmd", "Transfer.strategy=linear_probe"], {},
+        [(["Transfer.strategy=linear_probe"], {}), (["Transfer.domain_adaptation=mmd", "Transfer.strategy=full"], {})],
+        ["Transfer.domain_adaptation=mmd", "Transfer.strategy=full"]),
+    "Transfer.domain_adaptation x Transfer.freeze_stages": (
+        ["Transfer.domain_adaptation=dann", "Transfer.strategy=partial", f"Transfer.freeze_stages={STAGES}"],
+        {"stages": STAGES},
+        [(["Transfer.strategy=partial", f"Transfer.freeze_stages={STAGES}"], {"stages": STAGES}),
+         (["Transfer.domain_adaptation=dann", "Transfer.strategy=partial", f"Transfer.freeze_stages={STAGES - 1}"],
+          {"stages": STAGES})],
+        ["Transfer.domain_adaptation=dann", "Transfer.strategy=partial", f"Transfer.freeze_stages={STAGES - 1}"]),
+    "Transfer.domain_adaptation x data-parallel training": (
+        ["Transfer.domain_adaptation=mmd"], {"processes": 2},
+        [([], {"processes": 2}), (["Transfer.domain_adaptation=mmd"], {"processes": 1})],
+        ["Transfer.domain_adaptation=mmd", "Transfer.strategy=partial"]),
+    "Transfer.l2sp_alpha x Arch.pretrained": (
+        ["Transfer.l2sp_alpha=0.01", "Arch.pretrained=false"], {},
+        [(["Arch.pretrained=false"], {}), (["Transfer.l2sp_alpha=0.01"], {})],
+        ["Transfer.l2sp_alpha=0.01", "Transfer.strategy=full"]),
+}
+
+
+def test_every_rule_has_its_cases():
+    assert sorted(CASES) == sorted(_id(rule) for rule in RULES)
+
+
+def _facts(overrides, known):
+    """Facts of the default config with `overrides` set on it directly (so
+    that load_config's own check does not refuse the pair first)."""
+    cfg = load_config(None, [])
+    for override in overrides:
+        key, _, value = override.partition("=")
+        *sections, name = key.split(".")
+        node = cfg
+        for section in sections:
+            node = getattr(node, section)
+        setattr(node, name, yaml.safe_load(value))
+    return Facts(cfg, **known)
+
+
+@pytest.mark.parametrize("rule", RULES, ids=_id)
+def test_a_refused_pair_names_both_settings_and_each_side_alone_passes(rule):
+    on, known, alone, _neighbour = CASES[_id(rule)]
+    with pytest.raises(ConfigError) as refused:
+        check_combinations(_facts(on, known))
+    message = str(refused.value)
+    assert message.startswith(f"{rule.first.key}=") and f" with {rule.second.key}=" in message, message
+    assert rule.why in message
+    for overrides, facts in alone:
+        check_combinations(_facts(overrides, facts))
+
+
+def test_pairs_the_config_alone_shows_are_refused_when_it_is_read():
+    with pytest.raises(ConfigError, match=r"^Global.to_static=true cannot be combined with "
+                                          r"Transfer.strategy=gradual: stages unfrozen after"):
+        load_config(None, ["Global.to_static=true", "Transfer.strategy=gradual"])
+    with pytest.raises(ConfigError, match=r"^Global.amp=true cannot be combined with Global.device=cpu: "):
+        load_config(None, ["Global.device=cpu", "Global.amp=true"])
+    # Known only once training starts: the device auto finds, the stages, the processes.
+    load_config(None, ["Global.device=auto", "Global.amp=true"])
+    load_config(None, ["Transfer.domain_adaptation=dann", "Transfer.strategy=partial", "Transfer.freeze_stages=99"])
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, colour_folder):
+    base = tmp_path_factory.mktemp("combinations")
+    paddle.seed(3)
+    pretrained = base / "pretrained.pdparams"
+    paddle.save(paddle.vision.models.mobilenet_v1(scale=0.25, num_classes=1000).state_dict(), str(pretrained))
+    return {"train": colour_folder(base / "train", 6, 0), "val": colour_folder(base / "val", 2, 1),
+            "pretrained": pretrained}
+
+
+def _cfg(folders, run, *overrides):
+    return load_config(None, [
+        f"Global.output_dir={run}", "Global.epochs=1", "Global.seed=3",
+        "Arch.name=mobilenet_v1", "Arch.kwargs={scale: 0.25}", "Arch.input_size=32",
+        f"Arch.pretrained={folders['pretrained']}",
+        f"DataLoader.Train.dataset.root={folders['train']}", f"DataLoader.Eval.dataset.root={folders['val']}",
+        f"DataLoader.Target.dataset.root={folders['val']}",
+        "DataLoader.Train.batch_size=6", "DataLoader.Train.num_workers=0", "DataLoader.Eval.num_workers=0",
+        *overrides])
+
+
+def test_domain_adaptation_with_every_stage_frozen_is_refused_before_any_work(folders, tmp_path):
+    """It used to cache the frozen body's features and then crash in a
+    convolution fed cached feature vectors."""
+    run = tmp_path / "run"
+    cfg = _cfg(folders, run, "Transfer.domain_adaptation=dann", "Transfer.strategy=partial",
+               f"Transfer.freeze_stages={STAGES}")
+    with pytest.raises(ConfigError, match=rf"^Transfer.domain_adaptation=dann cannot be combined with "
+                                          rf"Transfer.freeze_stages={STAGES} \(all {STAGES} stages of mobilenet_v1\)"):
+        train(cfg)
+    assert not run.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", [rule for rule in RULES if CASES[_id(rule)][3] is not None], ids=_id)
+def test_the_allowed_neighbour_of_every_rule_trains(folders, tmp_path, monkeypatch, rule):
+    monkeypatch.setattr(train_module, "write_report", lambda run_dir: run_dir)  # the report is not under test
+    metrics = train(_cfg(folders, tmp_path / "run", *CASES[_id(rule)][3]))
+    assert metrics["epochs_run"] == 1
