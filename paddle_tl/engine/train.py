@@ -16,7 +16,7 @@ from paddle_tl.engine.losses import build_loss, class_weights
 from paddle_tl.engine.model import GuardedModel
 from paddle_tl.engine.optim import build_optimizer
 from paddle_tl.engine.report import write_report
-from paddle_tl.engine.run_folder import prepare_output_dir, require_free_space
+from paddle_tl.engine.run_folder import describe_model, prepare_output_dir, require_free_space
 from paddle_tl.errors import ConfigError, OutOfMemoryError
 from paddle_tl.files import write_json
 from paddle_tl.models.features import head_linear
@@ -99,6 +99,7 @@ def train(cfg):
     state = RunState(seed=g.seed, class_names=class_names, epochs=g.epochs)
     if resume_prefix is not None:
         state = _resume_weights(resume_prefix, network, class_names, g.epochs)
+    state.model = describe_model(spec, num_classes, cfg.Arch.kwargs, pre, class_names)  # in every checkpoint
     # A resumed run continues its schedule where it stopped; when Global.epochs
     # changed, that schedule no longer fits, so a new one spans the epochs left.
     same_schedule = state.epochs == g.epochs
