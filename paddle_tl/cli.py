@@ -10,17 +10,37 @@ import sys
 from paddle_tl.errors import UserError
 
 
-def _config_parser(prog, description):
+def _config_parser(prog, description, run_dir=False):
+    """run_dir: the command also takes a finished run folder instead of -c
+    (`paddle-tl eval RUN_DIR`), told apart by the positional argument."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("-c", "--config", required=True, help="YAML config file")
+    if run_dir:
+        parser.add_argument("run_dir", nargs="?", metavar="RUN_DIR",
+                            help="a finished run folder: its config.yaml and best_model, instead of -c")
+    parser.add_argument("-c", "--config", required=not run_dir, help="YAML config file")
     parser.add_argument("-o", "--override", action="append", default=[], metavar="Section.key=value",
                         help="override a config value (repeatable), e.g. -o Global.epochs=3")
     return parser
 
 
-def _load(args):
+def _load(args, parser=None, extra=()):
+    """The config of `-c CONFIG -o ...`, or of `RUN_DIR -o ...`; `extra`:
+    overrides from the command's own options, applied last."""
     from paddle_tl.config import load_config
-    return load_config(args.config, args.override)
+    run_dir = getattr(args, "run_dir", None)
+    if run_dir is None:
+        if args.config is None:
+            parser.error("-c/--config is required (or give a run folder: RUN_DIR)")
+        return load_config(args.config, [*args.override, *extra])
+    if args.config is not None:
+        parser.error("give either RUN_DIR or -c CONFIG, not both")
+    from paddle_tl.engine.run_folder import run_config
+    return run_config(run_dir, [*args.override, *extra])
+
+
+def _eval_data(folder):
+    from paddle_tl.engine.run_folder import eval_data_overrides
+    return eval_data_overrides(folder) if folder is not None else []
 
 
 def run_train(argv):
@@ -30,19 +50,29 @@ def run_train(argv):
 
 
 def run_eval(argv):
-    args = _config_parser("paddle-tl eval", "Evaluate Global.pretrained_model on the Eval split.").parse_args(argv)
+    parser = _config_parser("paddle-tl eval", "Evaluate Global.pretrained_model (or RUN_DIR's best_model) "
+                                              "on the Eval split.", run_dir=True)
+    parser.add_argument("--data", metavar="FOLDER",
+                        help="evaluate on this folder of class sub-folders instead of the Eval dataset")
+    args = parser.parse_args(argv)
     from paddle_tl.engine.evaluate import evaluate
-    result = evaluate(_load(args))
+    result = evaluate(_load(args, parser, _eval_data(args.data)))
     print(json.dumps(result))
 
 
 def run_export(argv):
-    parser = _config_parser("paddle-tl export", "Export a static inference model.")
+    parser = _config_parser("paddle-tl export", "Export a static inference model of Global.pretrained_model "
+                                                "(or RUN_DIR's best_model).", run_dir=True)
+    parser.add_argument("--output", metavar="DIR",
+                        help="the inference folder (Global.save_inference_dir); required with RUN_DIR")
     parser.add_argument("--onnx", action="store_true",
                         help="also write inference.onnx (paddle2onnx; needs the onnx extra) and check its parity")
     args = parser.parse_args(argv)
+    if args.run_dir is not None and args.output is None:
+        parser.error("--output DIR is required with RUN_DIR")
     from paddle_tl.deploy.export import export
-    export(_load(args), onnx=args.onnx)
+    output = [f"Global.save_inference_dir={args.output}"] if args.output is not None else []
+    export(_load(args, parser, output), onnx=args.onnx)
 
 
 def run_check_data(argv):

@@ -239,6 +239,12 @@ class Config:
     DataLoader: DataLoaderConfig = field(default_factory=DataLoaderConfig)
     Metric: MetricConfig = field(default_factory=MetricConfig)
 
+    # The dotted keys the user wrote (in the YAML or an `-o`), e.g.
+    # "Arch.input_size": a value left at its default is no statement, so
+    # only these can contradict what a checkpoint records
+    # (run_folder.trained_model). Not a field: config.yaml never holds it.
+    given = frozenset()
+
     def to_dict(self):
         return dataclasses.asdict(self)
 
@@ -295,7 +301,21 @@ def from_dict(raw):
     cfg = _build(Config, raw, "")
     # Pairs of settings that cannot run together, as far as the config alone tells.
     check_combinations(Facts.of_config(cfg))
+    cfg.given = frozenset(_written_keys(Config, raw or {}, ""))
     return cfg
+
+
+def _written_keys(cls, raw, at):
+    """The dotted keys of the values in `raw` (already validated against
+    `cls`): sections are walked into, a value that is a mapping (Arch.kwargs)
+    is one key."""
+    hints = typing.get_type_hints(cls)
+    for name, value in raw.items():
+        key = _join(at, name)
+        if dataclasses.is_dataclass(hints[name]):
+            yield from _written_keys(hints[name], value or {}, key)
+        else:
+            yield key
 
 
 def _build(cls, raw, at):

@@ -2,6 +2,7 @@
 private HOME (paddle and VisualDL write caches under it)."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -91,3 +92,28 @@ def train_killed_after():
                 train(cfg)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One real 1-epoch run (random mobilenet_v1 x0.25 at 64 px, red/green/blue
+    images), trained once for the session: its folder, Eval images and
+    config.yaml, for the tests of eval and export from a run folder."""
+    from paddle_tl.config import load_config
+    from paddle_tl.engine.train import train
+
+    base = tmp_path_factory.mktemp("trained_run")
+    val = colour_images(base / "val", 4, 1)
+    overrides = [
+        f"Global.output_dir={base / 'run'}", "Global.epochs=1", "Global.seed=5", "Global.device=cpu",
+        "Arch.name=mobilenet_v1", "Arch.kwargs={scale: 0.25}", "Arch.input_size=64", "Arch.pretrained=false",
+        "Transfer.strategy=full", f"DataLoader.Train.dataset.root={colour_images(base / 'train', 6, 0)}",
+        f"DataLoader.Eval.dataset.root={val}", "DataLoader.Train.batch_size=6", "DataLoader.Train.num_workers=0",
+        "DataLoader.Eval.batch_size=6", "DataLoader.Eval.num_workers=0", "Optimizer.lr.learning_rate=0.05"]
+    # Session fixtures run before the per-test private HOME: give training its own.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HOME", str(tmp_path_factory.mktemp("home")))
+        metrics = train(load_config(None, overrides))
+    run = base / "run"
+    return SimpleNamespace(dir=run, val=val, config=run / "config.yaml", best=run / "best_model", metrics=metrics,
+                           input_size=64)

@@ -107,6 +107,22 @@ def test_resolved_config_round_trips(tmp_path):
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["Global"]["epochs"] == 2
 
 
+def test_config_remembers_the_keys_written_but_does_not_save_them(tmp_path):
+    """Config.given: what the YAML and the -o overrides wrote, as dotted keys
+    (a mapping value such as Arch.kwargs is one key); defaults are not in it."""
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump({"Arch": {"name": "resnet18", "kwargs": {"scale": 0.5}}, "Loss": None,
+                                    "DataLoader": {"Eval": {"dataset": {"root": "/data/val"}}}}))
+    cfg = load_config(path, ["Arch.input_size=160", "Global.epochs=3"])
+    assert cfg.given == frozenset({"Arch.name", "Arch.kwargs", "Arch.input_size", "Global.epochs",
+                                   "DataLoader.Eval.dataset.root"})
+    assert load_config().given == frozenset()
+    cfg.save(tmp_path / "config.yaml")
+    assert "given" not in (tmp_path / "config.yaml").read_text()
+    # A saved config states every key.
+    assert {"Arch.name", "Arch.num_classes", "Global.seed"} <= load_config(tmp_path / "config.yaml").given
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
     load_config(path)

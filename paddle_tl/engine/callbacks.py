@@ -34,6 +34,9 @@ class RunState:
     best_epoch: int = -1
     epochs_without_improvement: int = 0
     history: list = field(default_factory=list)  # one dict per finished epoch
+    # The network and its preprocessing (run_folder.describe_model), so that
+    # eval and export rebuild what trained rather than what a config says.
+    model: dict = field(default_factory=dict)
     # The row of the epoch being trained; callbacks may add columns (not saved).
     row = None
 

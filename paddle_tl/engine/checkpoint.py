@@ -2,7 +2,8 @@
 
 A checkpoint is three files sharing a prefix: `<prefix>.pdparams` (a plain
 state dict: what eval and export load), `<prefix>.pdopt` (optimizer and
-scheduler state) and `<prefix>.state.json` (epoch, best score, history). Each
+scheduler state) and `<prefix>.state.json` (epoch, best score, history, and
+under `model` the network and its preprocessing: run_folder.describe_model). Each
 file is written to a temporary name and renamed, so a kill leaves either the
 old or the new file, never a torn one; the files are renamed only once all
 are written (a full disk leaves the old checkpoint whole), `state.json`

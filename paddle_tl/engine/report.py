@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from paddle_tl.config import load_config
 from paddle_tl.data.datasets import load_rgb
 from paddle_tl.data.loaders import map_batches
 from paddle_tl.engine.evaluate import eval_split
+from paddle_tl.engine.run_folder import run_config
 from paddle_tl.errors import ConfigError
 from paddle_tl.metrics import classification_metrics
 from paddle_tl.models.static import fastest_runner
@@ -36,7 +36,7 @@ def write_report(run_dir):
         raise ConfigError(f"{run_dir} has no metrics.json: not the folder of a finished training run")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     config_file = run_dir / "config.yaml"
-    cfg = load_config(config_file, ["Global.pretrained_model=" + str(run_dir / "best_model")])
+    cfg = run_config(run_dir)  # best_model, rebuilt as it trained (its checkpoint's record)
     started = time.perf_counter()
     paths, labels, logits, class_names = predict_eval(cfg)
     predict_seconds = time.perf_counter() - started

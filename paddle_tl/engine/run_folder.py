@@ -7,9 +7,10 @@ import shutil
 import time
 from pathlib import Path
 
+from paddle_tl.config import load_config
 from paddle_tl.data.transforms import Preprocess
 from paddle_tl.engine.checkpoint import STATE_SUFFIX, load_weights
-from paddle_tl.errors import ConfigError, DiskFullError
+from paddle_tl.errors import ConfigError, DataError, DiskFullError
 from paddle_tl.models.zoo import build_model, get_spec
 
 
@@ -67,9 +68,36 @@ def _size(num_bytes):
     return f"{num_bytes / 1e6:.1f} MB"
 
 
+def describe_model(spec, num_classes, kwargs, pre, class_names):
+    """What a checkpoint records of its network (RunState.model), so that it
+    describes itself: whoever loads the weights gets the architecture and the
+    preprocessing that go with them (as torchvision's Weights carry their
+    transforms, or timm's pretrained_cfg), whatever config is at hand then."""
+    return {
+        "arch": spec.name,
+        "kwargs": dict(kwargs),  # Arch.kwargs, the constructor's extra arguments
+        "num_classes": num_classes,
+        "head": list(spec.head),  # the layers built for this task (not loaded from ImageNet)
+        "preprocess": pre.to_dict(),  # resize_short, input_size, mean, std, channel_order
+        "class_names": list(class_names),
+    }
+
+
+def rebuild_model(record, prefix):
+    """(network, spec, preprocess, class_names) from describe_model's record,
+    with the checkpoint's weights loaded and the network in eval mode."""
+    spec = get_spec(record["arch"])
+    network = build_model(spec.name, record["num_classes"], **record["kwargs"])
+    load_weights(network, prefix)
+    network.eval()
+    return network, spec, Preprocess.from_dict(record["preprocess"]), list(record["class_names"])
+
+
 def trained_model(cfg):
     """The fine-tuned network named by Global.pretrained_model, with its
-    preprocessing and class names (recorded in the checkpoint's state)."""
+    preprocessing and class names: as the checkpoint records them (see
+    describe_model), refusing a config that says otherwise; a checkpoint
+    written before that record is built from the config, as it always was."""
     if not cfg.Global.pretrained_model:
         raise ConfigError("Global.pretrained_model: required; point it at a run's best_model "
                           "(e.g. -o Global.pretrained_model=output/run/best_model)")
@@ -80,9 +108,57 @@ def trained_model(cfg):
     if not state_file.is_file():
         raise ConfigError(f"Global.pretrained_model: {state_file} not found; expected a checkpoint "
                           "written by paddle_tl training (e.g. RUN/best_model)")
-    class_names = json.loads(state_file.read_text())["class_names"]
-    spec = get_spec(cfg.Arch.name)
-    network = build_model(spec.name, cfg.Arch.num_classes or len(class_names), **cfg.Arch.kwargs)
-    load_weights(network, prefix)
-    network.eval()
-    return network, spec, Preprocess.from_spec(spec, cfg.Arch.input_size), class_names
+    state = json.loads(state_file.read_text())
+    record = state.get("model")
+    if not record:  # written before checkpoints recorded their network: built from the config
+        class_names = state["class_names"]
+        spec = get_spec(cfg.Arch.name)
+        network = build_model(spec.name, cfg.Arch.num_classes or len(class_names), **cfg.Arch.kwargs)
+        load_weights(network, prefix)
+        network.eval()
+        return network, spec, Preprocess.from_spec(spec, cfg.Arch.input_size), class_names
+    trained_arch = {"name": record["arch"], "kwargs": record["kwargs"], "num_classes": record["num_classes"],
+                    "input_size": record["preprocess"]["input_size"]}
+    # A key the user wrote (Config.given) that says otherwise is refused, not
+    # obeyed: a network built or fed otherwise than it trained still loads,
+    # evaluates and exports, only wrongly (a 224-px run exported at 160 px
+    # passes its own parity check). A key left out, or null, says nothing.
+    for name, value in trained_arch.items():
+        asked = getattr(cfg.Arch, name)
+        if f"Arch.{name}" in cfg.given and asked is not None and asked != value:
+            raise ConfigError(f"Arch.{name}: {asked} contradicts the run, which trained with "
+                              f"Arch.{name}={value} ({prefix}); leave it out")
+    trained = rebuild_model(record, prefix)
+    # cfg.Arch now says what trained, for what reads it later (inference.yml's num_classes).
+    for name, value in trained_arch.items():
+        setattr(cfg.Arch, name, value)
+    return trained
+
+
+def run_config(run_dir, overrides=()):
+    """The config of a finished run folder, for `paddle-tl eval|export|report
+    RUN_DIR`: RUN_DIR/config.yaml (so the dataset roots need not be stated
+    again) with RUN_DIR/best_model as Global.pretrained_model, then
+    `overrides`. Without config.yaml (a checkpoint copied alone), the
+    defaults, which the checkpoint's record completes."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run folder {run_dir} {'is not a folder' if run_dir.exists() else 'does not exist'}")
+    best = run_dir / "best_model"
+    if not Path(str(best) + STATE_SUFFIX).is_file():
+        raise ConfigError(f"{run_dir} is not a run folder: it has no best_model{STATE_SUFFIX} "
+                          "(write one with paddle-tl train)")
+    config_file = run_dir / "config.yaml"
+    return load_config(config_file if config_file.is_file() else None,
+                       [f"Global.pretrained_model={best}", *overrides])
+
+
+def eval_data_overrides(folder):
+    """`--data FOLDER`: the overrides that make an ImageFolder the Eval
+    dataset, in place of whatever the config had (a list file, elpv)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        problem = "is not a folder" if folder.exists() else "does not exist"
+        raise DataError(f"--data: {folder} {problem}; give a folder of class sub-folders")
+    return ["DataLoader.Eval.dataset.name=ImageFolder", f"DataLoader.Eval.dataset.root={folder}",
+            "DataLoader.Eval.dataset.list_file=null", "DataLoader.Eval.dataset.label_names_file=null"]

@@ -25,7 +25,7 @@ from paddle_tl.engine.losses import build_loss, class_weights
 from paddle_tl.engine.model import GuardedModel
 from paddle_tl.engine.optim import build_optimizer
 from paddle_tl.engine.report import write_report
-from paddle_tl.engine.run_folder import prepare_output_dir, require_free_space
+from paddle_tl.engine.run_folder import describe_model, prepare_output_dir, require_free_space
 from paddle_tl.errors import ConfigError, OutOfMemoryError
 from paddle_tl.files import write_json
 from paddle_tl.models.features import head_linear
@@ -171,6 +171,8 @@ def start_state(cfg, run, net, plan, data):
     state = RunState(seed=g.seed, class_names=data.class_names, epochs=g.epochs)
     if run.resume is not None:
         state = _resumed_state(run.resume, net.layer, data.class_names, g.epochs)
+    # In every checkpoint, a resumed older one's too: what eval and export rebuild.
+    state.model = describe_model(net.spec, data.num_classes, cfg.Arch.kwargs, data.pre, data.class_names)
     state.frozen_stages = plan.frozen_stages_at(state.start_epoch)
     counts = net.counts = set_frozen_stages(net.layer, net.spec, state.frozen_stages, plan.bn)
     print(f"strategy: {plan.strategy} ({plan.reason}); {state.frozen_stages}/{plan.num_stages} stages "

@@ -24,7 +24,7 @@ from paddle_tl.deploy.export import export
 from paddle_tl.engine.checkpoint import save_checkpoint
 from paddle_tl.engine.evaluate import evaluate
 from paddle_tl.engine.run_folder import trained_model
-from paddle_tl.errors import ExportError
+from paddle_tl.errors import ConfigError, ExportError
 from paddle_tl.predict.predictor import OnnxModel, Predictor, folder_logits, list_inputs
 from paddle_tl.predict.predictor import main as infer_main
 from paddle_tl.predict.predictor import time_batches
@@ -459,3 +459,58 @@ def test_infer_writes_csv(run, exported, capsys):
 
     with pytest.raises(SystemExit):  # per-image files mean nothing for --eval
         infer_main(["--model_dir", str(exported), "--input", str(run.data), "--eval", "--csv", str(table)])
+
+
+# ---------------------------------------------------------------- a trained run folder
+
+def test_export_refuses_an_input_size_the_run_did_not_train_at(trained_run, tmp_path, capsys):
+    out = tmp_path / "inference"
+    assert cli.main(["export", "-c", str(trained_run.config), "-o", f"Global.pretrained_model={trained_run.best}",
+                     "-o", f"Global.save_inference_dir={out}", "-o", "Arch.input_size=96"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: Arch.input_size: 96 contradicts the run, which trained with Arch.input_size=64 "
+        f"({trained_run.best}); leave it out"]
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="^Arch.name: resnet18 contradicts the run"):
+        export(load_config(trained_run.config, [f"Global.pretrained_model={trained_run.best}",
+                                                f"Global.save_inference_dir={out}", "Arch.name=resnet18"]))
+
+
+def test_export_of_a_run_writes_the_preprocessing_it_trained_with(trained_run, tmp_path):
+    """A config that states no Arch at all (mobilenet_v2 and 224 px by
+    default, unwritten): the checkpoint's record decides."""
+    out = tmp_path / "inference"
+    export(load_config(None, [f"Global.pretrained_model={trained_run.best}", f"Global.save_inference_dir={out}"]))
+    meta = yaml.safe_load((out / "inference.yml").read_text())
+    assert (meta["arch"], meta["num_classes"], meta["class_names"]) == ("mobilenet_v1", 3, ["blue", "green", "red"])
+    assert meta["preprocess"]["input_size"] == trained_run.input_size == 64
+    assert meta["preprocess"]["resize_short"] == 73
+    assert Predictor(out).pre == Preprocess(64, 73, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def test_export_and_eval_of_a_run_folder(trained_run, tmp_path, capsys):
+    """`paddle-tl export RUN_DIR --output DIR`, with no config: parity on the
+    run's Eval images, and infer --eval on the export prints what `paddle-tl
+    eval RUN_DIR` prints."""
+    out = tmp_path / "inference"
+    assert cli.main(["export", str(trained_run.dir), "--output", str(out)]) == 0
+    assert "Paddle Inference parity on 8 Eval images" in capsys.readouterr().out
+    assert yaml.safe_load((out / "inference.yml").read_text())["exported_from"] == str(trained_run.best)
+    assert cli.main(["eval", str(trained_run.dir)]) == 0
+    evaluated = json.loads(capsys.readouterr().out.splitlines()[-1])
+    infer_main(["--model_dir", str(out), "--input", str(trained_run.val), "--eval"])
+    inferred = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert inferred["num_images"] == evaluated["num_images"] == 12
+    for key in ("top1", "per_class", "confusion_matrix"):
+        assert inferred[key] == evaluated[key], key
+    assert inferred["loss"] == pytest.approx(evaluated["loss"], abs=1e-5)
+
+
+def test_export_tool_takes_a_run_folder(trained_run, tmp_path):
+    out = tmp_path / "inference"
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "export_model.py"), str(trained_run.dir),
+                           "--output", str(out)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, HOME=str(tmp_path / "home")), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "top-1 agreement 8/8" in done.stdout
+    assert yaml.safe_load((out / "inference.yml").read_text())["preprocess"]["input_size"] == 64
