@@ -153,6 +153,9 @@ def build_dataset(cfg, side, transform, class_names=None):
         raise DataError(f"unknown dataset {cfg.name!r}")
 
     where = _describe(cfg)
+    if side == "train" and len(names) < 2:
+        # Refused before the images are decoded: nothing else could be learned.
+        raise DataError(f"{where}: only one class found ({names[0]!r}); a classifier needs at least two")
     if class_names is not None:
         samples = _align_to(samples, names, list(class_names), where)
         names = list(class_names)
