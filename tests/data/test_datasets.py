@@ -88,6 +88,8 @@ def test_training_decodes_large_jpegs_reduced_and_evaluation_in_full(tmp_path):
     smooth = np.stack([255 * x, 255 * y, 127 + 100 * np.sin(6 * x + 4 * y)], axis=-1).astype(np.uint8)
     (tmp_path / "data" / "a").mkdir(parents=True)
     Image.fromarray(smooth).save(tmp_path / "data" / "a" / "big.jpg", quality=95)
+    (tmp_path / "data" / "b").mkdir()  # a classifier needs two classes
+    Image.fromarray(smooth[:64, :64]).save(tmp_path / "data" / "b" / "small.jpg")
     path = tmp_path / "data" / "a" / "big.jpg"
     pre = Preprocess(64, 73, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     augment = TrainTransform(pre, AugmentConfig(crop_scale=[1.0, 1.0], hflip=False))  # a square's only crop: all of it
