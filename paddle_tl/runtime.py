@@ -17,7 +17,7 @@ from paddle_tl.errors import ConfigError, PaddleMissingError
 INSTALL_HINT = (
     "PaddlePaddle is not installed. Install the CPU build with "
     "`pip install -e \".[cpu]\"` (paddlepaddle 3.x) or a GPU build from "
-    "Paddle's own package index (see README, 'GPU')."
+    "Paddle's own package index (see docs/gpu.md)."
 )
 
 

@@ -186,5 +186,5 @@ def adaptation_scores(tmp_path_factory, shared_dir):
 def test_adaptation_beats_source_only_on_a_synthetic_shift(adaptation_scores, method):
     """Shapes learned on black backgrounds, scored on shapes blended into
     colour textures, where source-only training stays near chance (1/3).
-    `python bench/synthetic_shift.py` runs this for several seeds (README)."""
+    `python bench/synthetic_shift.py` runs this for several seeds (docs/domain_adaptation.md)."""
     assert adaptation_scores[method] >= adaptation_scores["none"] + 0.1, adaptation_scores
