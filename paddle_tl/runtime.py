@@ -87,5 +87,5 @@ def _progress_lines(iterable, desc, total, unit, stream):
         done += 1
         if quarters and done >= quarters[0]:
             quarters = [q for q in quarters if q > done]
-            say(f"{100 * done // total}% ({done}/{total} {unit}, {time.perf_counter() - start:.1f} s)")
+            say(f"{round(100 * done / total)}% ({done}/{total} {unit}, {time.perf_counter() - start:.1f} s)")
     say(f"done, {done} {unit} in {time.perf_counter() - start:.1f} s")
