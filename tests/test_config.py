@@ -112,6 +112,7 @@ def test_shipped_configs_validate(path):
     load_config(path)
 
 
+@pytest.mark.slow
 def test_command_line_refuses_typo_before_any_work(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "tools" / "train.py"), "-c", str(REPO / "configs" / "quickstart.yaml"),
