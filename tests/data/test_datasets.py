@@ -88,6 +88,8 @@ def test_training_decodes_large_jpegs_reduced_and_evaluation_in_full(tmp_path):
     smooth = np.stack([255 * x, 255 * y, 127 + 100 * np.sin(6 * x + 4 * y)], axis=-1).astype(np.uint8)
     (tmp_path / "data" / "a").mkdir(parents=True)
     Image.fromarray(smooth).save(tmp_path / "data" / "a" / "big.jpg", quality=95)
+    (tmp_path / "data" / "b").mkdir()  # a classifier needs two classes
+    Image.fromarray(smooth[:64, :64]).save(tmp_path / "data" / "b" / "small.jpg")
     path = tmp_path / "data" / "a" / "big.jpg"
     pre = Preprocess(64, 73, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     augment = TrainTransform(pre, AugmentConfig(crop_scale=[1.0, 1.0], hflip=False))  # a square's only crop: all of it
@@ -166,6 +168,34 @@ def test_empty_class_folder_refused(tiny_image_folder):
     (root / "owl" / "readme.txt").write_text("no images yet")
     with pytest.raises(DataError, match="class folder .*owl has no images"):
         build_dataset(folder_config(root), "train", None)
+
+
+def test_a_single_class_folder_is_refused_before_decoding(tiny_image_folder, monkeypatch):
+    root = tiny_image_folder(classes=("cat",))
+    monkeypatch.setattr("paddle_tl.data.datasets._drop_unreadable", lambda samples: pytest.fail("decoded"))
+    with pytest.raises(DataError, match=rf"ImageFolder {root}: only one class found \('cat'\)") as caught:
+        build_dataset(folder_config(root), "train", None)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_single_class_is_fine_to_evaluate(tiny_image_folder):
+    root = tiny_image_folder(classes=("cat",))
+    assert build_dataset(folder_config(root), "eval", None, class_names=["cat", "dog"]).class_counts() == [6, 0]
+
+
+def test_single_class_training_folder_is_one_line_from_the_cli(tiny_image_folder, tmp_path, capsys):
+    from paddle_tl import cli
+    root = tiny_image_folder(classes=("cat",))
+    config = tmp_path / "one_class.yaml"
+    config.write_text(f"DataLoader:\n  Train:\n    dataset: {{name: ImageFolder, root: {root}}}\n"
+                      f"  Eval:\n    dataset: {{name: ImageFolder, root: {root}}}\n")
+    code = cli.main(["train", "-c", str(config), "-o", f"Global.output_dir={tmp_path / 'run'}",
+                     "-o", "Arch.pretrained=false", "-o", "Transfer.strategy=auto", "-o", "Global.device=cpu"])
+    stderr = capsys.readouterr().err
+    assert code == 2
+    assert stderr.strip().splitlines()[-1] == (f"error: ImageFolder {root}: only one class found ('cat'); "
+                                               "a classifier needs at least two")
+    assert "Traceback" not in stderr
 
 
 @pytest.mark.parametrize("layout", ["missing", "file", "no_class_folders"])
@@ -278,6 +308,18 @@ def test_class_without_samples_refused_for_training(listed):
     path = listed(["my images/img 0.png 0", "my images/img 1.png 2"])
     with pytest.raises(DataError, match=r"\['1'\]"):
         build_dataset(list_config(path), "train", None)
+
+
+@pytest.mark.parametrize("names_text", [None, "ant\n"])
+def test_a_single_class_list_is_refused(listed, tmp_path, names_text):
+    kwargs = {}
+    if names_text is not None:
+        (tmp_path / "names.txt").write_text(names_text)
+        kwargs["label_names_file"] = str(tmp_path / "names.txt")
+    path = listed(["my images/img 0.png 0", "my images/img 1.png 0"])
+    name = "0" if names_text is None else "ant"
+    with pytest.raises(DataError, match=rf"list file {path}: only one class found \('{name}'\)"):
+        build_dataset(list_config(path, **kwargs), "train", None)
 
 
 def test_eval_list_names_are_mapped_to_training_indices(listed, tmp_path):

@@ -203,6 +203,7 @@ def test_bn_frozen_network_exports_in_inference_form(run, monkeypatch, capsys):
 
 # ---------------------------------------------------------------- ONNX
 
+@pytest.mark.slow
 def test_onnx_export_matches_dynamic_graph(run, capsys):
     _require_onnx()
     out = export(_config(run), onnx=True)
@@ -243,6 +244,7 @@ def test_onnx_parity_check_fails_on_a_wrong_onnx_model(run, monkeypatch):
         export(_config(run), onnx=True)
 
 
+@pytest.mark.slow
 def test_missing_onnx_extra_is_one_line_error(run, exported, tmp_path, monkeypatch, capsys):
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"Arch": {"name": "mobilenet_v1", "kwargs": {"scale": 0.25}, "input_size": 64}}))
@@ -265,6 +267,7 @@ def test_missing_onnx_extra_is_one_line_error(run, exported, tmp_path, monkeypat
 
 # ---------------------------------------------------------------- inference.yml
 
+@pytest.mark.slow
 def test_inference_yml_drives_preprocessing(run):
     export(_config(run, "Arch.input_size=96"))
     predictor = Predictor(run.inference)
@@ -353,6 +356,7 @@ def _export_with_the_tool(run, tmp_path, **env_extra):
     return env
 
 
+@pytest.mark.slow
 def test_command_line_tools(run, tmp_path):
     """export_model.py and infer.py the way a user runs them."""
     env = _export_with_the_tool(run, tmp_path)
@@ -368,6 +372,7 @@ def test_command_line_tools(run, tmp_path):
     assert inferred.stdout.splitlines() == output.read_text().splitlines()
 
 
+@pytest.mark.slow
 def test_legacy_program_export_on_request(run, tmp_path):
     """FLAGS_enable_pir_api=0 (read when paddle is imported) writes the legacy
     inference.pdmodel, for Paddle Inference 2.x; the predictor loads it."""
@@ -379,6 +384,7 @@ def test_legacy_program_export_on_request(run, tmp_path):
 # ---------------------------------------------------------------- infer --eval, --benchmark, --csv
 
 @pytest.mark.parametrize("backend", ["paddle", "onnx"])
+@pytest.mark.slow
 def test_infer_eval_matches_evaluate(run, backend, capsys):
     """infer --eval on the Eval folder prints what `paddle-tl eval` prints,
     from the same predicted class for every image."""

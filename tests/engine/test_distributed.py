@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from paddle_tl.config import load_config
 from paddle_tl.engine.train import train
@@ -15,6 +16,7 @@ from paddle_tl.runtime import import_paddle
 
 paddle = import_paddle()
 REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow  # two training processes
 
 
 def test_two_processes_train_like_one_with_the_global_batch(colour_folder, tmp_path, shared_dir):

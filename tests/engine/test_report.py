@@ -53,6 +53,7 @@ def _cfg(run):
     return load_config(run / "config.yaml", ["Global.pretrained_model=" + str(run / "best_model")])
 
 
+@pytest.mark.slow
 def test_every_file_is_written_and_valid(run, report):
     folder = run / "report"
     assert report == folder / "index.html"
@@ -67,6 +68,7 @@ def test_every_file_is_written_and_valid(run, report):
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
 
 
+@pytest.mark.slow
 def test_per_class_csv_equals_classification_metrics(run, report):
     paths, labels, logits, class_names = predict_eval(_cfg(run))
     scores = classification_metrics(logits, labels, class_names)
@@ -85,6 +87,7 @@ def test_per_class_csv_equals_classification_metrics(run, report):
     assert [Path(path).parent.name for path in paths] == [class_names[label] for label in labels]
 
 
+@pytest.mark.slow
 def test_static_prediction_matches_the_dynamic_network(run):
     cfg = _cfg(run)
     _paths, labels, logits, _names = predict_eval(cfg)
@@ -96,6 +99,7 @@ def test_static_prediction_matches_the_dynamic_network(run):
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(expected).max()))
 
 
+@pytest.mark.slow
 def test_index_html_is_escaped_self_contained_and_complete(run, report):
     page = report.read_text(encoding="utf-8")
     metrics = json.loads((run / "metrics.json").read_text())
@@ -129,6 +133,7 @@ def test_unfreezing_markers_sit_where_frozen_stages_change():
     assert _unfreezing_points(history) == [(3, 4), (4, 3)]
 
 
+@pytest.mark.slow
 def test_report_command_prints_the_page_and_refuses_a_folder_without_a_run(run, report, tmp_path, capsys):
     report_command([str(run)])
     assert capsys.readouterr().out.strip() == str(report)

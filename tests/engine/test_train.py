@@ -68,6 +68,7 @@ def _weights(path):
     return {k: v.numpy() for k, v in paddle.load(str(path)).items()}
 
 
+@pytest.mark.slow
 def test_partial_finetune_freezes_bottom_stages_exactly(workspace, tmp_path):
     run = tmp_path / "run"
     metrics = train(make_cfg(workspace, run, "Transfer.strategy=partial", "Transfer.freeze_stages=3"))
@@ -101,6 +102,7 @@ def test_partial_finetune_freezes_bottom_stages_exactly(workspace, tmp_path):
     assert len(reader.get_data("scalar", "eval/top1")) == 2
 
 
+@pytest.mark.slow
 def test_epoch_throughput_counts_training_steps_only(workspace, tmp_path, monkeypatch):
     """A fake clock: every training step takes 1 s, every evaluation step
     1000 s. train_seconds must see the training steps and nothing else."""
@@ -205,6 +207,7 @@ def test_amp_without_a_gpu_is_refused_before_training(workspace, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_to_static_trains_like_the_dynamic_graph_and_exports(workspace, tmp_path):
     """Global.to_static on CPU: the static graph trains what the dynamic one
     does (frozen stages and their BatchNorm statistics untouched), and its
@@ -243,6 +246,7 @@ def test_to_static_trains_like_the_dynamic_graph_and_exports(workspace, tmp_path
     export(cfg)  # with its parity check
 
 
+@pytest.mark.slow
 def test_linear_probe_on_cached_features_learns_and_matches_eval(workspace, tmp_path, shared_dir):
     run = tmp_path / "run"
     imagenet = shared_dir / "weights" / "mobilenet_v1_x0.25_imagenet.pdparams"
@@ -261,6 +265,7 @@ def test_linear_probe_on_cached_features_learns_and_matches_eval(workspace, tmp_
     assert evaluate(cfg)["top1"] == pytest.approx(metrics["best_top1"])
 
 
+@pytest.mark.slow
 def test_bn_train_keeps_weights_but_updates_statistics(workspace, tmp_path):
     run = tmp_path / "run"
     train(make_cfg(workspace, run, "Transfer.strategy=linear_probe", "Transfer.bn=train", "Global.epochs=1"))
@@ -269,6 +274,7 @@ def test_bn_train_keeps_weights_but_updates_statistics(workspace, tmp_path):
     assert not np.array_equal(before["conv1.1._mean"], after["conv1.1._mean"])
 
 
+@pytest.mark.slow
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(workspace, tmp_path, train_killed_after):
     common = ("Global.epochs=3", "Transfer.strategy=partial", "Transfer.freeze_stages=4",
               "Optimizer.lr.warmup_epochs=1")
@@ -283,6 +289,7 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(workspace, tmp_
         np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
+@pytest.mark.slow
 def test_resume_with_more_epochs_restarts_the_schedule(workspace, tmp_path):
     run = tmp_path / "run"
     first = train(make_cfg(workspace, run, "Global.epochs=2", "Transfer.strategy=linear_probe"))
@@ -291,6 +298,7 @@ def test_resume_with_more_epochs_restarts_the_schedule(workspace, tmp_path):
     assert [row["lr"] for row in more["history"][2:]] == pytest.approx([0.05, 0.025])  # cosine over 2 epochs again
 
 
+@pytest.mark.slow
 def test_resume_of_a_finished_run_is_refused(workspace, tmp_path):
     run = tmp_path / "run"
     train(make_cfg(workspace, run, "Global.epochs=1", "Transfer.strategy=linear_probe"))
@@ -298,6 +306,7 @@ def test_resume_of_a_finished_run_is_refused(workspace, tmp_path):
         train(make_cfg(workspace, run, "Global.epochs=1", f"Global.resume={run}"))
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_when_eval_stalls(workspace, tmp_path):
     metrics = train(make_cfg(workspace, tmp_path / "run", "Global.epochs=6", "Global.early_stopping_patience=1",
                              "Transfer.strategy=linear_probe", "Optimizer.lr.learning_rate=1e-12"))
@@ -311,6 +320,7 @@ def test_eval_interval_counts_run_epochs_and_always_scores_the_last():
     assert [local for local in range(2) if local % resumed == 0] == [0, 1]
 
 
+@pytest.mark.slow
 def test_eval_interval_run_evaluates_the_final_model(workspace, tmp_path):
     metrics = train(make_cfg(workspace, tmp_path / "run", "Global.epochs=3", "Global.eval_interval=2",
                              "Transfer.strategy=linear_probe"))
@@ -338,6 +348,7 @@ def _poison(monkeypatch, path):
     monkeypatch.setattr(ClassificationDataset, "__getitem__", nan_for_the_poisoned_image)
 
 
+@pytest.mark.slow
 def test_nan_policy_skip_skips_the_poisoned_batch_and_finishes(workspace, tmp_path, monkeypatch, capsys):
     """One training image is NaN: each epoch, the one batch holding it makes no
     update; the rest train, and BatchNorm statistics stay finite. (The first
@@ -428,6 +439,7 @@ def test_a_non_finite_batch_leaves_the_model_bit_identical():
     assert not np.array_equal(before[0]["1._mean"], after[0]["1._mean"])
 
 
+@pytest.mark.slow
 def test_eval_images_copied_from_training_are_reported(workspace, tmp_path, capsys):
     evaluation = tmp_path / "eval"
     shutil.copytree(workspace["val"], evaluation)
@@ -467,6 +479,7 @@ def test_o2_room_counts_the_optimizers_master_weights(tmp_path):
     assert extra == 2 * state_bytes  # in the old and the new latest.pdopt
 
 
+@pytest.mark.slow
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(workspace, tmp_path, monkeypatch):
     """ENOSPC while writing epoch 2's latest.pdopt (after its latest.pdparams
     was written): nothing is replaced, no temporary file is left, and the
@@ -495,6 +508,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(workspace, tmp_pat
     assert resumed["epochs_run"] == 2 and [row["epoch"] for row in resumed["history"]] == [1, 2]
 
 
+@pytest.mark.slow
 def test_existing_run_is_moved_aside_and_file_output_refused(workspace, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -507,6 +521,7 @@ def test_existing_run_is_moved_aside_and_file_output_refused(workspace, tmp_path
         train(make_cfg(workspace, blocker, "Global.epochs=1"))
 
 
+@pytest.mark.slow
 def test_eval_command_prints_json_with_top1(workspace, tmp_path):
     run = tmp_path / "run"
     metrics = train(make_cfg(workspace, run, "Global.epochs=1", "Transfer.strategy=linear_probe"))
@@ -583,6 +598,7 @@ def test_stage_lr_mults_must_match_the_stage_count():
         _plan("full", stage_lr_mults="[1, 1, 1]")
 
 
+@pytest.mark.slow
 def test_gradual_unfreezing_trains_each_stage_from_its_epoch(workspace, tmp_path):
     run = tmp_path / "run"
     metrics = train(make_cfg(workspace, run, "Transfer.strategy=gradual", "Transfer.freeze_stages=2",
@@ -602,6 +618,7 @@ def test_gradual_unfreezing_trains_each_stage_from_its_epoch(workspace, tmp_path
     assert any(k.startswith("conv6.") for k in state) and not any(k.startswith("conv2_1.") for k in state)
 
 
+@pytest.mark.slow
 def test_l2sp_holds_the_body_near_its_pretrained_weights(workspace, tmp_path):
     def distance(run):
         before, after = _weights(workspace["pretrained"]), _weights(run / "latest.pdparams")
@@ -647,6 +664,7 @@ def test_l2sp_gradient_pulls_toward_the_start_exactly():
     assert body.regularizer is not None and head.regularizer is None  # no decay toward zero on the body
 
 
+@pytest.mark.slow
 def test_auto_measures_similarity_and_is_reproducible(workspace, tmp_path, shared_dir):
     """Ants vs bees look like ImageNet to its features: a tiny set of them gets
     a linear probe. Classes that the features cannot tell apart (the same kind
@@ -677,6 +695,7 @@ def test_auto_measures_similarity_and_is_reproducible(workspace, tmp_path, share
 
 
 @pytest.mark.parametrize("strategy", ["linear_probe", "partial"])  # cached features and images
+@pytest.mark.slow
 def test_imbalanced_data_gets_weighted_loss_and_balanced_sampling(workspace, tmp_path, strategy, colour_folder):
     root = colour_folder(tmp_path / "imbalanced", 10, 3)
     for extra in sorted((root / "blue").iterdir())[2:]:
@@ -698,6 +717,7 @@ def test_out_of_memory_becomes_advice(workspace, tmp_path, monkeypatch):
         train(make_cfg(workspace, tmp_path / "run", "Transfer.strategy=partial"))
 
 
+@pytest.mark.slow
 def test_kill_9_mid_training_then_resume(workspace, tmp_path):
     """A real SIGKILL during training: the last checkpoint stays loadable and
     the resumed run ends where an uninterrupted one does."""
@@ -738,6 +758,7 @@ def test_kill_9_mid_training_then_resume(workspace, tmp_path):
     assert metrics["best_top1"] == pytest.approx(straight["best_top1"])
 
 
+@pytest.mark.slow
 def test_cached_features_train_the_same_head_as_the_full_network(workspace, tmp_path, shared_dir):
     """With augmentation off, training the head on cached features (Paddle
     Inference) and through the whole network (dynamic graph) give the same

@@ -137,6 +137,7 @@ def _cfg(domains, run, method, *overrides):
 
 
 @pytest.mark.parametrize("method", ["mmd", "dann"])
+@pytest.mark.slow
 def test_adaptation_runs_logs_its_domain_loss_and_checkpoints(domains, tmp_path, method):
     run = tmp_path / "run"
     metrics = train(_cfg(domains, run, method))
@@ -153,6 +154,7 @@ def test_adaptation_runs_logs_its_domain_loss_and_checkpoints(domains, tmp_path,
     assert json.loads((run / "metrics.json").read_text())["domain_adaptation"]["method"] == method
 
 
+@pytest.mark.slow
 def test_dann_resume_restores_the_domain_classifier(domains, tmp_path, train_killed_after):
     """Stopped after epoch 1 and resumed, DANN reaches the weights of an
     uninterrupted run: the domain classifier and its optimizer state came back."""
@@ -184,8 +186,9 @@ def adaptation_scores(tmp_path_factory, shared_dir):
 
 
 @pytest.mark.parametrize("method", ["mmd", "dann"])
+@pytest.mark.slow
 def test_adaptation_beats_source_only_on_a_synthetic_shift(adaptation_scores, method):
     """Shapes learned on black backgrounds, scored on shapes blended into
     colour textures, where source-only training stays near chance (1/3).
-    `python bench/synthetic_shift.py` runs this for several seeds (README)."""
+    `python bench/synthetic_shift.py` runs this for several seeds (docs/domain_adaptation.md)."""
     assert adaptation_scores[method] >= adaptation_scores["none"] + 0.1, adaptation_scores
