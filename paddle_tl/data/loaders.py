@@ -5,9 +5,8 @@ import os
 import shutil
 
 import numpy as np
-from tqdm import tqdm
 
-from paddle_tl.runtime import import_paddle
+from paddle_tl.runtime import import_paddle, progress
 
 paddle = import_paddle()
 
@@ -118,7 +117,7 @@ def map_batches(run, loader, desc=None):
     over a dataset (evaluation, the report, cached features, the similarity
     probe). `desc` shows progress."""
     outputs, labels = [], []
-    batches = tqdm(loader, desc=desc, unit="batch", leave=False) if desc else loader
+    batches = progress(loader, desc, unit="batch", leave=False) if desc else loader
     for images, targets in batches:
         outputs.append(run(images))
         labels.append(targets.numpy().reshape(-1))
