@@ -194,9 +194,14 @@ class LoaderConfig:
     num_workers: Union[int, Literal["auto"]] = "auto"
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # used by Train only
     sampler: Literal["random", "balanced"] = "random"  # Train: balanced draws every class equally often
+    # Train: the fraction of every class held out (stratified, from Global.seed)
+    # to choose the best epoch and stop early; 0 chooses on the Eval split,
+    # whose best score then overstates what new images would get.
+    val_fraction: float = 0.1
 
     def validate(self, at):
         _require(self.batch_size >= 1, f"{at}.batch_size", "must be >= 1")
+        _require(0 <= self.val_fraction < 1, f"{at}.val_fraction", "must be in [0, 1)")
         _require(self.num_workers == "auto" or self.num_workers >= 0, f"{at}.num_workers", "must be >= 0 or auto")
 
 

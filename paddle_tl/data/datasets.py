@@ -163,6 +163,26 @@ def build_dataset(cfg, side, transform, class_names=None):
     return dataset
 
 
+def split_validation(dataset, fraction, seed, transform):
+    """(train, val): a stratified, seeded split of a training dataset. Of
+    every class, round(n x fraction) images (at least one left to train on)
+    go to the validation split, which gets `transform` (the evaluation one)
+    and chooses the best epoch, so that the Eval split is only reported. The
+    same seed gives the same split; each keeps the dataset's order."""
+    rng = np.random.RandomState(seed)
+    labels = np.array([label for _, label in dataset.samples])
+    is_val = np.zeros(len(labels), dtype=bool)
+    for c in range(len(dataset.class_names)):
+        members = np.flatnonzero(labels == c)
+        count = min(int(len(members) * fraction + 0.5), len(members) - 1)
+        if count > 0:
+            is_val[rng.permutation(members)[:count]] = True
+    train = ClassificationDataset([s for s, v in zip(dataset.samples, is_val) if not v], dataset.class_names,
+                                  dataset.transform, dataset.skipped)
+    val = ClassificationDataset([s for s, v in zip(dataset.samples, is_val) if v], dataset.class_names, transform)
+    return train, val
+
+
 UNLABELED = -1  # the label of a target-domain image
 
 

@@ -12,9 +12,13 @@ AfterEpoch and come after it in the list.
 
 from dataclasses import asdict, dataclass, field
 from time import perf_counter
+from typing import Optional
 
+from paddle_tl.data.loaders import map_batches
 from paddle_tl.engine.checkpoint import save_checkpoint
 from paddle_tl.errors import NonFiniteError
+from paddle_tl.metrics import classification_metrics
+from paddle_tl.models.static import dynamic_runner
 from paddle_tl.runtime import import_paddle, seed_everything
 
 paddle = import_paddle()
@@ -30,8 +34,9 @@ class RunState:
     frozen_stages: int = -1  # bottom stages frozen in the current epoch
     start_epoch: int = 0
     epochs_done: int = 0
-    best_top1: float = -1.0
+    best_top1: float = -1.0  # the choosing score of the best epoch: validation top-1 (eval top-1 without one)
     best_epoch: int = -1
+    best_loss: Optional[float] = None  # its loss on the same split, which breaks ties of top-1
     epochs_without_improvement: int = 0
     history: list = field(default_factory=list)  # one dict per finished epoch
     # The network and its preprocessing (run_folder.describe_model), so that
@@ -162,18 +167,47 @@ class EpochRecorder(Callback):
         ranks), so all ranks stop together; AfterEpoch callbacks may be rank
         0's only."""
         row, state = self.row, self.state
-        improved = "eval_top1" in row and row["eval_top1"] > state.best_top1
+        key = choosing_key(row)
+        loss = row.get(key.replace("top1", "loss"))
+        # A tie of top-1 (frequent on a small split) goes to the lower loss.
+        improved = key in row and (row[key] > state.best_top1 or (
+            row[key] == state.best_top1 and state.best_loss is not None and loss < state.best_loss))
         if improved:
-            state.best_top1, state.best_epoch = row["eval_top1"], row["epoch"]
+            state.best_top1, state.best_epoch, state.best_loss = row[key], row["epoch"], loss
             state.epochs_without_improvement = 0
-        elif "eval_top1" in row:
+        elif key in row:
             state.epochs_without_improvement += 1
         state.history.append(row)
         state.epochs_done = row["epoch"]
         if self.patience and state.epochs_without_improvement >= self.patience:
-            print(f"early stopping: no better eval top-1 for {self.patience} epochs "
+            print(f"early stopping: no better {key.replace('_', ' ')} for {self.patience} epochs "
                   f"(best {state.best_top1:.4f} at epoch {state.best_epoch})")
             self.model.stop_training = True
+
+
+def choosing_key(row):
+    """The history column that chooses the best epoch: validation top-1 when
+    the run holds out a validation split, else eval top-1."""
+    return "val_top1" if "val_top1" in row else "eval_top1"
+
+
+class ValidationScore(Callback):
+    """Scores the validation split (DataLoader.Train.val_fraction of the
+    training images) after every evaluated epoch, into the epoch's row as
+    val_loss and val_top1, which choose the best epoch and stop early. Placed
+    after EpochRecorder, so its time is not training time. Every process of
+    a data-parallel run scores the whole split, so all choose alike."""
+
+    def __init__(self, state, network, loader, evaluates):
+        super().__init__()
+        self.state, self.network, self.loader, self.evaluates = state, network, loader, evaluates
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.evaluates(epoch):
+            return
+        logits, labels = map_batches(dynamic_runner(self.network), self.loader)
+        scores = classification_metrics(logits, labels, self.state.class_names, topk=(1,))
+        self.state.row.update(val_loss=scores["loss"], val_top1=scores["top1"])
 
 
 class AfterEpoch(Callback):

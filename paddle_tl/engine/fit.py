@@ -35,6 +35,8 @@ class Fit:
     loss: object
     metric: object
     workers: tuple  # loader workers (train, eval)
+    val_data: object = None  # the validation split that chooses the best epoch, or None
+    val_network: object = None  # what scores it: the classification network (or its head, on cached features)
     collate: Optional[Callable] = None  # how a training batch is put together (paddle's default when None)
     callbacks: list = field(default_factory=list)  # what the mode needs told every epoch or step
     extra_layers: dict = field(default_factory=dict)  # trained beside the network and checkpointed: name -> layer
@@ -80,19 +82,21 @@ def _image_spec(pre):
 def _images(cfg, reason, network, spec, pre, data, state, loss, metric, device):
     loaders = cfg.DataLoader
     return Fit("images", reason, network, data.train, data.eval, _image_spec(pre), loss, metric,
-               workers=(loaders.Train.num_workers, loaders.Eval.num_workers))
+               workers=(loaders.Train.num_workers, loaders.Eval.num_workers), val_data=data.val, val_network=network)
 
 
 def _cached_features(cfg, reason, network, spec, pre, data, state, loss, metric, device):
     views = cfg.Transfer.cache_views
     print(f"frozen body: computing its features once, then training the head on them "
           f"({views} view(s) per training image: the plain one + {views - 1} augmented)")
-    train_data, eval_data, head, feature_size = cached_datasets(
-        network, spec, pre.input_size, data.train, data.eval, data.eval_tf, data.train_tf, views,
+    plain_sets = {"eval": data.eval, **({"validation": data.val} if data.val is not None else {})}
+    train_data, (eval_data, *val_data), head, feature_size = cached_datasets(
+        network, spec, pre.input_size, data.train, plain_sets, data.eval_tf, data.train_tf, views,
         cfg.DataLoader.Eval, cfg.Global.seed, device)
     return Fit("cached_features", reason, head, train_data, eval_data,
                paddle.static.InputSpec([None, feature_size], "float32", "features"), loss, metric,
                workers=(0, 0),  # in-memory arrays
+               val_data=val_data[0] if val_data else None, val_network=head,
                callbacks=[ViewSwitcher(train_data, state)], record={"cache_views": views})
 
 
@@ -105,7 +109,7 @@ def _domain_pairs(cfg, reason, network, spec, pre, data, state, loss, metric, de
     return Fit("domain_pairs", reason, domain.network, domain.train_data, data.eval, _image_spec(pre), domain.loss,
                LabeledAccuracy(topk=metric.topk), collate=pair_collate,
                workers=(cfg.DataLoader.Train.num_workers, cfg.DataLoader.Eval.num_workers),
-               callbacks=[DomainSchedule(domain, state)], extra_layers=domain.extra_layers,
+               val_data=data.val, val_network=network, callbacks=[DomainSchedule(domain, state)], extra_layers=domain.extra_layers,
                record={"method": domain.method, "weight": transfer.domain_weight,
                        "target_images": len(data.target),
                        "target_skipped_files": [path for path, _ in data.target.skipped]})

@@ -106,16 +106,17 @@ def _pyplot():
 
 
 def plot_curves(history, path):
-    """Loss and top-1 (train and eval) and the learning rate per epoch, with a
+    """Loss and top-1 (train, validation and eval) and the learning rate per epoch, with a
     dashed line wherever gradual unfreezing changed the frozen stages."""
     plt = _pyplot()
     epochs = [row["epoch"] for row in history]
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, (title, keys) in zip(axes, (("loss", ("train_loss", "eval_loss")),
-                                        ("top-1", ("train_top1", "eval_top1")),
+    for ax, (title, keys) in zip(axes, (("loss", ("train_loss", "val_loss", "eval_loss")),
+                                        ("top-1", ("train_top1", "val_top1", "eval_top1")),
                                         ("learning rate", ("lr",)))):
         for key in keys:
-            # Eval keys are missing on epochs between evaluations (Global.eval_interval).
+            # Eval keys are missing on epochs between evaluations (Global.eval_interval), val keys
+            # without a validation split.
             points = [(row["epoch"], row[key]) for row in history if row.get(key) is not None]
             if points:
                 ax.plot(*zip(*points), marker="o", markersize=3, label=key)
@@ -226,7 +227,9 @@ def render_html(run_dir, metrics, scores, rows, config_text, wrong, predict_seco
     relative link), every value from the run escaped, since class names,
     paths and config values are user data."""
     escape = html.escape
-    cards = [("best top-1", f"{_number(metrics.get('best_top1'))} (epoch {metrics.get('best_epoch', '?')})"),
+    chosen_on = (metrics.get("selection") or {}).get("split", "eval")
+    cards = [("best top-1", f"{_number(metrics.get('best_top1'))} (epoch {metrics.get('best_epoch', '?')}, "
+                            f"chosen on {'validation' if chosen_on == 'validation' else 'Eval'})"),
              ("final top-1", _number(metrics.get("final_top1"))),
              ("best model top-1", _number(scores.get("top1"))),
              ("balanced accuracy", _number(scores["balanced_accuracy"])),

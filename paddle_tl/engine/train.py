@@ -14,11 +14,11 @@ from typing import Optional
 
 from paddle_tl.combinations import Facts, check_combinations
 from paddle_tl.data.check import duplicates_across_splits, duplicates_problem
-from paddle_tl.data.datasets import build_dataset, build_target_dataset, imbalance_ratio
+from paddle_tl.data.datasets import build_dataset, build_target_dataset, imbalance_ratio, split_validation
 from paddle_tl.data.loaders import make_loader
 from paddle_tl.data.transforms import Preprocess, eval_transform, train_transform
 from paddle_tl.engine.callbacks import (Checkpointer, EpochRecorder, EvalSchedule, RunState, SamplerEpoch,
-                                        VisualDLLogger, metric_names)
+                                        ValidationScore, VisualDLLogger, metric_names)
 from paddle_tl.engine.checkpoint import load_state, load_weights, resolve_resume, restore_optimizer
 from paddle_tl.engine.fit import choose_fit_mode, prepare_fit
 from paddle_tl.engine.losses import build_loss, class_weights
@@ -84,6 +84,7 @@ class TrainingData:
     train_tf: object
     eval_tf: object
     train: object
+    val: object  # held out of the training images to choose the best epoch, or None
     eval: object
     target: object  # unlabeled images to adapt to, or None
     class_names: list
@@ -101,6 +102,13 @@ def load_data(cfg, run):
     pre = Preprocess.from_spec(get_spec(cfg.Arch.name), cfg.Arch.input_size)
     train_tf, eval_tf = train_transform(pre, loaders.Train.augment), eval_transform(pre)
     train_set = build_dataset(loaders.Train.dataset, "train", train_tf)
+    val_set = None
+    if loaders.Train.val_fraction:
+        train_set, val_set = split_validation(train_set, loaders.Train.val_fraction, cfg.Global.seed, eval_tf)
+        if not len(val_set):
+            print(f"DataLoader.Train.val_fraction={loaders.Train.val_fraction:g} holds out no image of classes "
+                  "this small: the best epoch is chosen on the Eval split")
+            val_set = None
     eval_set = build_dataset(loaders.Eval.dataset, "eval", eval_tf, class_names=train_set.class_names)
     adapting = cfg.Transfer.domain_adaptation != "none"
     target_set = build_target_dataset(loaders.Target.dataset, train_tf) if adapting else None
@@ -119,7 +127,7 @@ def load_data(cfg, run):
     if run.is_main:
         cfg.save(run.folder / "config.yaml")
         duplicates = _warn_about_duplicates(train_set, eval_set)
-    return TrainingData(pre, train_tf, eval_tf, train_set, eval_set, target_set, class_names, num_classes,
+    return TrainingData(pre, train_tf, eval_tf, train_set, val_set, eval_set, target_set, class_names, num_classes,
                         weights, duplicates)
 
 
@@ -250,6 +258,9 @@ def prepare_trainer(cfg, run, net, plan, fit, data, state):
     eval_schedule = EvalSchedule(g.eval_interval, state, g.epochs)
     callbacks = [EpochRecorder(state, names, eval_schedule.evaluates, g.early_stopping_patience,
                                nan_policy=g.nan_policy, steps_per_epoch=len(train_loader))]
+    if fit.val_data is not None:
+        val_loader = make_loader(fit.val_data, loaders.Eval.batch_size, shuffle=False, num_workers=fit.workers[1])
+        callbacks.append(ValidationScore(state, fit.val_network, val_loader, eval_schedule.evaluates))
     if run.is_main:  # after the recorder: they act on the epoch it books
         callbacks += [VisualDLLogger(run.folder / "vdl", state, names, g.log_interval, len(train_loader)),
                       Checkpointer(run.folder, net.layer, optimizer, state, fit.extra_layers)]
@@ -295,8 +306,15 @@ def record_run(cfg, run, net, plan, data, fit, trainer, state, train_seconds):
     """metrics.json and the report (rank 0); returns the metrics."""
     g, loaders = cfg.Global, cfg.DataLoader
     final_top1 = state.history[-1]["eval_top1"]  # the last epoch is always evaluated (EvalSchedule)
+    best = next(row for row in state.history if row["epoch"] == state.best_epoch)
+    chosen_on = "validation" if "val_top1" in best else "eval"
     metrics = {
-        "best_top1": state.best_top1, "best_epoch": state.best_epoch, "final_top1": final_top1,
+        # best_top1: the Eval top-1 of the epoch chosen (best_model), on the
+        # validation split unless there is none.
+        "best_top1": best["eval_top1"], "best_epoch": state.best_epoch, "final_top1": final_top1,
+        "val_top1": best.get("val_top1"),
+        "selection": {"split": chosen_on, "val_images": len(data.val) if data.val is not None else 0,
+                      "val_fraction": loaders.Train.val_fraction},
         "epochs_run": state.epochs_done, "train_seconds": round(train_seconds, 2),
         "num_classes": data.num_classes, "class_names": data.class_names,
         "train_images": len(data.train), "eval_images": len(data.eval),
@@ -319,7 +337,9 @@ def record_run(cfg, run, net, plan, data, fit, trainer, state, train_seconds):
         return metrics
     write_json(run.folder / "metrics.json", metrics)
     print(f"report: {write_report(run.folder)}")
-    print(f"done: best eval top-1 {state.best_top1:.4f} (epoch {state.best_epoch}), final "
+    chosen = f"chosen on validation top-1 {best['val_top1']:.4f}" if chosen_on == "validation" else \
+        "chosen on the Eval split itself"
+    print(f"done: eval top-1 {best['eval_top1']:.4f} at epoch {state.best_epoch} ({chosen}), final "
           f"{final_top1:.4f}, {train_seconds:.0f} s of training; run folder {run.folder}")
     return metrics
 

@@ -73,9 +73,11 @@ def feature_extractor(network, spec, input_size, batch_size, device):
         yield extract
 
 
-def cached_datasets(network, spec, input_size, train_set, eval_set, eval_tf, train_tf, views, loader_cfg, seed,
+def cached_datasets(network, spec, input_size, train_set, plain_sets, eval_tf, train_tf, views, loader_cfg, seed,
                     device):
-    """Feature datasets for training (`views` views) and evaluation."""
+    """(training features in `views` views, [features of each of
+    `plain_sets` {name: dataset} in the evaluation view], the head alone,
+    the feature size)."""
     workers = loader_cfg.num_workers
     with feature_extractor(network, spec, input_size, loader_cfg.batch_size, device) as extract:
         train_views = []
@@ -83,12 +85,11 @@ def cached_datasets(network, spec, input_size, train_set, eval_set, eval_tf, tra
             seed_everything(seed + 100_003 * (v + 1))  # each augmented view its own draws, reproducibly
             transform = eval_tf if v == 0 else train_tf
             train_views.append(extract(train_set, transform, workers, f"features: train view {v + 1}/{views}"))
-        eval_features = extract(eval_set, eval_tf, workers, "features: eval")
-
-    def labels(dataset):
-        return np.array([label for _, label in dataset.samples], dtype="int64")
-
+        plain = [FeatureViews([extract(dataset, eval_tf, workers, f"features: {name}")], _labels(dataset))
+                 for name, dataset in plain_sets.items()]
     head = head_linear(network, spec)
-    return (FeatureViews(train_views, labels(train_set)),
-            FeatureViews([eval_features], labels(eval_set)),
-            HeadOnly(head), head.weight.shape[0])
+    return FeatureViews(train_views, _labels(train_set)), plain, HeadOnly(head), head.weight.shape[0]
+
+
+def _labels(dataset):
+    return np.array([label for _, label in dataset.samples], dtype="int64")

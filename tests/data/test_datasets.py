@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from paddle_tl.config import AugmentConfig, DatasetConfig
-from paddle_tl.data.datasets import build_dataset, load_rgb
+from paddle_tl.data.datasets import ClassificationDataset, build_dataset, load_rgb, split_validation
 from paddle_tl.data.loaders import loader_settings, make_loader
 from paddle_tl.data.transforms import Preprocess, TrainTransform, eval_transform
 from paddle_tl.errors import DataError
@@ -480,3 +480,25 @@ def test_make_loader_resolves_auto_for_the_current_device(tiny_image_folder):
     loader = make_loader(dataset, 4, shuffle=False, num_workers="auto")
     assert loader.num_workers == 2
     assert len(list(loader)) == 5  # 18 images in batches of 4
+
+
+def _labelled(counts):
+    samples = [(f"c{c}/{i}.png", c) for c, n in enumerate(counts) for i in range(n)]
+    return ClassificationDataset(samples, [f"c{c}" for c in range(len(counts))], transform="train")
+
+
+def test_validation_split_is_stratified_disjoint_and_reproducible():
+    dataset = _labelled([40, 21, 5, 1])
+    train, val = split_validation(dataset, 0.1, seed=7, transform="eval")
+    assert val.class_counts() == [4, 2, 1, 0]  # round(n x 0.1), a lone image stays in training
+    assert train.class_counts() == [36, 19, 4, 1]
+    assert set(train.samples).isdisjoint(val.samples) and set(train.samples) | set(val.samples) == set(dataset.samples)
+    assert train.transform == "train" and val.transform == "eval"
+    assert split_validation(dataset, 0.1, seed=7, transform="eval")[1].samples == val.samples
+    assert split_validation(dataset, 0.1, seed=8, transform="eval")[1].samples != val.samples
+    assert [s for s in dataset.samples if s in set(val.samples)] == val.samples  # the dataset's order kept
+
+
+def test_validation_split_keeps_one_image_per_class_to_train_on():
+    train, val = split_validation(_labelled([2, 2]), 0.9, seed=0, transform=None)
+    assert train.class_counts() == [1, 1] and val.class_counts() == [1, 1]

@@ -535,6 +535,28 @@ def test_eval_command_prints_json_with_top1(workspace, tmp_path):
     assert set(report["per_class"]) == set(CLASSES) and sum(c["support"] for c in report["per_class"].values()) == 12
 
 
+@pytest.mark.slow
+def test_the_best_epoch_is_chosen_on_held_out_training_images(workspace, tmp_path):
+    """DataLoader.Train.val_fraction (default 0.1): the best epoch is the best
+    on validation images carved from the training folder; best_top1 is the
+    Eval top-1 of that epoch's model, which is what best_model holds."""
+    run = tmp_path / "run"
+    metrics = train(make_cfg(workspace, run, "Global.epochs=3", "Transfer.strategy=partial"))
+    assert metrics["selection"] == {"split": "validation", "val_images": 3, "val_fraction": 0.1}
+    assert metrics["train_images"] == 27  # 30 training images, one of every class held out
+    rows = {row["epoch"]: row for row in metrics["history"]}
+    best = rows[metrics["best_epoch"]]
+    assert metrics["val_top1"] == best["val_top1"] == max(row["val_top1"] for row in rows.values())
+    assert metrics["best_top1"] == best["eval_top1"]
+    cfg = make_cfg(workspace, run, f"Global.pretrained_model={run / 'best_model'}")
+    assert evaluate(cfg)["top1"] == pytest.approx(metrics["best_top1"])
+    # Without a validation split, the Eval split itself chooses (and flatters) the best epoch.
+    metrics = train(make_cfg(workspace, tmp_path / "eval_chosen", "Global.epochs=3", "Transfer.strategy=partial",
+                             "DataLoader.Train.val_fraction=0"))
+    assert metrics["selection"]["split"] == "eval" and metrics["val_top1"] is None
+    assert metrics["best_top1"] == max(row["eval_top1"] for row in metrics["history"])
+
+
 # ------------------------------------------------------------ unit-level
 
 def _plan(strategy="auto", per_class=100, pretrained=True, similarity=None, **transfer):
