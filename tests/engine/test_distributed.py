@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow  # two training processes
 
 
 def test_two_processes_train_like_one_with_the_global_batch(colour_folder, tmp_path, shared_dir):
-    train_root, val_root = colour_folder(tmp_path / "train", 10, 0), colour_folder(tmp_path / "val", 4, 1)
+    # 11 per class: one of each is held out for validation, 30 train in one batch or two halves.
+    train_root, val_root = colour_folder(tmp_path / "train", 11, 0), colour_folder(tmp_path / "val", 4, 1)
     pretrained = shared_dir / "weights" / "mobilenet_v1_x0.25_imagenet.pdparams"  # features that learn
 
     def overrides(run, batch_size, learning_rate):

@@ -123,11 +123,11 @@ def test_epoch_throughput_counts_training_steps_only(workspace, tmp_path, monkey
     train(make_cfg(workspace, run, "Transfer.strategy=partial"))
 
     history = json.loads((run / "metrics.json").read_text())["history"]
-    steps = -(-30 // 8)  # 30 training images in batches of 8
-    assert [(row["train_seconds"], row["train_images_per_second"]) for row in history] == [(steps, 30 / steps)] * 2
+    steps = -(-27 // 8)  # 27 training images (3 of 30 held out for validation) in batches of 8
+    assert [(row["train_seconds"], row["train_images_per_second"]) for row in history] == [(steps, 27 / steps)] * 2
     from visualdl import LogReader
     reader = LogReader(file_path=str(next((run / "vdl").glob("vdlrecords.*.log"))))
-    assert [r.value for r in reader.get_data("scalar", "train/images_per_second")] == [30 / steps] * 2
+    assert [r.value for r in reader.get_data("scalar", "train/images_per_second")] == [27 / steps] * 2
 
 
 class Prepared(Exception):
@@ -723,7 +723,8 @@ def test_imbalanced_data_gets_weighted_loss_and_balanced_sampling(workspace, tmp
     for extra in sorted((root / "blue").iterdir())[2:]:
         extra.unlink()
     metrics = train(make_cfg(workspace, tmp_path / "run", f"Transfer.strategy={strategy}", "Global.epochs=2",
-                             f"DataLoader.Train.dataset.root={root}", "DataLoader.Train.sampler=balanced"))
+                             f"DataLoader.Train.dataset.root={root}", "DataLoader.Train.sampler=balanced",
+                             "DataLoader.Train.val_fraction=0"))  # every image counts in the weights
     assert metrics["imbalance_ratio"] == 5.0 and metrics["sampler"] == "balanced"
     assert metrics["class_weights"] == pytest.approx([22 / (3 * 2), 22 / (3 * 10), 22 / (3 * 10)])  # blue, green, red
     assert metrics["epochs_run"] == 2
