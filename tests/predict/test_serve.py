@@ -365,9 +365,10 @@ def _browser(binary, profile):
 
 @pytest.mark.slow
 def test_page_in_headless_chromium(model, infer_rows, tmp_path):
-    """A person's path: open the page, pick an image in the file input, see
-    the top classes as bars with percentages (equal to infer.py's); the
-    screenshot is kept in the test's folder and as /tmp/serve_page.png."""
+    """A person's path: open the page, pick a file that is no image and read
+    the refusal, then drop an image on it and see the top classes as bars with
+    their percentages (the service's answer for that image); the screenshot is
+    kept in the test's folder and as /tmp/serve_page.png."""
     pytest.importorskip("websocket", reason="websocket-client is not installed (the dev extra)")
     binary = _chromium()
     if binary is None:
@@ -376,6 +377,8 @@ def test_page_in_headless_chromium(model, infer_rows, tmp_path):
     index = model.names.index("red_0.png")
     image = tmp_path / "red_0.png"
     Image.open(model.images[index]).resize((288, 288), Image.NEAREST).save(image)
+    not_an_image = tmp_path / "notes.txt"
+    not_an_image.write_text("not an image")
     with Server(model.dir, tmp_path / "server.log") as server:
         expected = httpx.post(f"{server.url}/predict", files=[("file", ("red_0.png", image.read_bytes()))],
                               timeout=60).json()["predictions"][0]
@@ -386,9 +389,19 @@ def test_page_in_headless_chromium(model, infer_rows, tmp_path):
             page.call("Page.navigate", url=f"{server.url}/")
             page.wait_for("document.readyState === 'complete' && "
                           "document.getElementById('model').textContent.includes('3 classes')")
+            # Picked in the file input: a file that is no image, answered with the service's error.
             root = page.call("DOM.getDocument")["root"]["nodeId"]
             file_input = page.call("DOM.querySelector", nodeId=root, selector="#file")["nodeId"]
-            page.call("DOM.setFileInputFiles", files=[str(image)], nodeId=file_input)
+            page.call("DOM.setFileInputFiles", files=[str(not_an_image)], nodeId=file_input)
+            page.wait_for("document.getElementById('error').textContent !== ''")
+            refusal = page.evaluate("document.getElementById('error').textContent")
+            # Dropped on the drop zone: the image, answered with bars.
+            box = page.evaluate("JSON.stringify(document.getElementById('drop').getBoundingClientRect())")
+            box = json.loads(box)
+            x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+            data = {"items": [], "files": [str(image)], "dragOperationsMask": 1}
+            for kind in ("dragEnter", "dragOver", "drop"):
+                page.call("Input.dispatchDragEvent", type=kind, x=x, y=y, data=data)
             page.wait_for("document.querySelectorAll('#results .result').length === 3 && "
                           "document.getElementById('preview').complete")
             shown = page.evaluate("[...document.querySelectorAll('#results .result')].map(row => "
@@ -403,6 +416,7 @@ def test_page_in_headless_chromium(model, infer_rows, tmp_path):
             process.wait()
     (tmp_path / "serve_page.png").write_bytes(screenshot)
     Path("/tmp/serve_page.png").write_bytes(screenshot)
+    assert refusal.startswith("415: cannot read image notes.txt: cannot identify image file")
     assert error == "" and heading == "red_0.png"
     assert [name for name, _, _ in shown] == expected["label_names"]
     assert [percent for _, percent, _ in shown] == [f"{100 * s:.1f}%" for s in expected["scores"]]
