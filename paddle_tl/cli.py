@@ -1,4 +1,4 @@
-"""`paddle-tl train|eval|export|infer|check-data|report`: the one
+"""`paddle-tl train|eval|export|infer|serve|check-data|report`: the one
 command-line front end; the `tools/*.py` scripts call it with their
 sub-command."""
 
@@ -95,7 +95,12 @@ def run_infer(argv):
     infer_main(argv)
 
 
-COMMANDS = {"train": run_train, "eval": run_eval, "export": run_export, "infer": run_infer,
+def run_serve(argv):
+    from paddle_tl.predict.serve import main as serve_main
+    serve_main(argv)
+
+
+COMMANDS = {"train": run_train, "eval": run_eval, "export": run_export, "infer": run_infer, "serve": run_serve,
             "check-data": run_check_data, "report": run_report}
 
 

@@ -1,0 +1,436 @@
+"""`paddle-tl serve`: answers equal to infer.py's, every bad input refused
+with a 4xx that names it while the service keeps serving, the metadata and
+the page; then the real server over HTTP (uvicorn in a subprocess) and the
+page driven in headless Chromium over the DevTools protocol.
+
+The model is the session's tiny trained run (tests/conftest.py), exported
+once for this module."""
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="fastapi is not installed (the serve extra)")
+pytest.importorskip("multipart", reason="python-multipart is not installed (the serve extra)")
+pytest.importorskip("httpx", reason="httpx is not installed (the dev extra): FastAPI's TestClient needs it")
+
+import httpx  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+from paddle_tl import cli  # noqa: E402
+from paddle_tl.config import load_config  # noqa: E402
+from paddle_tl.deploy.export import export  # noqa: E402
+from paddle_tl.predict.predictor import main as infer_main  # noqa: E402
+from paddle_tl.predict.serve import MAX_FILES, create_app  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+MAX_MB = 1  # small, so that an over-limit upload stays small too
+
+
+@pytest.fixture(scope="module")
+def model(trained_run, tmp_path_factory):
+    """The trained run exported to an inference folder, and its Eval images."""
+    out = tmp_path_factory.mktemp("serve") / "inference"
+    with pytest.MonkeyPatch.context() as patch:  # module fixtures run before the per-test private HOME
+        patch.setenv("HOME", str(tmp_path_factory.mktemp("home")))
+        export(load_config(trained_run.config, [f"Global.pretrained_model={trained_run.best}",
+                                                f"Global.save_inference_dir={out}"]))
+    images = sorted(trained_run.val.rglob("*.png"))
+    return SimpleNamespace(dir=out, images=images, names=[f"{p.parent.name}_{p.name}" for p in images])
+
+
+@pytest.fixture(scope="module")
+def client(model):
+    with TestClient(create_app(model.dir, max_mb=MAX_MB)) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def infer_rows(model, tmp_path_factory):
+    """What `paddle-tl infer --output` writes for the Eval images, in their order."""
+    output = tmp_path_factory.mktemp("infer") / "rows.jsonl"
+    infer_main(["--model_dir", str(model.dir), "--input", str(model.images[0].parents[1]), "--top_k", "3",
+                "--output", str(output)])
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [row["file"] for row in rows] == [str(path) for path in model.images]
+    return rows
+
+
+def _files(model, indices):
+    return [("file", (model.names[i], model.images[i].read_bytes(), "image/png")) for i in indices]
+
+
+def _same_as_infer(answer, infer_row, name):
+    assert answer == {**infer_row, "file": name}
+
+
+# ---------------------------------------------------------------- answers
+
+def test_predict_equals_infer_for_many_images_at_once(client, model, infer_rows):
+    response = client.post("/predict", files=_files(model, range(len(model.images))), params={"top_k": 3})
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert len(predictions) == len(infer_rows) == 12
+    for answer, row, name in zip(predictions, infer_rows, model.names):
+        _same_as_infer(answer, row, name)
+
+
+def test_predict_equals_infer_one_image_at_a_time(client, model, infer_rows):
+    """One image per request: batches of one rather than infer.py's eight.
+    The classes agree exactly, the probabilities to float precision."""
+    for index in (0, 5, 11):
+        response = client.post("/predict", files=_files(model, [index]), data={"top_k": "3"})
+        assert response.status_code == 200, response.text
+        [answer] = response.json()["predictions"]
+        row = infer_rows[index]
+        assert answer["file"] == model.names[index]
+        assert (answer["class_ids"], answer["label_names"]) == (row["class_ids"], row["label_names"])
+        assert answer["scores"] == pytest.approx(row["scores"], abs=1e-6)
+
+
+def test_top_k_from_the_query_or_the_form(client, model):
+    ranked = lambda response: response.json()["predictions"][0]["label_names"]  # noqa: E731
+    assert len(ranked(client.post("/predict", files=_files(model, [0])))) == 3  # default 5, 3 classes
+    assert len(ranked(client.post("/predict", files=_files(model, [0]), data={"top_k": "1"}))) == 1
+    assert len(ranked(client.post("/predict?top_k=2", files=_files(model, [0]), data={"top_k": "1"}))) == 2
+
+
+# ---------------------------------------------------------------- bad input
+
+def _truncated_jpeg():
+    buffer = io.BytesIO()
+    Image.effect_noise((256, 256), 60).convert("RGB").save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()[:len(buffer.getvalue()) // 2]
+
+
+def _png_bomb(side=20000):
+    """A real decompression bomb: a 1-bit PNG of side x side black pixels
+    (400 Mpx, beyond twice Pillow's MAX_IMAGE_PIXELS), about 50 kB deflated."""
+    def chunk(kind, data):
+        return (len(data).to_bytes(4, "big") + kind + data
+                + zlib.crc32(kind + data).to_bytes(4, "big"))
+    compressor = zlib.compressobj(9)
+    row = b"\0" * (1 + side // 8)  # filter byte + packed pixels
+    idat = b"".join(compressor.compress(row * 1000) for _ in range(side // 1000)) + compressor.flush()
+    header = side.to_bytes(4, "big") * 2 + bytes([1, 0, 0, 0, 0])  # bit depth 1, greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _bad_requests(model):
+    """(what, request keyword arguments, status, words the error must hold)."""
+    good = model.images[0].read_bytes()
+    too_big = os.urandom(int(1.5 * MAX_MB * 2**20))
+    return [
+        ("not an image", {"files": [("file", ("notes.txt", b"just some text", "text/plain"))]},
+         415, ["notes.txt", "cannot identify image file"]),
+        ("truncated JPEG", {"files": [("file", ("half.jpg", _truncated_jpeg(), "image/jpeg"))]},
+         422, ["half.jpg", "truncated"]),
+        ("decompression bomb", {"files": [("file", ("bomb.png", _png_bomb(), "image/png"))]},
+         413, ["bomb.png", "decompression bomb"]),
+        ("empty body", {}, 400, ["empty request body", "multipart/form-data", "'file'"]),
+        ("empty file", {"files": [("file", ("nothing.png", b"", "image/png"))]}, 400, ["nothing.png", "empty"]),
+        ("wrong field name", {"files": [("image", ("a.png", good, "image/png"))]}, 400, ["no field 'file'", "'image'"]),
+        ("text in the file field", {"data": {"file": "a.png"}, "files": [("other", ("b.txt", b"b", "text/plain"))]},
+         400, ["holds text, not a file"]),
+        ("url-encoded form", {"data": {"file": "a.png"}}, 415, ["application/x-www-form-urlencoded"]),
+        ("raw image body", {"content": good, "headers": {"content-type": "image/png"}},
+         415, ["image/png", "multipart/form-data"]),
+        ("over --max_mb", {"files": [("file", ("big.jpg", too_big, "image/jpeg"))]}, 413, ["--max_mb 1 MB"]),
+        ("over --max_mb, chunked", {"content": (too_big[i:i + 65536] for i in range(0, len(too_big), 65536)),
+                                    "headers": {"content-type": "multipart/form-data; boundary=x"}},
+         413, ["--max_mb 1 MB"]),
+        ("one bad image among good ones",
+         {"files": [("file", ("good.png", good, "image/png")), ("file", ("bad.jpg", _truncated_jpeg(), "image/jpeg"))]},
+         422, ["bad.jpg"]),
+        ("top_k zero", {"files": [("file", ("a.png", good, "image/png"))], "params": {"top_k": 0}}, 400, ["top_k"]),
+        ("top_k not a number", {"files": [("file", ("a.png", good, "image/png"))], "data": {"top_k": "all"}},
+         400, ["top_k", "'all'"]),
+        ("too many files", {"files": [("file", (f"{i}.png", good, "image/png")) for i in range(MAX_FILES + 1)]},
+         400, ["multipart/form-data body refused", "files"]),
+        ("malformed multipart", {"content": b"--x\r\nno headers here",
+                                 "headers": {"content-type": "multipart/form-data; boundary=x"}},
+         400, ["multipart/form-data body refused"]),
+    ]
+
+
+def test_bad_inputs_get_a_4xx_naming_the_problem_and_the_service_goes_on(client, model):
+    for what, request, status, words in _bad_requests(model):
+        response = client.post("/predict", **request)
+        assert response.status_code == status, (what, response.text)
+        error = response.json()["error"]
+        for word in words:
+            assert word in error, (what, error)
+        after = client.post("/predict", files=_files(model, [1]))
+        assert after.status_code == 200, (what, after.text)
+        assert after.json()["predictions"][0]["file"] == model.names[1]
+
+
+def test_images_pillow_only_warns_about_are_refused(client, model, monkeypatch):
+    """Between Pillow's MAX_IMAGE_PIXELS and twice that, Pillow decodes with a
+    warning; the service refuses them (limit lowered to below a 72x72 image)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 72 * 72 - 1)
+    response = client.post("/predict", files=_files(model, [0]))
+    assert response.status_code == 413 and "decompression bomb" in response.json()["error"]
+    monkeypatch.undo()
+    assert client.post("/predict", files=_files(model, [0])).status_code == 200
+
+
+def test_unknown_routes_and_methods_answer_json(client):
+    assert client.get("/predict").status_code == 405
+    missing = client.get("/nothing")
+    assert missing.status_code == 404 and missing.json() == {"error": "Not Found"}
+
+
+# ---------------------------------------------------------------- metadata and page
+
+def test_healthz_and_metadata(client, model):
+    assert client.get("/healthz").json() == {"status": "ok", "pid": os.getpid()}
+    meta = client.get("/metadata").json()
+    written = yaml.safe_load((model.dir / "inference.yml").read_text())
+    assert meta["class_names"] == written["class_names"] == ["blue", "green", "red"]
+    assert meta["num_classes"] == 3 and meta["arch"] == "mobilenet_v1"
+    assert meta["preprocess"] == written["preprocess"] and meta["preprocess"]["input_size"] == 64
+    assert meta["files"] == {"model_file": written["model_file"], "params_file": "inference.pdiparams",
+                             "meta_file": "inference.yml"}
+    assert meta["backend"] == "paddle" and meta["backend_file"] == written["model_file"]
+    assert meta["limits"]["max_mb"] == MAX_MB and meta["limits"]["field"] == "file"
+    assert "precision" not in meta
+
+
+def test_metadata_reports_the_precision_inference_yml_records(model, tmp_path):
+    folder = tmp_path / "inference"
+    shutil.copytree(model.dir, folder)
+    meta = yaml.safe_load((folder / "inference.yml").read_text())
+    (folder / "inference.yml").write_text(yaml.safe_dump({**meta, "precision": "int8"}))
+    with TestClient(create_app(folder)) as other:
+        assert other.get("/metadata").json()["precision"] == "int8"
+
+
+def test_page_is_self_contained_with_an_upload_form(client):
+    response = client.get("/")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    page = response.text
+    for part in ('<form id="upload"', 'enctype="multipart/form-data"', 'type="file"', 'name="file"',
+                 'fetch("metadata")', "predict?top_k="):
+        assert part in page
+    assert "http://" not in page and "https://" not in page and "<link" not in page  # no external assets
+
+
+def test_command_line_refuses_a_missing_folder_in_one_line(tmp_path, capsys):
+    assert cli.main(["serve", "--model_dir", str(tmp_path / "gone")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: inference folder {tmp_path / 'gone'} does not exist; write one with tools/export_model.py")
+
+
+# ---------------------------------------------------------------- the real server
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    """`python tools/serve.py` in a subprocess on 127.0.0.1 and a free port,
+    until the `with` block ends."""
+
+    def __init__(self, model_dir, log, *args):
+        self.url = f"http://127.0.0.1:{_free_port()}"
+        self.command = [sys.executable, str(REPO / "tools" / "serve.py"), "--model_dir", str(model_dir),
+                        "--port", self.url.rsplit(":", 1)[1], *args]
+        self.log = log
+
+    def __enter__(self):
+        env = dict(os.environ, HOME=str(self.log.parent / "home"))
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"the server exited with {self.process.returncode}:\n{self.log.read_text()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        self.__exit__()
+        pytest.fail(f"the server did not answer /healthz within 240 s:\n{self.log.read_text()}")
+
+    def __exit__(self, *exc):
+        self.process.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.mark.slow
+def test_real_server_over_http(model, infer_rows, tmp_path):
+    """uvicorn with two worker processes (each its own predictor): answers
+    equal to infer.py's, a refusal, and the service still answering."""
+    with Server(model.dir, tmp_path / "server.log", "--workers", "2") as server:
+        response = httpx.post(f"{server.url}/predict?top_k=3", files=_files(model, range(len(model.images))),
+                              timeout=60)
+        assert response.status_code == 200, response.text
+        for answer, row, name in zip(response.json()["predictions"], infer_rows, model.names):
+            _same_as_infer(answer, row, name)
+        refused = httpx.post(f"{server.url}/predict", files=[("file", ("x.txt", b"text", "text/plain"))], timeout=60)
+        assert refused.status_code == 415 and "x.txt" in refused.json()["error"]
+        assert httpx.get(f"{server.url}/metadata", timeout=10).json()["class_names"] == ["blue", "green", "red"]
+        again = httpx.post(f"{server.url}/predict", files=_files(model, [3]), timeout=60)
+        assert again.status_code == 200 and again.json()["predictions"][0]["file"] == model.names[3]
+    assert "2 worker(s)" in (tmp_path / "server.log").read_text()
+
+
+# ---------------------------------------------------------------- the page in a browser
+
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+class DevTools:
+    """The Chrome DevTools protocol over one page's websocket: call(method,
+    **params) -> result; events that arrive meanwhile are dropped."""
+
+    def __init__(self, url):
+        import websocket
+        self.socket = websocket.create_connection(url, timeout=60, suppress_origin=True)
+        self.last_id = 0
+
+    def call(self, method, **params):
+        self.last_id += 1
+        self.socket.send(json.dumps({"id": self.last_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.socket.recv())
+            if message.get("id") == self.last_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message["result"]
+
+    def evaluate(self, expression):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def wait_for(self, expression, timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.evaluate(expression):
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"still false after {timeout} s: {expression}")
+
+
+def _browser(binary, profile):
+    """Headless Chromium with DevTools on a free port (it writes the port into
+    the profile's DevToolsActivePort) -> (process, websocket URL of its page)."""
+    process = subprocess.Popen([binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                                "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
+                                "--remote-allow-origins=*", f"--user-data-dir={profile}", "--window-size=1000,760",
+                                "--no-first-run", "about:blank"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    active = profile / "DevToolsActivePort"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if active.is_file() and active.read_text().strip():
+            port = active.read_text().split()[0]
+            pages = [target for target in httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json()
+                     if target["type"] == "page"]
+            if pages:
+                return process, pages[0]["webSocketDebuggerUrl"]
+        time.sleep(0.2)
+    process.kill()
+    raise AssertionError("Chromium did not open its DevTools port within 60 s")
+
+
+@pytest.mark.slow
+def test_page_in_headless_chromium(model, infer_rows, tmp_path):
+    """A person's path: open the page, pick a file that is no image and read
+    the refusal, then drop an image on it and see the top classes as bars with
+    their percentages (the service's answer for that image); the screenshot is
+    kept in the test's folder and as /tmp/serve_page.png."""
+    pytest.importorskip("websocket", reason="websocket-client is not installed (the dev extra)")
+    binary = _chromium()
+    if binary is None:
+        pytest.skip("no Chromium binary on PATH (Debian: apt-get install chromium)")
+    # A bigger picture than the 72 px Eval images, of the same kind: their first red image, enlarged.
+    index = model.names.index("red_0.png")
+    image = tmp_path / "red_0.png"
+    Image.open(model.images[index]).resize((288, 288), Image.NEAREST).save(image)
+    not_an_image = tmp_path / "notes.txt"
+    not_an_image.write_text("not an image")
+    with Server(model.dir, tmp_path / "server.log") as server:
+        expected = httpx.post(f"{server.url}/predict", files=[("file", ("red_0.png", image.read_bytes()))],
+                              timeout=60).json()["predictions"][0]
+        process, page_url = _browser(binary, tmp_path / "profile")
+        try:
+            page = DevTools(page_url)
+            page.call("Emulation.setDeviceMetricsOverride", width=1000, height=760, deviceScaleFactor=1, mobile=False)
+            page.call("Page.navigate", url=f"{server.url}/")
+            page.wait_for("document.readyState === 'complete' && "
+                          "document.getElementById('model').textContent.includes('3 classes')")
+            # Picked in the file input: a file that is no image, answered with the service's error.
+            root = page.call("DOM.getDocument")["root"]["nodeId"]
+            file_input = page.call("DOM.querySelector", nodeId=root, selector="#file")["nodeId"]
+            page.call("DOM.setFileInputFiles", files=[str(not_an_image)], nodeId=file_input)
+            page.wait_for("document.getElementById('error').textContent !== ''")
+            refusal = page.evaluate("document.getElementById('error').textContent")
+            # Dropped on the drop zone: the image, answered with bars.
+            box = page.evaluate("JSON.stringify(document.getElementById('drop').getBoundingClientRect())")
+            box = json.loads(box)
+            x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+            data = {"items": [], "files": [str(image)], "dragOperationsMask": 1}
+            for kind in ("dragEnter", "dragOver", "drop"):
+                page.call("Input.dispatchDragEvent", type=kind, x=x, y=y, data=data)
+            page.wait_for("document.querySelectorAll('#results .result').length === 3 && "
+                          "document.getElementById('preview').complete")
+            shown = page.evaluate("[...document.querySelectorAll('#results .result')].map(row => "
+                                  "[row.querySelector('.name').textContent, row.querySelector('.pct').textContent, "
+                                  "row.querySelector('.bar').getBoundingClientRect().width / "
+                                  "row.querySelector('.track').getBoundingClientRect().width])")
+            heading = page.evaluate("document.querySelector('#results h2').textContent")
+            error = page.evaluate("document.getElementById('error').textContent")
+            screenshot = base64.b64decode(page.call("Page.captureScreenshot", format="png")["data"])
+        finally:
+            process.kill()
+            process.wait()
+    (tmp_path / "serve_page.png").write_bytes(screenshot)
+    Path("/tmp/serve_page.png").write_bytes(screenshot)
+    assert refusal.startswith("415: cannot read image notes.txt: cannot identify image file")
+    assert error == "" and heading == "red_0.png"
+    assert [name for name, _, _ in shown] == expected["label_names"]
+    assert [percent for _, percent, _ in shown] == [f"{100 * s:.1f}%" for s in expected["scores"]]
+    for (_, _, fraction), score in zip(shown, expected["scores"]):
+        assert fraction == pytest.approx(score, abs=0.01)  # each bar as long as its probability
+    assert Image.open(io.BytesIO(screenshot)).size == (1000, 760)
+
+
+@pytest.mark.slow
+def test_load_bench_runs_and_stops_by_itself(model, tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "serve_load.py"), "--model_dir", str(model.dir),
+                           "--image", str(model.images[0]), "--clients", "2", "--requests", "3", "--workers", "1"],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, HOME=str(tmp_path)))
+    assert done.returncode == 0, done.stderr
+    table = done.stdout.strip().splitlines()[-3:]
+    assert table[0] == "| workers | threads each | clients x requests | requests/s | p50 ms | p95 ms | errors |"
+    assert table[2].startswith(f"| 1 | {os.cpu_count()} | 2 x 3 | ") and table[2].endswith(" | 0 |")
