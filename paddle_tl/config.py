@@ -55,6 +55,23 @@ class GlobalConfig:
 
 
 @dataclass
+class HeadConfig:
+    """What is built for the task in place of the ImageNet classifier: the
+    architecture's own Linear layer, or an MLP (hidden widths, activation,
+    dropout after each hidden layer) in its place."""
+    type: Literal["linear", "mlp"] = "linear"
+    hidden: list = field(default_factory=lambda: [512])  # mlp
+    activation: Literal["relu", "gelu"] = "relu"  # mlp
+    dropout: float = 0.5  # mlp
+
+    def validate(self, at):
+        _require(bool(self.hidden) and all(isinstance(h, int) and not isinstance(h, bool) and h >= 1
+                                           for h in self.hidden), f"{at}.hidden",
+                 "must be a non-empty list of positive integers")
+        _require(0 <= self.dropout < 1, f"{at}.dropout", "must be in [0, 1)")
+
+
+@dataclass
 class ArchConfig:
     name: str = "mobilenet_v2"
     # "imagenet", false, a .pdparams path or a torchvision .pth path
@@ -63,6 +80,7 @@ class ArchConfig:
     num_classes: Optional[int] = None  # taken from the training data when not given
     input_size: Optional[int] = None  # overrides the architecture's table
     kwargs: dict = field(default_factory=dict)  # extra constructor arguments, e.g. {scale: 0.25}
+    head: HeadConfig = field(default_factory=HeadConfig)
 
     def validate(self, at):
         _require(self.pretrained is not True, f"{at}.pretrained",

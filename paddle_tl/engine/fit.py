@@ -15,7 +15,7 @@ say) is a choice with its reason, not a refusal.
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from paddle_tl.models.features import head_linear
+from paddle_tl.models.features import feature_head
 from paddle_tl.runtime import import_paddle
 from paddle_tl.transfer.domain import DomainSchedule, LabeledAccuracy, pair_collate, setup_domain_adaptation
 from paddle_tl.transfer.feature_cache import ViewSwitcher, cached_datasets
@@ -65,8 +65,8 @@ def _why_not_cached(transfer, plan, network, spec, processes):
         return "data-parallel training"
     if plan.bn != "freeze":
         return "Transfer.bn=train keeps updating BatchNorm statistics"
-    if head_linear(network, spec) is None:
-        return f"the head of {spec.name} is not a single Linear layer"
+    if feature_head(network, spec) is None:
+        return f"the head of {spec.name} is not a single Linear layer (or Arch.head mlp)"
     return None
 
 

@@ -1,6 +1,7 @@
 """The run folder (Global.output_dir): creating it safely, and reading a
 finished run back for evaluation and export."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -11,7 +12,8 @@ from paddle_tl.config import load_config
 from paddle_tl.data.transforms import Preprocess
 from paddle_tl.engine.checkpoint import STATE_SUFFIX, load_weights
 from paddle_tl.errors import ConfigError, DataError, DiskFullError
-from paddle_tl.models.zoo import build_model, get_spec
+from paddle_tl.models.heads import LINEAR, build_network
+from paddle_tl.models.zoo import get_spec
 
 
 def prepare_output_dir(path, resuming):
@@ -68,7 +70,7 @@ def _size(num_bytes):
     return f"{num_bytes / 1e6:.1f} MB"
 
 
-def describe_model(spec, num_classes, kwargs, pre, class_names):
+def describe_model(spec, num_classes, kwargs, head, pre, class_names):
     """What a checkpoint records of its network (RunState.model), so that it
     describes itself: whoever loads the weights gets the architecture and the
     preprocessing that go with them (as torchvision's Weights carry their
@@ -78,6 +80,7 @@ def describe_model(spec, num_classes, kwargs, pre, class_names):
         "kwargs": dict(kwargs),  # Arch.kwargs, the constructor's extra arguments
         "num_classes": num_classes,
         "head": list(spec.head),  # the layers built for this task (not loaded from ImageNet)
+        "head_config": dict(head),  # Arch.head: what those layers are
         "preprocess": pre.to_dict(),  # resize_short, input_size, mean, std, channel_order
         "class_names": list(class_names),
     }
@@ -87,7 +90,7 @@ def rebuild_model(record, prefix):
     """(network, spec, preprocess, class_names) from describe_model's record,
     with the checkpoint's weights loaded and the network in eval mode."""
     spec = get_spec(record["arch"])
-    network = build_model(spec.name, record["num_classes"], **record["kwargs"])
+    network = build_network(spec, record["num_classes"], record["kwargs"], record.get("head_config", LINEAR))
     load_weights(network, prefix)
     network.eval()
     return network, spec, Preprocess.from_dict(record["preprocess"]), list(record["class_names"])
@@ -113,7 +116,8 @@ def trained_model(cfg):
     if not record:  # written before checkpoints recorded their network: built from the config
         class_names = state["class_names"]
         spec = get_spec(cfg.Arch.name)
-        network = build_model(spec.name, cfg.Arch.num_classes or len(class_names), **cfg.Arch.kwargs)
+        network = build_network(spec, cfg.Arch.num_classes or len(class_names), cfg.Arch.kwargs,
+                                dataclasses.asdict(cfg.Arch.head))
         load_weights(network, prefix)
         network.eval()
         return network, spec, Preprocess.from_spec(spec, cfg.Arch.input_size), class_names
@@ -128,6 +132,12 @@ def trained_model(cfg):
         if f"Arch.{name}" in cfg.given and asked is not None and asked != value:
             raise ConfigError(f"Arch.{name}: {asked} contradicts the run, which trained with "
                               f"Arch.{name}={value} ({prefix}); leave it out")
+    trained_head = record.get("head_config", LINEAR)
+    asked_head = dataclasses.asdict(cfg.Arch.head)
+    if any(key.startswith("Arch.head") for key in cfg.given) and \
+            {key: asked_head[key] for key in trained_head} != trained_head:
+        raise ConfigError(f"Arch.head: {asked_head} contradicts the run, which trained with Arch.head="
+                          f"{trained_head} ({prefix}); leave it out")
     trained = rebuild_model(record, prefix)
     # cfg.Arch now says what trained, for what reads it later (inference.yml's num_classes).
     for name, value in trained_arch.items():

@@ -28,9 +28,10 @@ from paddle_tl.engine.report import write_report
 from paddle_tl.engine.run_folder import describe_model, prepare_output_dir, require_free_space
 from paddle_tl.errors import ConfigError, OutOfMemoryError
 from paddle_tl.files import write_json
-from paddle_tl.models.features import head_linear
+from paddle_tl.models.features import feature_head
+from paddle_tl.models.heads import build_network
 from paddle_tl.models.weights import load_pretrained
-from paddle_tl.models.zoo import build_model, get_spec
+from paddle_tl.models.zoo import get_spec
 from paddle_tl.runtime import import_paddle, seed_everything, select_device
 from paddle_tl.transfer.freezing import L2SP, GradualUnfreezer, add_l2sp, set_frozen_stages, trainable_parameters
 from paddle_tl.transfer.plan import plan_transfer
@@ -144,7 +145,7 @@ def load_network(cfg, run, data):
     """The network for the data's classes, with its pretrained weights (also
     when resuming: L2-SP and the similarity probe need them)."""
     spec = get_spec(cfg.Arch.name)
-    layer = build_model(spec.name, data.num_classes, **cfg.Arch.kwargs)
+    layer = build_network(spec, data.num_classes, cfg.Arch.kwargs, dataclasses.asdict(cfg.Arch.head))
     if run.is_main:
         require_free_space(run.folder, layer, master_weights=cfg.Global.amp_level == "O2")
     pretrained = cfg.Arch.pretrained is not False
@@ -160,7 +161,7 @@ def plan_strategy(cfg, run, net, data):
     features separate the classes. L2-SP anchors the body at its pretrained
     weights now, before a resume loads others."""
     similarity = None
-    if cfg.Transfer.strategy == "auto" and net.pretrained and head_linear(net.layer, net.spec) is not None:
+    if cfg.Transfer.strategy == "auto" and net.pretrained and feature_head(net.layer, net.spec) is not None:
         similarity = measure_similarity(net.layer, net.spec, data.train, data.eval_tf, data.pre.input_size,
                                         run.device, cfg.Global.seed, num_workers=cfg.DataLoader.Train.num_workers)
     plan = plan_transfer(cfg.Transfer, len(net.spec.stages), data.train.class_counts(), net.pretrained, similarity)
@@ -180,7 +181,8 @@ def start_state(cfg, run, net, plan, data):
     if run.resume is not None:
         state = _resumed_state(run.resume, net.layer, data.class_names, g.epochs)
     # In every checkpoint, a resumed older one's too: what eval and export rebuild.
-    state.model = describe_model(net.spec, data.num_classes, cfg.Arch.kwargs, data.pre, data.class_names)
+    state.model = describe_model(net.spec, data.num_classes, cfg.Arch.kwargs, dataclasses.asdict(cfg.Arch.head),
+                                 data.pre, data.class_names)
     state.frozen_stages = plan.frozen_stages_at(state.start_epoch)
     counts = net.counts = set_frozen_stages(net.layer, net.spec, state.frozen_stages, plan.bn)
     print(f"strategy: {plan.strategy} ({plan.reason}); {state.frozen_stages}/{plan.num_stages} stages "

@@ -5,24 +5,31 @@ the similarity probe and domain adaptation all go through `headless`."""
 
 import contextlib
 
+from paddle_tl.models.heads import MLPHead
 from paddle_tl.runtime import import_paddle
 
 paddle = import_paddle()
 
 
-def head_linear(network, spec):
-    """The head as one Linear sublayer, or None when it is anything else."""
+def feature_head(network, spec):
+    """The head as one sublayer fed with feature vectors (a Linear, or
+    models.heads' MLP head), or None when it is anything else."""
     if len(spec.head) != 1:
         return None
     layer = dict(network.named_sublayers()).get(spec.head[0])
-    return layer if isinstance(layer, paddle.nn.Linear) else None
+    return layer if isinstance(layer, (paddle.nn.Linear, MLPHead)) else None
+
+
+def feature_size(head):
+    """The width of the features a feature_head takes."""
+    return head.in_features if isinstance(head, MLPHead) else head.weight.shape[0]
 
 
 @contextlib.contextmanager
 def headless(network, spec):
     """Within the context the network outputs its head's input (the head is
-    swapped for Identity); yields the head layer. Needs a single-Linear
-    head (head_linear), which is the network's last operation."""
+    swapped for Identity); yields the head layer. Needs a feature_head,
+    which is the network's last operation."""
     parent_path, _, attr = spec.head[0].rpartition(".")
     parent = dict(network.named_sublayers())[parent_path] if parent_path else network
     head = getattr(parent, attr)

@@ -89,7 +89,9 @@ def load_pretrained(
     tensors = {name: paddle.to_tensor(value, dtype=model_state[name].dtype) for name, value in to_load.items()}
     model.set_state_dict(tensors)
     _check_landed(model, tensors, path)
-    unexpected = [name for name in state if name not in model_state]
+    # The checkpoint's own head (ImageNet's classifier) is replaced, not unexpected.
+    unexpected = [name for name in state if name not in model_state
+                  and not any(name == p or name.startswith(p + ".") for p in head_prefixes)]
     return LoadReport(label, len(to_load), missing, unexpected, skipped_head)
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from paddle_tl.data.datasets import UNLABELED
 from paddle_tl.errors import ConfigError
-from paddle_tl.models.features import features_and_logits, head_linear
+from paddle_tl.models.features import feature_head, feature_size, features_and_logits
 from paddle_tl.runtime import import_paddle
 
 paddle = import_paddle()
@@ -122,8 +122,8 @@ class DomainAdaptationNet(paddle.nn.Layer):
     def __init__(self, network, spec, method):
         super().__init__()
         self.network, self.spec, self.method = network, spec, method
-        feature_size = head_linear(network, spec).weight.shape[0]
-        self.domain_classifier = DomainClassifier(feature_size) if method == "dann" else None
+        width = feature_size(feature_head(network, spec))
+        self.domain_classifier = DomainClassifier(width) if method == "dann" else None
         self.reversal = 0.0  # gradient-reversal coefficient, set by DomainSchedule
 
     def forward(self, images):
@@ -209,8 +209,7 @@ class DomainSetup:
 
 def setup_domain_adaptation(transfer_cfg, network, spec, train_set, target_set, classification_loss, seed):
     method = transfer_cfg.domain_adaptation
-    head = head_linear(network, spec)
-    if head is None:
+    if feature_head(network, spec) is None:
         raise ConfigError(f"Transfer.domain_adaptation: needs the head's input features, and the head of "
                           f"{spec.name} is not a single Linear layer")
     net = DomainAdaptationNet(network, spec, method)

@@ -17,7 +17,7 @@ import copy
 import numpy as np
 
 from paddle_tl.data.loaders import make_loader, map_batches
-from paddle_tl.models.features import head_linear, headless
+from paddle_tl.models.features import feature_head, feature_size, headless
 from paddle_tl.models.static import fastest_runner
 from paddle_tl.runtime import import_paddle, seed_everything
 
@@ -87,8 +87,8 @@ def cached_datasets(network, spec, input_size, train_set, plain_sets, eval_tf, t
             train_views.append(extract(train_set, transform, workers, f"features: train view {v + 1}/{views}"))
         plain = [FeatureViews([extract(dataset, eval_tf, workers, f"features: {name}")], _labels(dataset))
                  for name, dataset in plain_sets.items()]
-    head = head_linear(network, spec)
-    return FeatureViews(train_views, _labels(train_set)), plain, HeadOnly(head), head.weight.shape[0]
+    head = feature_head(network, spec)
+    return FeatureViews(train_views, _labels(train_set)), plain, HeadOnly(head), feature_size(head)
 
 
 def _labels(dataset):
