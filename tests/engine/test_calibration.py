@@ -197,10 +197,12 @@ def test_temperature_travels_from_training_to_inference(noisy_run, tmp_path, cap
 
 
 @pytest.mark.slow
-def test_run_without_validation_split_records_why_there_is_no_temperature(trained_run, tmp_path):
-    """The session's tiny run (val_fraction 0.1 of 6 images a class) and an
-    export of it: whatever its split, metrics.json and inference.yml agree."""
+def test_a_run_whose_split_cannot_set_a_temperature_records_why(trained_run):
+    """The session's tiny 1-epoch run (3 validation images, at chance): T = 1
+    with its reason, in metrics.json and in best_model's record alike."""
     calibration = trained_run.metrics["calibration"]
-    assert calibration["reason"] and "eval_ece_before" in calibration
+    assert calibration["val_images"] == 3 and "eval_ece_before" in calibration
+    if not calibration["fitted"]:
+        assert calibration["temperature"] == 1.0 and "cannot set a temperature" in calibration["reason"]
     state = json.loads((trained_run.dir / "best_model.state.json").read_text())
     assert state["model"]["temperature"] == calibration["temperature"]
