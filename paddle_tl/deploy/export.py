@@ -10,7 +10,7 @@ import yaml
 
 from paddle_tl.data.datasets import build_dataset
 from paddle_tl.data.transforms import eval_transform
-from paddle_tl.engine.run_folder import trained_model
+from paddle_tl.engine.run_folder import trained_model, trained_temperature
 from paddle_tl.errors import DataError, ExportError
 from paddle_tl.models.static import PARAMS_FILE, PREFIX, save_static
 from paddle_tl.predict.predictor import BACKENDS, FIXED_PREPROCESS, META_FILE, Predictor, import_onnx_package
@@ -30,7 +30,8 @@ META_HEADER = """\
 # (upright per EXIF), resize the short side to resize_short (bilinear), center-crop
 # input_size x input_size, multiply by scale, subtract mean and divide by std per
 # channel (channel_order), HWC -> CHW float32. Input "image": [N, 3, input_size,
-# input_size]; output: logits [N, num_classes] (apply softmax for probabilities).
+# input_size]; output: logits [N, num_classes]. Probabilities: softmax(logits / temperature),
+# temperature fitted on the run's validation split (1.0: uncalibrated).
 # onnx_file, when present, is the same model in ONNX, with the same input and output.
 """
 
@@ -60,6 +61,7 @@ def export(cfg, parity_images=8, tolerance=1e-4, onnx=False):
         "num_classes": cfg.Arch.num_classes or len(class_names),
         "class_names": list(class_names),
         "preprocess": {**pre.to_dict(), **FIXED_PREPROCESS},
+        "temperature": trained_temperature(cfg),
         "model_file": model_file,
         "params_file": PARAMS_FILE,
         "paddle_version": paddle.__version__,

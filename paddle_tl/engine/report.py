@@ -1,7 +1,8 @@
 """`paddle-tl report RUN`: what a finished run learnt, as pictures and one
 HTML page in RUN/report/ — training curves, the confusion matrix, per-class
-precision/recall/F1 and the Eval images the best model gets most confidently
-wrong."""
+precision/recall/F1, the Eval images the best model gets most confidently
+wrong, and how well its probabilities are calibrated (reliability diagram,
+ECE before and after temperature scaling, a suggested --reject_below)."""
 
 import argparse
 import csv
@@ -12,14 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
+from paddle_tl.calibration import ECE_BINS, expected_calibration_error, reliability_bins, softmax, threshold_effect
 from paddle_tl.data.datasets import load_rgb
 from paddle_tl.data.loaders import map_batches
 from paddle_tl.engine.evaluate import eval_split
-from paddle_tl.engine.run_folder import run_config
+from paddle_tl.engine.run_folder import run_config, trained_temperature
 from paddle_tl.errors import ConfigError
 from paddle_tl.metrics import classification_metrics
 from paddle_tl.models.static import fastest_runner
-from paddle_tl.predict.predictor import softmax
 
 REPORT_DIR = "report"
 MAX_ERRORS = 16
@@ -30,7 +31,8 @@ ANNOTATE_MAX_CLASSES = 15
 
 def write_report(run_dir):
     """Write RUN/report/ (curves.png, confusion_matrix.png, per_class.csv,
-    errors.png, index.html) for a finished run; returns index.html's path."""
+    errors.png, reliability.png, index.html) for a finished run; returns
+    index.html's path."""
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.json").is_file():
         raise ConfigError(f"{run_dir} has no metrics.json: not the folder of a finished training run")
@@ -41,7 +43,9 @@ def write_report(run_dir):
     paths, labels, logits, class_names = predict_eval(cfg)
     predict_seconds = time.perf_counter() - started
     scores = classification_metrics(logits, labels, class_names, cfg.Metric.topk)
-    probabilities = softmax(logits)
+    # Calibrated, as a deployment scores them: softmax(logits / T), T from best_model's record.
+    temperature = trained_temperature(cfg)
+    probabilities = softmax(logits, temperature)
     # Outputs beyond the named classes (Arch.num_classes above the data's) keep their index as name.
     output_names = list(class_names) + [str(i) for i in range(len(class_names), logits.shape[1])]
 
@@ -55,7 +59,9 @@ def write_report(run_dir):
     plot_errors([(paths[i], output_names[labels[i]], output_names[probabilities[i].argmax()],
                   probabilities[i].max()) for i in errors], out_dir / "errors.png")
     wrong = int((probabilities.argmax(axis=1) != labels).sum())
-    page = render_html(run_dir, metrics, scores, rows, config_file.read_text(), wrong, predict_seconds)
+    calibration = calibration_figures(metrics.get("calibration"), logits, labels, temperature)
+    plot_reliability(calibration["panels"], out_dir / "reliability.png")
+    page = render_html(run_dir, metrics, scores, rows, config_file.read_text(), wrong, predict_seconds, calibration)
     index = out_dir / "index.html"
     index.write_text(page, encoding="utf-8")
     return index
@@ -71,6 +77,32 @@ def predict_eval(cfg):
         logits, labels = map_batches(run, split.loader)
     paths = [path for path, _ in split.dataset.samples]
     return paths, labels, logits, split.class_names
+
+
+def calibration_figures(record, logits, labels, temperature):
+    """What the report shows of calibration: metrics.json's `calibration`
+    (fitted on the validation split; absent in runs from before it), and
+    the same figures recomputed on the Eval split from best_model's logits
+    (ECE before and after, and what the suggested --reject_below does there)."""
+    record = dict(record or {"temperature": temperature, "fitted": False,
+                             "reason": "this run predates calibration (no `calibration` in metrics.json)"})
+    bins = record.get("ece_bins", ECE_BINS)
+    before, after = softmax(logits), softmax(logits, temperature)
+    panels, rows = [], []
+    validation = (record.get("reliability") or {}).get("validation")
+    if validation:
+        panels.append((f"validation, {record['val_images']} images (T fitted here)", validation["before"],
+                       validation["after"]))
+        rows.append(("validation (T fitted here)", record["val_images"], record["val_ece_before"],
+                     record["val_ece_after"]))
+    eval_ece = expected_calibration_error(before, labels, bins), expected_calibration_error(after, labels, bins)
+    panels.append((f"Eval, {len(labels)} images (reported only)", reliability_bins(before, labels, bins),
+                   reliability_bins(after, labels, bins)))
+    rows.append(("Eval (reported only)", len(labels), *eval_ece))
+    suggested = record.get("suggested_reject_below")
+    on_eval = threshold_effect(after, labels, suggested["reject_below"]) if suggested else None
+    return {"temperature": temperature, "fitted": record.get("fitted"), "reason": record.get("reason"),
+            "rows": rows, "panels": panels, "suggested": suggested, "suggested_on_eval": on_eval}
 
 
 def most_confident_errors(probabilities, labels, k=MAX_ERRORS):
@@ -167,6 +199,34 @@ def plot_confusion(confusion, class_names, path):
     plt.close(figure)
 
 
+def plot_reliability(panels, path):
+    """Reliability diagrams, one per (title, bins before, bins after) panel:
+    accuracy against mean confidence per non-empty confidence bin, before
+    (T = 1) and after temperature scaling; the diagonal is perfect
+    calibration, and each point's size grows with its bin's images."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
+    for ax, (title, before, after) in zip(axes[0], panels):
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+        for name, rows, colour in (("before (T = 1)", before, "tab:orange"), ("after", after, "tab:blue")):
+            filled = [row for row in rows if row["count"]]
+            total = sum(row["count"] for row in filled) or 1
+            ece = sum(row["count"] * abs(row["accuracy"] - row["confidence"]) for row in filled) / total
+            ax.plot([row["confidence"] for row in filled], [row["accuracy"] for row in filled], color=colour,
+                    linewidth=1, label=f"{name}: ECE {ece:.3f}")
+            ax.scatter([row["confidence"] for row in filled], [row["accuracy"] for row in filled], color=colour,
+                       s=[12 + 150 * row["count"] / total for row in filled], zorder=3)
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("confidence (top-1 probability)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8, loc="best")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def plot_errors(errors, path):
     """A grid of (path, true name, predicted name, probability), as decoded
     from disk (before resizing and cropping); a short note when there are none."""
@@ -222,7 +282,7 @@ def _table(rows, header=None, numeric=()):
     return f"<table>{head}{body}</table>"
 
 
-def render_html(run_dir, metrics, scores, rows, config_text, wrong, predict_seconds):
+def render_html(run_dir, metrics, scores, rows, config_text, wrong, predict_seconds, calibration=None):
     """The report page: self-contained (inline CSS, no scripts, images by
     relative link), every value from the run escaped, since class names,
     paths and config values are user data."""
@@ -272,6 +332,7 @@ def render_html(run_dir, metrics, scores, rows, config_text, wrong, predict_seco
         '<a href="per_class.csv">per_class.csv</a>',
         '</div><div><a href="confusion_matrix.png"><img src="confusion_matrix.png" alt="confusion matrix">'
         "</a></div></div>",
+        *(_calibration_section(calibration) if calibration else ()),
         f"<h2>Most confident errors ({min(wrong, MAX_ERRORS)} of {wrong} wrong)</h2>",
         '<a href="errors.png"><img src="errors.png" alt="most confidently wrong Eval images"></a>',
         "<h2>Config</h2>",
@@ -281,6 +342,35 @@ def render_html(run_dir, metrics, scores, rows, config_text, wrong, predict_seco
     return (f"<!DOCTYPE html>\n<html lang=en>\n<head>\n<meta charset=utf-8>\n"
             f"<title>{escape(Path(run_dir).name)} report</title>\n<style>{PAGE_STYLE}</style>\n</head>\n"
             f"<body>\n{body}\n</body>\n</html>\n")
+
+
+def _calibration_section(calibration):
+    """HTML lines: the temperature (or why there is none), ECE before and
+    after per split, the suggested --reject_below and the reliability diagram."""
+    escape = html.escape
+    temperature = calibration["temperature"]
+    if calibration["fitted"]:
+        said = f"Temperature <b>T = {temperature:.3f}</b>: {escape(str(calibration['reason']))}."
+    else:
+        said = f"T = {temperature:g}: {escape(str(calibration['reason']))}."
+    lines = ["<h2>Calibration</h2>",
+             f"<p class=reason>{said} Scores here and in deployment are softmax(logits / T); no T changes which "
+             "class ranks first.</p>",
+             _table([(split, images, _number(before), _number(after)) for split, images, before, after
+                     in calibration["rows"]], header=("split", "images", "ECE before (T = 1)", "ECE after"),
+                    numeric={1, 2, 3})]
+    suggested, on_eval = calibration["suggested"], calibration["suggested_on_eval"]
+    if suggested:
+        lines.append(
+            f"<p class=reason>Suggested <code>--reject_below {suggested['reject_below']:g}</code>: on the validation "
+            f"split it keeps {suggested['kept']:.0%} of the images (target {suggested['coverage_target']:.0%}), "
+            f"top-1 {_number(suggested['accuracy_kept'], 3)} among those kept (all: "
+            f"{_number(suggested['accuracy_all'], 3)}); on Eval it keeps {on_eval['kept']:.0%}, top-1 "
+            f"{_number(on_eval['accuracy_kept'], 3)} among those kept (all: {_number(on_eval['accuracy_all'], 3)}). "
+            "Images below it are answered \"unknown\".</p>")
+    lines.append('<a href="reliability.png"><img src="reliability.png" alt="reliability diagram: accuracy against '
+                 'confidence, before and after temperature scaling"></a>')
+    return lines
 
 
 def report_command(argv=None):

@@ -12,6 +12,7 @@ from paddle_tl.config import load_config
 from paddle_tl.data.transforms import Preprocess
 from paddle_tl.engine.checkpoint import STATE_SUFFIX, load_weights
 from paddle_tl.errors import ConfigError, DataError, DiskFullError
+from paddle_tl.files import write_json
 from paddle_tl.models.heads import LINEAR, build_network
 from paddle_tl.models.zoo import get_spec
 
@@ -104,9 +105,7 @@ def trained_model(cfg):
     if not cfg.Global.pretrained_model:
         raise ConfigError("Global.pretrained_model: required; point it at a run's best_model "
                           "(e.g. -o Global.pretrained_model=output/run/best_model)")
-    prefix = str(cfg.Global.pretrained_model)
-    if prefix.endswith(".pdparams"):
-        prefix = prefix[: -len(".pdparams")]
+    prefix = _prefix(cfg.Global.pretrained_model)
     state_file = Path(prefix + STATE_SUFFIX)
     if not state_file.is_file():
         raise ConfigError(f"Global.pretrained_model: {state_file} not found; expected a checkpoint "
@@ -143,6 +142,31 @@ def trained_model(cfg):
     for name, value in trained_arch.items():
         setattr(cfg.Arch, name, value)
     return trained
+
+
+def _prefix(pretrained_model):
+    prefix = str(pretrained_model)
+    return prefix[: -len(".pdparams")] if prefix.endswith(".pdparams") else prefix
+
+
+def record_temperature(prefix, temperature):
+    """Write the calibration temperature (calibration.py) into the model
+    record of a written checkpoint's state.json; the sha256 of its other
+    files, which state.json holds, stay valid."""
+    path = Path(str(prefix) + STATE_SUFFIX)
+    state = json.loads(path.read_text())
+    state.setdefault("model", {})["temperature"] = float(temperature)
+    write_json(path, state)
+
+
+def trained_temperature(cfg):
+    """The temperature that turns Global.pretrained_model's logits into
+    calibrated probabilities, softmax(logits / T): its model record's, 1.0
+    where there is none (a checkpoint written before calibration, or during a
+    run: `latest`)."""
+    state_file = Path(_prefix(cfg.Global.pretrained_model) + STATE_SUFFIX)
+    record = json.loads(state_file.read_text()).get("model") if state_file.is_file() else None
+    return float((record or {}).get("temperature", 1.0))
 
 
 def run_config(run_dir, overrides=()):

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from paddle_tl.calibration import calibrate
 from paddle_tl.combinations import Facts, check_combinations
 from paddle_tl.data.check import duplicates_across_splits, duplicates_problem
 from paddle_tl.data.datasets import build_dataset, build_target_dataset, imbalance_ratio, split_validation
-from paddle_tl.data.loaders import make_loader
+from paddle_tl.data.loaders import make_loader, map_batches
 from paddle_tl.data.transforms import Preprocess, eval_transform, train_transform
 from paddle_tl.engine.callbacks import (Checkpointer, EpochRecorder, EvalSchedule, RunState, SamplerEpoch,
                                         ValidationScore, VisualDLLogger, metric_names)
@@ -25,11 +26,13 @@ from paddle_tl.engine.losses import build_loss, class_weights
 from paddle_tl.engine.model import GuardedModel
 from paddle_tl.engine.optim import build_optimizer
 from paddle_tl.engine.report import write_report
-from paddle_tl.engine.run_folder import describe_model, prepare_output_dir, require_free_space
+from paddle_tl.engine.run_folder import (describe_model, prepare_output_dir, rebuild_model, record_temperature,
+                                         require_free_space)
 from paddle_tl.errors import ConfigError, OutOfMemoryError
 from paddle_tl.files import write_json
 from paddle_tl.models.features import feature_head
 from paddle_tl.models.heads import build_network
+from paddle_tl.models.static import dynamic_runner
 from paddle_tl.models.weights import load_pretrained
 from paddle_tl.models.zoo import get_spec
 from paddle_tl.runtime import import_paddle, seed_everything, select_device
@@ -51,7 +54,9 @@ def train(cfg):
     fit = choose_fit(cfg, run, net, plan, data, state)  # what the loop trains on, and why
     trainer = prepare_trainer(cfg, run, net, plan, fit, data, state)  # loaders, optimizer, paddle.Model
     fit_epochs(cfg, run, trainer, state)
-    return record_run(cfg, run, net, plan, data, fit, trainer, state, time.time() - started)
+    train_seconds = time.time() - started
+    calibration = calibrate_best_model(cfg, run, net, fit, state)  # a temperature for its probabilities
+    return record_run(cfg, run, net, plan, data, fit, trainer, state, train_seconds, calibration)
 
 
 @dataclass
@@ -304,7 +309,47 @@ def fit_epochs(cfg, run, trainer, state):
             f", or lower Arch.input_size; resume with -o Global.resume={run.folder}") from exc
 
 
-def record_run(cfg, run, net, plan, data, fit, trainer, state, train_seconds):
+def calibrate_best_model(cfg, run, net, fit, state):
+    """Temperature scaling of best_model (calibration.py): T is fitted on
+    the validation split's logits, never on Eval (T = 1, and the reason,
+    without one), then written into best_model's model record, from which
+    export puts it into inference.yml. Returns metrics.json's `calibration`.
+
+    best_model is read back from disk, as eval and export load it: the
+    training network holds the last epoch's weights (float16 ones under
+    Global.amp=O2), and a resumed run's best epoch may predate this process.
+    Costs one pass over the validation and Eval splits (on cached features,
+    of the head alone). Rank 0 only."""
+    if not run.is_main:
+        return None
+    prefix = run.folder / "best_model"
+    network = rebuild_model(state.model, prefix)[0]
+    # On cached features the splits are the body's features, which the head alone scores.
+    scorer = feature_head(network, net.spec) if fit.mode == "cached_features" else network
+
+    def logits_of(dataset):
+        loader = make_loader(dataset, cfg.DataLoader.Eval.batch_size, shuffle=False, num_workers=fit.workers[1])
+        return map_batches(dynamic_runner(scorer), loader)
+
+    fraction = cfg.DataLoader.Train.val_fraction
+    no_val = None if fit.val_data is not None else (
+        f"no validation split (DataLoader.Train.val_fraction={fraction:g}"
+        f"{' held out no image' if fraction else ''}): a temperature is fitted on held-out training images "
+        "only, never on Eval; T = 1")
+    val_logits, val_labels = logits_of(fit.val_data) if fit.val_data is not None else (None, None)
+    calibration = calibrate(val_logits, val_labels, *logits_of(fit.eval_data), no_val_reason=no_val)
+    record_temperature(prefix, calibration["temperature"])
+    if calibration["fitted"]:
+        print(f"calibration: temperature {calibration['temperature']:.3f} fitted on {calibration['val_images']} "
+              f"validation images; ECE there {calibration['val_ece_before']:.4f} -> "
+              f"{calibration['val_ece_after']:.4f}, on Eval {calibration['eval_ece_before']:.4f} -> "
+              f"{calibration['eval_ece_after']:.4f}")
+    else:
+        print(f"calibration: {calibration['reason']}")
+    return calibration
+
+
+def record_run(cfg, run, net, plan, data, fit, trainer, state, train_seconds, calibration=None):
     """metrics.json and the report (rank 0); returns the metrics."""
     g, loaders = cfg.Global, cfg.DataLoader
     final_top1 = state.history[-1]["eval_top1"]  # the last epoch is always evaluated (EvalSchedule)
@@ -327,6 +372,7 @@ def record_run(cfg, run, net, plan, data, fit, trainer, state, train_seconds):
         "nan_policy": g.nan_policy, "skipped_batches": sum(row.get("skipped_batches", 0) for row in state.history),
         "data_warnings": {"duplicates_across_splits": {"count": len(data.duplicates),
                                                        "pairs": data.duplicates[:DUPLICATES_RECORDED]}},
+        "calibration": calibration,
         "strategy": dict(plan.to_dict(), cached_features=fit.mode == "cached_features",
                          cache_views=fit.record.get("cache_views", 0)),
         **net.counts,

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from paddle_tl.calibration import UNKNOWN_LABEL, softmax
 from paddle_tl.config import DatasetConfig
 from paddle_tl.data.datasets import build_dataset, find_images, load_rgb, read_lines
 from paddle_tl.data.transforms import Preprocess, eval_transform
@@ -73,6 +74,9 @@ def read_meta(model_dir):
     for key in ("model_file", "params_file"):
         if not (model_dir / meta[key]).is_file():
             raise ExportError(f"{path}: {key} {meta[key]} is not in {model_dir}; re-export the model")
+    temperature = meta.get("temperature", 1.0)  # folders exported before calibration have none
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise ExportError(f"{path}: temperature {temperature!r} is not a positive number; re-export the model")
     return meta
 
 
@@ -98,12 +102,6 @@ def preprocess_from_meta(preprocess, where):
         return Preprocess.from_dict(fields)
     except (TypeError, ValueError) as exc:
         raise ExportError(f"{where}: invalid preprocess: {exc}") from exc
-
-
-def softmax(logits):
-    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
 
 
 class OnnxModel(_BatchedModel):
@@ -140,6 +138,8 @@ class Predictor:
         # Outputs beyond the named classes (Arch.num_classes above the data's) keep their index as name.
         names = list(meta["class_names"])
         self.class_names = names + [str(i) for i in range(len(names), meta["num_classes"])]
+        # Scores are softmax(logits / T): calibrated probabilities (T from training's validation split).
+        self.temperature = float(meta.get("temperature", 1.0))
         if backend == "paddle":
             self.model_file = model_dir / meta["model_file"]
             self._model = StaticModel(self.model_file, model_dir / meta["params_file"], device, cpu_threads,
@@ -168,10 +168,14 @@ class Predictor:
             raise ValueError(f"expected a batch of shape [N, 3, {size}, {size}], got {list(batch.shape)}")
         return self._model.run(batch)
 
-    def predict_paths(self, paths, top_k=5):
+    def predict_paths(self, paths, top_k=5, reject_below=None):
         """One record per path, in order: {"file", "class_ids", "scores",
-        "label_names"} best first (scores are softmax probabilities), or
-        {"file", "error"} for an image that cannot be read."""
+        "label_names"} best first (scores are the calibrated probabilities
+        softmax(logits / temperature)), or {"file", "error"} for an image that
+        cannot be read. With `reject_below` P, an image whose top score is
+        below P gets "unknown" as its first label name; its class_ids and
+        scores stay those of the ranked classes (class_ids[0] is still the
+        most probable class, label_names[1:] still name class_ids[1:])."""
         top_k = min(top_k, len(self.class_names))
         paths = list(paths)
         for start in range(0, len(paths), self.batch_size):
@@ -183,16 +187,19 @@ class Predictor:
                 except DataError as exc:
                     log.warning("skipping: %s", exc)
                     records.append({"file": str(path), "error": str(exc)})
-            probabilities = iter(softmax(self.predict_arrays(np.stack(arrays)))) if arrays else None
+            probabilities = iter(softmax(self.predict_arrays(np.stack(arrays)), self.temperature)) if arrays else None
             for record in records:
                 if "error" not in record:
-                    record.update(self._ranked(next(probabilities), top_k))
+                    record.update(self._ranked(next(probabilities), top_k, reject_below))
                 yield record
 
-    def _ranked(self, probabilities, top_k):
+    def _ranked(self, probabilities, top_k, reject_below=None):
         ids = np.argsort(-probabilities, kind="stable")[:top_k]
+        names = [self.class_names[i] for i in ids]
+        if reject_below is not None and probabilities[ids[0]] < reject_below:
+            names[0] = UNKNOWN_LABEL
         return {"class_ids": [int(i) for i in ids], "scores": [float(probabilities[i]) for i in ids],
-                "label_names": [self.class_names[i] for i in ids]}
+                "label_names": names}
 
 
 def list_inputs(path):
@@ -294,6 +301,9 @@ def _parser():
     parser.add_argument("--top_k", type=_positive_int, default=5, help="classes per image (default 5)")
     parser.add_argument("--output", help="also write the JSON lines to this .jsonl file")
     parser.add_argument("--csv", help="also write file, top class, score (and any error) to this .csv file")
+    parser.add_argument("--reject_below", type=_probability, metavar="P",
+                        help="answer \"unknown\" as the first label name of an image whose top probability "
+                             "(calibrated: softmax(logits / temperature)) is below P; above 1 rejects every image")
     parser.add_argument("--backend", choices=tuple(BACKENDS), default="paddle",
                         help="paddle: Paddle Inference; onnx: onnxruntime on CPU (needs export --onnx)")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
@@ -313,6 +323,13 @@ def _parser():
     return parser
 
 
+def _probability(text):
+    value = float(text)
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be a probability >= 0, got {text}")
+    return value
+
+
 def _positive_int(text):
     value = int(text)
     if value < 1:
@@ -328,6 +345,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if (args.eval or args.benchmark) and (args.output or args.csv):
         parser.error("--output and --csv record per-image predictions; they do not apply to --eval or --benchmark")
+    if (args.eval or args.benchmark) and args.reject_below is not None:
+        parser.error("--reject_below labels per-image predictions; it does not apply to --eval or --benchmark")
     predictor = Predictor(args.model_dir, device=args.device, cpu_threads=args.cpu_threads,
                           use_mkldnn=not args.no_mkldnn, batch_size=args.batch_size, backend=args.backend,
                           gpu_mem=args.gpu_mem, trt=args.trt)
@@ -344,7 +363,7 @@ def main(argv=None):
         table = csv.writer(_open_output(files, args.csv, newline="")) if args.csv else None
         if table:
             table.writerow(["file", "label_name", "score", "error"])
-        for record in predictor.predict_paths(paths, args.top_k):
+        for record in predictor.predict_paths(paths, args.top_k, args.reject_below):
             failed += "error" in record
             line = json.dumps(record)
             print(line)

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from paddle_tl import cli
+from paddle_tl.calibration import softmax
 from paddle_tl.config import load_config
 from paddle_tl.data.datasets import build_dataset, load_rgb
 from paddle_tl.data.transforms import Preprocess, eval_transform
@@ -25,7 +26,7 @@ from paddle_tl.engine.checkpoint import save_checkpoint
 from paddle_tl.engine.evaluate import evaluate
 from paddle_tl.engine.run_folder import trained_model
 from paddle_tl.errors import ConfigError, ExportError
-from paddle_tl.predict.predictor import OnnxModel, Predictor, folder_logits, list_inputs
+from paddle_tl.predict.predictor import OnnxModel, Predictor, evaluate_folder, folder_logits, list_inputs
 from paddle_tl.predict.predictor import main as infer_main
 from paddle_tl.predict.predictor import time_batches
 from paddle_tl.runtime import import_paddle
@@ -465,6 +466,63 @@ def test_infer_writes_csv(run, exported, capsys):
 
     with pytest.raises(SystemExit):  # per-image files mean nothing for --eval
         infer_main(["--model_dir", str(exported), "--input", str(run.data), "--eval", "--csv", str(table)])
+
+
+# ---------------------------------------------------------------- temperature and --reject_below
+
+def _set_temperature(folder, temperature):
+    """Edit inference.yml's temperature (None: remove it, as in a folder exported before calibration)."""
+    meta_file = folder / "inference.yml"
+    meta = yaml.safe_load(meta_file.read_text())
+    meta.pop("temperature", None)
+    if temperature is not None:
+        meta["temperature"] = temperature
+    meta_file.write_text(yaml.safe_dump(meta, sort_keys=False))
+
+
+def test_scores_are_softmax_of_logits_over_the_temperature(run, exported):
+    """inference.yml's temperature T: scores are softmax(logits / T), the
+    ranking and --eval are those of the logits; a folder without one (older
+    exports) and a checkpoint without one (1.0) score with T = 1."""
+    assert yaml.safe_load((exported / "inference.yml").read_text())["temperature"] == 1.0
+    network, paths, images = _evaluation(run)
+    logits = _logits(network, images)
+    plain = list(Predictor(exported).predict_paths(paths, top_k=3))
+    _set_temperature(exported, 2.5)
+    predictor = Predictor(exported)
+    assert predictor.temperature == 2.5
+    expected = softmax(logits, 2.5)
+    for record, before, probabilities in zip(predictor.predict_paths(paths, top_k=3), plain, expected):
+        assert record["class_ids"] == before["class_ids"] == list(np.argsort(-probabilities, kind="stable"))
+        np.testing.assert_allclose(record["scores"], np.sort(probabilities)[::-1], atol=1e-5)
+    assert evaluate_folder(predictor, run.data) == evaluate_folder(Predictor(exported, batch_size=4), run.data)
+    _set_temperature(exported, None)
+    assert Predictor(exported).temperature == 1.0
+    _set_temperature(exported, -1)
+    with pytest.raises(ExportError, match="temperature -1 is not a positive number"):
+        Predictor(exported)
+
+
+def test_reject_below_answers_unknown(run, exported, capsys):
+    def infer(*flags):
+        infer_main(["--model_dir", str(exported), "--input", str(run.data), "--top_k", "2", *flags])
+        return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+    plain = infer()
+    assert infer("--reject_below", "0") == plain
+    for record, rejected in zip(plain, infer("--reject_below", "1.01")):
+        # The row keeps its shape and every ranked class; only the first label name says "unknown".
+        assert set(rejected) == {"file", "class_ids", "scores", "label_names"}
+        assert rejected["label_names"] == ["unknown", *record["label_names"][1:]]
+        assert (rejected["file"], rejected["class_ids"], rejected["scores"]) == (
+            record["file"], record["class_ids"], record["scores"])
+    threshold = float(np.median([record["scores"][0] for record in plain]))
+    records = Predictor(exported).predict_paths(list_inputs(run.data), top_k=2, reject_below=threshold)
+    unknown = [record["label_names"][0] == "unknown" for record in records]
+    assert unknown == [record["scores"][0] < threshold for record in plain] and 0 < sum(unknown) < len(plain)
+    for flags in (["--reject_below", "-0.1"], ["--reject_below", "0.5", "--eval"]):
+        with pytest.raises(SystemExit):
+            infer_main(["--model_dir", str(exported), "--input", str(run.data), *flags])
 
 
 # ---------------------------------------------------------------- a trained run folder

@@ -57,7 +57,7 @@ def _cfg(run):
 def test_every_file_is_written_and_valid(run, report):
     folder = run / "report"
     assert report == folder / "index.html"
-    for name in ("curves.png", "confusion_matrix.png", "errors.png"):
+    for name in ("curves.png", "confusion_matrix.png", "errors.png", "reliability.png"):
         assert (folder / name).read_bytes()[:8] == PNG_SIGNATURE, name
         with Image.open(folder / name) as image:
             image.verify()
@@ -108,8 +108,9 @@ def test_index_html_is_escaped_self_contained_and_complete(run, report):
         assert f">{html.escape(name)}<" in page  # a per-class table cell
     assert "<b>&green" not in page and "&lt;b&gt;&amp;green" in page
     assert "<script" not in page.lower()
-    for name in ("curves.png", "confusion_matrix.png", "errors.png", "per_class.csv"):
+    for name in ("curves.png", "confusion_matrix.png", "errors.png", "per_class.csv", "reliability.png"):
         assert f'href="{name}"' in page
+    assert "<h2>Calibration</h2>" in page and html.escape(metrics["calibration"]["reason"]) in page
     assert "http://" not in page and "https://" not in page  # no external assets
     assert html.escape(metrics["strategy"]["reason"]) in page
     assert "Transfer:" in page and "strategy: full" in page  # the config block

@@ -35,8 +35,11 @@ def test_checkpoints_record_the_network_and_its_preprocessing(trained_run):
                 "preprocess": {"input_size": 64, "resize_short": 73, "mean": [0.485, 0.456, 0.406],
                                "std": [0.229, 0.224, 0.225], "channel_order": "RGB"},
                 "class_names": ["blue", "green", "red"]}
-    for name in ("best_model", "latest"):
-        assert load_state(trained_run.dir / name)["model"] == expected, name
+    # best_model's also holds the calibration temperature (1.0 where none could be fitted), and its
+    # files still match the sha256 that state.json holds (load_state checks them).
+    assert load_state(trained_run.dir / "latest")["model"] == expected
+    assert load_state(trained_run.dir / "best_model")["model"] == dict(
+        expected, temperature=trained_run.metrics["calibration"]["temperature"])
 
 
 def test_eval_of_a_run_folder_prints_what_the_config_form_prints(trained_run, capsys):
@@ -136,4 +139,6 @@ def test_resuming_a_checkpoint_without_the_record_writes_it(trained_run, tmp_pat
     state_file.write_text(json.dumps(state))
     train(load_config(trained_run.config, [f"Global.output_dir={run}", f"Global.resume={run}", "Global.epochs=2"]))
     assert load_state(run / "latest")["epochs_done"] == 2
-    assert load_state(run / "latest")["model"] == load_state(trained_run.best)["model"]
+    best = load_state(trained_run.best)["model"]
+    best.pop("temperature")  # best_model's alone, once training finished
+    assert load_state(run / "latest")["model"] == best

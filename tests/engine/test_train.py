@@ -555,6 +555,11 @@ def test_the_best_epoch_is_chosen_on_held_out_training_images(workspace, tmp_pat
                              "DataLoader.Train.val_fraction=0"))
     assert metrics["selection"]["split"] == "eval" and metrics["val_top1"] is None
     assert metrics["best_top1"] == max(row["eval_top1"] for row in metrics["history"])
+    # ... and no temperature is fitted (never on Eval): T = 1, and metrics.json says why.
+    calibration = metrics["calibration"]
+    assert (calibration["temperature"], calibration["fitted"], calibration["val_images"]) == (1.0, False, 0)
+    assert calibration["reason"].startswith("no validation split (DataLoader.Train.val_fraction=0)")
+    assert calibration["eval_ece_before"] == calibration["eval_ece_after"]
 
 
 # ------------------------------------------------------------ unit-level
