@@ -32,6 +32,7 @@ def _last_json(text):
 
 def test_checkpoints_record_the_network_and_its_preprocessing(trained_run):
     expected = {"arch": "mobilenet_v1", "kwargs": {"scale": 0.25}, "num_classes": 3, "head": MOBILENET_V1_HEAD,
+                "head_config": {"type": "linear", "hidden": [512], "activation": "relu", "dropout": 0.5},
                 "preprocess": {"input_size": 64, "resize_short": 73, "mean": [0.485, 0.456, 0.406],
                                "std": [0.229, 0.224, 0.225], "channel_order": "RGB"},
                 "class_names": ["blue", "green", "red"]}
