@@ -67,12 +67,31 @@ def run_export(argv):
                         help="the inference folder (Global.save_inference_dir); required with RUN_DIR")
     parser.add_argument("--onnx", action="store_true",
                         help="also write inference.onnx (paddle2onnx; needs the onnx extra) and check its parity")
+    parser.add_argument("--int8", action="store_true",
+                        help="write an INT8 model instead (post-training quantization, Paddle Inference with "
+                             "oneDNN INT8), published only when its Eval top-1 is within --max_drop of fp32's")
+    parser.add_argument("--calib_images", type=int, default=None,
+                        help="--int8: Train images to calibrate on (default 200)")
+    parser.add_argument("--max_drop", type=float, default=None,
+                        help="--int8: largest fp32 - INT8 Eval top-1 allowed (default 0.01)")
     args = parser.parse_args(argv)
     if args.run_dir is not None and args.output is None:
         parser.error("--output DIR is required with RUN_DIR")
-    from paddle_tl.deploy.export import export
+    if not args.int8 and (args.calib_images is not None or args.max_drop is not None):
+        parser.error("--calib_images and --max_drop apply only with --int8")
+    if args.int8 and args.onnx:
+        parser.error("--int8 writes a model for Paddle Inference with oneDNN INT8; export --onnx into another folder")
+    if args.calib_images is not None and args.calib_images < 1:
+        parser.error(f"--calib_images must be >= 1, got {args.calib_images}")
     output = [f"Global.save_inference_dir={args.output}"] if args.output is not None else []
-    export(_load(args, parser, output), onnx=args.onnx)
+    cfg = _load(args, parser, output)
+    if args.int8:
+        from paddle_tl.deploy.quantize import export_int8
+        export_int8(cfg, calib_images=200 if args.calib_images is None else args.calib_images,
+                    max_drop=0.01 if args.max_drop is None else args.max_drop)
+        return
+    from paddle_tl.deploy.export import export
+    export(cfg, onnx=args.onnx)
 
 
 def run_check_data(argv):

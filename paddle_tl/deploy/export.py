@@ -56,17 +56,7 @@ def export(cfg, parity_images=8, tolerance=1e-4, onnx=False):
     model_file = save_static(network, pre.input_size, out_dir)
     # A stale ONNX model from an older export would not match the new one.
     (out_dir / ONNX_FILE).unlink(missing_ok=True)
-    meta = {
-        "arch": spec.name,
-        "num_classes": cfg.Arch.num_classes or len(class_names),
-        "class_names": list(class_names),
-        "preprocess": {**pre.to_dict(), **FIXED_PREPROCESS},
-        "temperature": trained_temperature(cfg),
-        "model_file": model_file,
-        "params_file": PARAMS_FILE,
-        "paddle_version": paddle.__version__,
-        "exported_from": str(cfg.Global.pretrained_model),
-    }
+    meta = inference_meta(cfg, spec, pre, class_names, model_file)
     if onnx:
         meta["onnx_file"] = save_onnx(out_dir, model_file)
     (out_dir / META_FILE).write_text(META_HEADER + yaml.safe_dump(meta, sort_keys=False))
@@ -77,6 +67,21 @@ def export(cfg, parity_images=8, tolerance=1e-4, onnx=False):
             check_parity(network, Predictor(out_dir, backend=backend), images, tolerance, source)
     print(f"exported {spec.name} ({len(class_names)} classes) to {out_dir}")
     return out_dir
+
+
+def inference_meta(cfg, spec, pre, class_names, model_file):
+    """What inference.yml records of every exported model."""
+    return {
+        "arch": spec.name,
+        "num_classes": cfg.Arch.num_classes or len(class_names),
+        "class_names": list(class_names),
+        "preprocess": {**pre.to_dict(), **FIXED_PREPROCESS},
+        "temperature": trained_temperature(cfg),
+        "model_file": model_file,
+        "params_file": PARAMS_FILE,
+        "paddle_version": paddle.__version__,
+        "exported_from": str(cfg.Global.pretrained_model),
+    }
 
 
 def save_onnx(out_dir, model_file):

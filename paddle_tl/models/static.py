@@ -43,11 +43,15 @@ class StaticModel(_BatchedModel):
     """A static model run by Paddle Inference: float32 batches in, outputs out.
     Loaded once and reusable; oneDNN on CPU by default. On device gpu only:
     gpu_mem (MB, the initial memory pool) and trt ("fp32" or "fp16": TensorRT
-    subgraphs, which need the model's input image_size)."""
+    subgraphs, which need the model's input image_size). int8: a quantized
+    model (export --int8), run on CPU with oneDNN INT8 kernels."""
 
     def __init__(self, model_file, params_file, device="cpu", cpu_threads=None, use_mkldnn=True, batch_size=8,
-                 gpu_mem=None, trt=None, image_size=None):
+                 gpu_mem=None, trt=None, image_size=None, int8=False):
         super().__init__(batch_size)
+        if int8 and (device != "cpu" or not use_mkldnn):
+            raise ConfigError("an INT8 model (export --int8) runs on CPU with oneDNN: leave out --device gpu "
+                              "and --no_mkldnn")
         config = paddle.inference.Config(str(model_file), str(params_file))
         if device == "gpu":
             if not paddle.device.is_compiled_with_cuda():
@@ -62,6 +66,8 @@ class StaticModel(_BatchedModel):
             config.disable_gpu()
             if use_mkldnn:
                 config.enable_mkldnn()
+                if int8:
+                    config.enable_mkldnn_int8()
             else:
                 config.disable_mkldnn()
             config.set_cpu_math_library_num_threads(cpu_threads or os.cpu_count() or 1)

@@ -125,14 +125,21 @@ class OnnxModel(_BatchedModel):
 class Predictor:
     """A loaded inference folder, reusable for any number of predictions.
     backend "paddle" runs the static model with Paddle Inference, "onnx" runs
-    inference.onnx (export --onnx) with onnxruntime on CPU."""
+    inference.onnx (export --onnx) with onnxruntime on CPU; None: the one the
+    folder's inference.yml names (an INT8 folder's), else "paddle"."""
 
     def __init__(self, model_dir, device="cpu", cpu_threads=None, use_mkldnn=True, batch_size=8, *,
-                 backend="paddle", gpu_mem=None, trt=None):
+                 backend=None, gpu_mem=None, trt=None):
         self.model_dir = model_dir = Path(model_dir)
         self.meta = meta = read_meta(model_dir)
         self.batch_size = batch_size
-        self.backend = backend
+        self.precision = meta.get("precision", "fp32")
+        if self.precision not in ("fp32", "int8"):
+            raise ExportError(f"{model_dir / META_FILE}: precision {self.precision!r} is not supported (fp32 or int8)")
+        self.backend = backend = backend or meta.get("backend", "paddle")
+        if self.precision == "int8" and backend != meta.get("backend", "paddle"):
+            raise ConfigError(f"{model_dir} holds an INT8 model for the {meta.get('backend', 'paddle')} backend "
+                              f"(export --int8); leave out --backend {backend}")
         self.pre = preprocess_from_meta(meta["preprocess"], model_dir / META_FILE)
         self.transform = eval_transform(self.pre)
         # Outputs beyond the named classes (Arch.num_classes above the data's) keep their index as name.
@@ -143,7 +150,8 @@ class Predictor:
         if backend == "paddle":
             self.model_file = model_dir / meta["model_file"]
             self._model = StaticModel(self.model_file, model_dir / meta["params_file"], device, cpu_threads,
-                                      use_mkldnn, batch_size, gpu_mem=gpu_mem, trt=trt, image_size=self.pre.input_size)
+                                      use_mkldnn, batch_size, gpu_mem=gpu_mem, trt=trt, image_size=self.pre.input_size,
+                                      int8=self.precision == "int8")
         elif backend == "onnx":
             if device != "cpu" or gpu_mem or trt:
                 raise ConfigError("--backend onnx runs on CPU (onnxruntime's CPUExecutionProvider); "
@@ -304,8 +312,9 @@ def _parser():
     parser.add_argument("--reject_below", type=_probability, metavar="P",
                         help="answer \"unknown\" as the first label name of an image whose top probability "
                              "(calibrated: softmax(logits / temperature)) is below P; above 1 rejects every image")
-    parser.add_argument("--backend", choices=tuple(BACKENDS), default="paddle",
-                        help="paddle: Paddle Inference; onnx: onnxruntime on CPU (needs export --onnx)")
+    parser.add_argument("--backend", choices=tuple(BACKENDS), default=None,
+                        help="paddle: Paddle Inference; onnx: onnxruntime on CPU (needs export --onnx); "
+                             "default: the folder's (paddle, or what an INT8 folder's inference.yml names)")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--batch_size", type=_positive_int, default=8)
     parser.add_argument("--cpu_threads", type=_positive_int, default=None, help="default: all cores")
