@@ -184,7 +184,6 @@ class Predictor:
         below P gets "unknown" as its first label name; its class_ids and
         scores stay those of the ranked classes (class_ids[0] is still the
         most probable class, label_names[1:] still name class_ids[1:])."""
-        top_k = min(top_k, len(self.class_names))
         paths = list(paths)
         for start in range(0, len(paths), self.batch_size):
             arrays, records = [], []
@@ -195,11 +194,19 @@ class Predictor:
                 except DataError as exc:
                     log.warning("skipping: %s", exc)
                     records.append({"file": str(path), "error": str(exc)})
-            probabilities = iter(softmax(self.predict_arrays(np.stack(arrays)), self.temperature)) if arrays else None
+            rows = iter(self.rank(np.stack(arrays), top_k, reject_below)) if arrays else None
             for record in records:
                 if "error" not in record:
-                    record.update(self._ranked(next(probabilities), top_k, reject_below))
+                    record.update(next(rows))
                 yield record
+
+    def rank(self, batch, top_k=5, reject_below=None):
+        """{"class_ids", "scores", "label_names"} of each preprocessed image
+        in `batch` [N, 3, S, S]: the calibrated probabilities, best first
+        (what predict_paths and the HTTP service answer)."""
+        top_k = min(top_k, len(self.class_names))
+        return [self._ranked(row, top_k, reject_below)
+                for row in softmax(self.predict_arrays(batch), self.temperature)]
 
     def _ranked(self, probabilities, top_k, reject_below=None):
         ids = np.argsort(-probabilities, kind="stable")[:top_k]

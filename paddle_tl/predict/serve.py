@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from paddle_tl.errors import DataError, UserError
-from paddle_tl.predict.predictor import BACKENDS, META_FILE, Predictor, read_meta, softmax
+from paddle_tl.predict.predictor import BACKENDS, META_FILE, Predictor, read_meta
 
 try:
     import uvicorn
@@ -111,10 +111,8 @@ class Service:
                         failures.append((_decode_status(exc), str(exc)))
             if failures:
                 raise RequestError(failures[0][0], "; ".join(message for _, message in failures))
-            probabilities = softmax(predictor.predict_arrays(np.stack(arrays)))
-        top_k = min(top_k, len(predictor.class_names))
-        # _ranked: predict_paths' own ranking, so that the rows are infer.py's.
-        return [{"file": str(upload), **predictor._ranked(row, top_k)} for upload, row in zip(uploads, probabilities)]
+            rows = predictor.rank(np.stack(arrays), top_k)  # predict_paths' own ranking: infer.py's rows
+        return [{"file": str(upload), **row} for upload, row in zip(uploads, rows)]
 
     def metadata(self):
         meta = self.predictor.meta

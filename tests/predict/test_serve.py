@@ -434,3 +434,23 @@ def test_load_bench_runs_and_stops_by_itself(model, tmp_path):
     table = done.stdout.strip().splitlines()[-3:]
     assert table[0] == "| workers | threads each | clients x requests | requests/s | p50 ms | p95 ms | errors |"
     assert table[2].startswith(f"| 1 | {os.cpu_count()} | 2 x 3 | ") and table[2].endswith(" | 0 |")
+
+
+def test_the_service_scores_with_the_folders_temperature(model, tmp_path):
+    """A calibrated folder (temperature in inference.yml): the service's
+    scores are infer.py's calibrated ones, not the raw softmax."""
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(model.dir, calibrated)
+    meta_file = calibrated / "inference.yml"
+    meta_file.write_text(meta_file.read_text().replace("temperature: 1.0", "temperature: 3.0"))
+    assert yaml.safe_load(meta_file.read_text())["temperature"] == 3.0
+    output = tmp_path / "rows.jsonl"
+    infer_main(["--model_dir", str(calibrated), "--input", str(model.images[0]), "--top_k", "3",
+                "--output", str(output)])
+    expected = json.loads(output.read_text())
+    with TestClient(create_app(calibrated, max_mb=MAX_MB)) as client:
+        answer = client.post("/predict", params={"top_k": 3}, files=_files(model, [0])).json()["predictions"][0]
+    _same_as_infer(answer, expected, model.names[0])
+    with TestClient(create_app(model.dir, max_mb=MAX_MB)) as client:
+        raw = client.post("/predict", params={"top_k": 3}, files=_files(model, [0])).json()["predictions"][0]
+    assert raw["scores"][0] > answer["scores"][0]  # a temperature above 1 softens the scores
