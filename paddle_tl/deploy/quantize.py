@@ -125,24 +125,24 @@ def export_int8(cfg, calib_images=200, max_drop=0.01):
 def calibration_images(cfg, transform, class_names, count):
     """Up to `count` Train images [N, 3, S, S], evenly spaced over the sorted
     samples (so over the classes), preprocessed as for evaluation."""
-    try:
-        dataset = build_dataset(cfg.DataLoader.Train.dataset, "train", transform, class_names=class_names)
-    except DataError as exc:
-        raise ExportError(f"--int8 calibrates on the Train split, which is unavailable: {exc}") from exc
-    if not len(dataset):
-        raise ExportError("--int8 calibrates on the Train split, which has no readable images")
+    dataset = _split(cfg.DataLoader.Train.dataset, "train", transform, class_names, "calibrates on the Train split")
     picks = np.unique(np.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().astype(int))
     return np.stack([dataset[int(i)][0] for i in picks])
 
 
 def eval_dataset(cfg, transform, class_names):
     """The Eval split the gate measures top-1 on."""
+    return _split(cfg.DataLoader.Eval.dataset, "eval", transform, class_names,
+                  "measures the accuracy drop on the Eval split")
+
+
+def _split(dataset_cfg, side, transform, class_names, use):
     try:
-        dataset = build_dataset(cfg.DataLoader.Eval.dataset, "eval", transform, class_names=class_names)
+        dataset = build_dataset(dataset_cfg, side, transform, class_names=class_names)
     except DataError as exc:
-        raise ExportError(f"--int8 measures the accuracy drop on the Eval split, which is unavailable: {exc}") from exc
+        raise ExportError(f"--int8 {use}, which is unavailable: {exc}") from exc
     if not len(dataset):
-        raise ExportError("--int8 measures the accuracy drop on the Eval split, which has no readable images")
+        raise ExportError(f"--int8 {use}, which has no readable images")
     return dataset
 
 

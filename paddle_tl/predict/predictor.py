@@ -313,7 +313,7 @@ def _parser():
     parser.add_argument("--model_dir", required=True, help="inference folder written by export")
     parser.add_argument("--input", required=True, help="an image, a folder (searched recursively) or a .txt list; "
                                                         "with --eval, a folder of class sub-folders")
-    parser.add_argument("--top_k", type=_positive_int, default=5, help="classes per image (default 5)")
+    parser.add_argument("--top_k", type=positive_int, default=5, help="classes per image (default 5)")
     parser.add_argument("--output", help="also write the JSON lines to this .jsonl file")
     parser.add_argument("--csv", help="also write file, top class, score (and any error) to this .csv file")
     parser.add_argument("--reject_below", type=_probability, metavar="P",
@@ -323,10 +323,10 @@ def _parser():
                         help="paddle: Paddle Inference; onnx: onnxruntime on CPU (needs export --onnx); "
                              "default: the folder's (paddle, or what an INT8 folder's inference.yml names)")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    parser.add_argument("--batch_size", type=_positive_int, default=8)
-    parser.add_argument("--cpu_threads", type=_positive_int, default=None, help="default: all cores")
+    parser.add_argument("--batch_size", type=positive_int, default=8)
+    parser.add_argument("--cpu_threads", type=positive_int, default=None, help="default: all cores")
     parser.add_argument("--no_mkldnn", action="store_true", help="run without oneDNN on CPU (paddle backend)")
-    parser.add_argument("--gpu_mem", type=_positive_int, metavar="MB",
+    parser.add_argument("--gpu_mem", type=positive_int, metavar="MB",
                         help=f"--device gpu: initial GPU memory pool (default {GPU_MEMORY_POOL_MB})")
     parser.add_argument("--trt", choices=TRT_PRECISIONS, help="--device gpu: TensorRT subgraphs at this precision")
     mode = parser.add_mutually_exclusive_group()
@@ -335,7 +335,7 @@ def _parser():
                            "as one JSON line")
     mode.add_argument("--benchmark", action="store_true",
                       help="time the model at batch 1 and --batch_size; print latency and throughput as one JSON line")
-    parser.add_argument("--benchmark_runs", type=_positive_int, default=20, help="timed batches per batch size")
+    parser.add_argument("--benchmark_runs", type=positive_int, default=20, help="timed batches per batch size")
     return parser
 
 
@@ -346,7 +346,7 @@ def _probability(text):
     return value
 
 
-def _positive_int(text):
+def positive_int(text):
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from paddle_tl.errors import DataError, UserError
-from paddle_tl.predict.predictor import BACKENDS, META_FILE, Predictor, read_meta
+from paddle_tl.predict.predictor import BACKENDS, META_FILE, Predictor, positive_int, read_meta
 
 try:
     import uvicorn
@@ -198,7 +198,7 @@ def _top_k(text):
     return int(text)
 
 
-def create_app(model_dir, *, backend="paddle", cpu_threads=None, max_mb=DEFAULT_MAX_MB):
+def create_app(model_dir, *, backend=None, cpu_threads=None, max_mb=DEFAULT_MAX_MB):
     """The FastAPI app serving the inference folder model_dir (loaded now)."""
     service = Service(Predictor(model_dir, backend=backend, cpu_threads=cpu_threads), max_mb)
     page = PAGE.read_text(encoding="utf-8")
@@ -252,22 +252,18 @@ def _parser():
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                                                             "only; 0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--workers", type=_positive_int, default=1,
+    parser.add_argument("--workers", type=positive_int, default=1,
                         help="worker processes, each with its own predictor and 1/N of the cores (default 1)")
     parser.add_argument("--max_mb", type=_positive_float, default=DEFAULT_MAX_MB,
                         help=f"largest request body in MB, all its images together (default {DEFAULT_MAX_MB})")
-    parser.add_argument("--backend", choices=tuple(BACKENDS), default="paddle",
-                        help="paddle: Paddle Inference; onnx: onnxruntime on CPU (needs export --onnx)")
-    parser.add_argument("--cpu_threads", type=_positive_int, default=None,
+    parser.add_argument("--backend", choices=tuple(BACKENDS), default=None,
+                        help="paddle: Paddle Inference; onnx: onnxruntime on CPU (needs export --onnx); "
+                             "default: the folder's own (paddle, or what an INT8 folder's inference.yml names)")
+    parser.add_argument("--cpu_threads", type=positive_int, default=None,
                         help="threads per worker (default: the cores divided among the workers)")
     return parser
 
 
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _positive_float(text):
