@@ -9,8 +9,9 @@ in one run, plus the data pipeline alone.
   every thread of the training process, not the loader's worker
   processes), as images per CPU-second. On a machine shared with other work
   the wall clock of each run moves with their load; the CPU seconds the
-  training process itself spends move far less, so its ratio is the one to
-  read when the wall-clock runs spread more than the gap between the arms.
+  training process itself spends move less (OpenMP threads that wait for
+  a descheduled partner still count), so its ratio is the one to read when
+  the wall-clock runs spread more than the gap between the arms.
 - plain loop: the same network, weights, trainable parameters and optimizer
   (Momentum, cosine schedule, the same per-stage learning rates), the same
   transform, batch size and num_workers, driven by a bare dynamic-graph loop
@@ -34,7 +35,8 @@ both; the table gives medians and their ratio, and beside them the spread
 of each arm's runs ((max - min) / median): a ratio's distance from 1 means
 something only when it is larger than those spreads (with 3 steps per
 measured epoch the runs spread by 15 % on a shared 2-core machine; the
-defaults, 8 steps and 3 repeats, take about 15 minutes there).
+defaults, 8 steps and 3 repeats, took 8-10.5 minutes there at a load
+average of 2-4 and 20-23 at 7-9).
 
     python bench/train_throughput.py [--arch mobilenet_v2 resnet50] [--mode full linear_probe]
         [--input-size 112] [--steps 8] [--batch-size 8] [--num-workers 2] [--repeats 3]
