@@ -5,6 +5,13 @@ in one run, plus the data pipeline alone.
   paddle_tl's callbacks, loaders, datasets, transforms and frozen stages);
   the figure is the epoch's own `train_images_per_second` from metrics.json
   (training steps only, data loading included, evaluation not).
+- CPU: the same span on the main process's CPU clock (time.process_time:
+  every thread of the training process, not the loader's worker
+  processes), as images per CPU-second. On a machine shared with other work
+  the wall clock of each run moves with their load; the CPU seconds the
+  training process itself spends move less (OpenMP threads that wait for
+  a descheduled partner still count), so its ratio is the one to read when
+  the wall-clock runs spread more than the gap between the arms.
 - plain loop: the same network, weights, trainable parameters and optimizer
   (Momentum, cosine schedule, the same per-stage learning rates), the same
   transform, batch size and num_workers, driven by a bare dynamic-graph loop
@@ -24,10 +31,15 @@ in one run, plus the data pipeline alone.
 Each run trains `--warmup-epochs` unmeasured epochs, then one measured
 epoch of `--steps` batches; one unmeasured run of each arm goes first. The arms alternate (paddle_tl, plain, plain,
 paddle_tl, ...) `--repeats` times, so load from other processes falls on
-both; the table gives medians and their ratio.
+both; the table gives medians and their ratio, and beside them the spread
+of each arm's runs ((max - min) / median): a ratio's distance from 1 means
+something only when it is larger than those spreads (with 3 steps per
+measured epoch the runs spread by 15 % on a shared 2-core machine; the
+defaults, 8 steps and 3 repeats, took 8-10.5 minutes there at a load
+average of 2-4 and 20-23 at 7-9).
 
     python bench/train_throughput.py [--arch mobilenet_v2 resnet50] [--mode full linear_probe]
-        [--input-size 112] [--steps 3] [--batch-size 8] [--num-workers 2] [--repeats 3]
+        [--input-size 112] [--steps 8] [--batch-size 8] [--num-workers 2] [--repeats 3]
         [--device cpu|gpu] [--amp [O1|O2]] [--to_static]
 
 --amp (GPU only; alone it means O1) and --to_static apply to both arms:
@@ -55,6 +67,7 @@ from paddle_tl.config import load_config  # noqa: E402
 from paddle_tl.errors import ConfigError
 from paddle_tl.data.datasets import build_dataset, find_images  # noqa: E402
 from paddle_tl.data.loaders import make_loader
+from paddle_tl.engine import callbacks  # noqa: E402
 from paddle_tl.engine.optim import build_optimizer  # noqa: E402
 from paddle_tl.engine.train import train  # noqa: E402
 from paddle_tl.transfer.freezing import set_frozen_stages, trainable_parameters  # noqa: E402
@@ -105,10 +118,39 @@ def config(args, arch, mode, folders, out, cached=False):
         "Optimizer.lr.warmup_epochs=0", "Metric.topk=[1]"])
 
 
+class EpochCPUClock:
+    """The main process's CPU seconds of paddle_tl's last epoch, between the
+    points where EpochRecorder starts and stops `train_seconds`."""
+    seconds = started = None
+
+    def __enter__(self):
+        self.recorder = callbacks.EpochRecorder
+        begin, end = self.recorder.on_epoch_begin, self.recorder.on_epoch_end
+
+        def on_epoch_begin(recorder, epoch, logs=None):
+            begin(recorder, epoch, logs)
+            self.started = time.process_time()
+
+        def on_epoch_end(recorder, epoch, logs=None):
+            self.seconds = time.process_time() - self.started
+            end(recorder, epoch, logs)
+
+        self.saved = begin, end
+        self.recorder.on_epoch_begin, self.recorder.on_epoch_end = on_epoch_begin, on_epoch_end
+        return self
+
+    def __exit__(self, *exc):
+        self.recorder.on_epoch_begin, self.recorder.on_epoch_end = self.saved
+
+
 def paddle_tl_run(cfg):
-    """images/s of paddle_tl's last (measured) epoch, and its metrics."""
-    metrics = train(cfg)
-    return metrics["history"][-1]["train_images_per_second"], metrics
+    """(images/s, images per CPU-second) of paddle_tl's last (measured)
+    epoch, and its metrics."""
+    with EpochCPUClock() as clock:
+        metrics = train(cfg)
+    row = metrics["history"][-1]
+    images = row["train_images_per_second"] * row["train_seconds"]
+    return (row["train_images_per_second"], images / clock.seconds), metrics
 
 
 class PlainImages(paddle.io.Dataset):
@@ -128,8 +170,8 @@ class PlainImages(paddle.io.Dataset):
 
 
 def plain_run(cfg):
-    """images/s of the last epoch of a bare dynamic-graph loop doing what
-    `cfg` asks paddle_tl to do."""
+    """(images/s, images per CPU-second) of the last epoch of a bare
+    dynamic-graph loop doing what `cfg` asks paddle_tl to do."""
     seed_everything(cfg.Global.seed)
     spec = get_spec(cfg.Arch.name)
     pre = Preprocess.from_spec(spec, cfg.Arch.input_size)
@@ -160,7 +202,7 @@ def plain_run(cfg):
         for layer in body_bn:
             layer.eval()  # the frozen body keeps its BatchNorm statistics
     for _ in range(epochs):
-        images_seen, started = 0, time.perf_counter()
+        images_seen, started, cpu_started = 0, time.perf_counter(), time.process_time()
         for images, labels in loader:
             with paddle.amp.auto_cast(enable=amp is not None, level=amp or "O1"):
                 loss = paddle.nn.functional.cross_entropy(network(images), labels)
@@ -175,8 +217,8 @@ def plain_run(cfg):
             optimizer._learning_rate.step()
             float(loss)  # what any loop does to log progress; waits for the step to finish
             images_seen += len(labels)
-        seconds = time.perf_counter() - started
-    return images_seen / seconds
+        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    return images_seen / seconds, images_seen / cpu_seconds
 
 
 def pipeline_run(cfg, epochs):
@@ -196,13 +238,18 @@ def pipeline_run(cfg, epochs):
     return statistics.median(rates[1:])  # the first epoch also reads the files into the page cache
 
 
+def spread(runs):
+    """(max - min) / median of one arm's runs."""
+    return (max(runs) - min(runs)) / statistics.median(runs)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", nargs="+", default=["mobilenet_v2", "resnet50"])
     parser.add_argument("--mode", nargs="+", choices=["full", "linear_probe"], default=["full", "linear_probe"])
     parser.add_argument("--input-size", type=int, default=112,
                         help="pixels (224 is the ImageNet size; smaller keeps the default run short on a CPU)")
-    parser.add_argument("--steps", type=int, default=3, help="training steps in the measured epoch")
+    parser.add_argument("--steps", type=int, default=8, help="training steps in the measured epoch")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--warmup-epochs", type=int, default=1)
@@ -245,12 +292,13 @@ def main():
                             ours.append(paddle_tl_run(cfg)[0])
                         else:
                             plain.append(plain_run(cfg))
-                    print(f"[{arch} {mode} repeat {repeat + 1}] paddle_tl {ours[-1]:.2f} img/s, "
-                          f"plain {plain[-1]:.2f} img/s", flush=True)
+                    print(f"[{arch} {mode} repeat {repeat + 1}] paddle_tl {ours[-1][0]:.2f} img/s "
+                          f"({ours[-1][1]:.2f} per CPU-s), plain {plain[-1][0]:.2f} img/s "
+                          f"({plain[-1][1]:.2f} per CPU-s)", flush=True)
                 rows.append((arch, mode, ours, plain))
                 if mode == "linear_probe":
                     cfg = config(args, arch, mode, folders, tmp / f"{arch}_cached", cached=True)
-                    speed, metrics = paddle_tl_run(cfg)
+                    (speed, _), metrics = paddle_tl_run(cfg)
                     cached_rows.append((arch, speed, metrics["train_seconds"], metrics["epochs_run"]))
 
     images = args.steps * args.batch_size
@@ -261,16 +309,23 @@ def main():
           f"num_workers {args.num_workers}, OMP_NUM_THREADS {os.environ.get('OMP_NUM_THREADS')}; "
           f"{args.repeats} interleaved repeats; load average {load:.2f} at start, {os.getloadavg()[0]:.2f} at end; "
           f"{time.time() - started:.0f} s\n")
-    print("| network | training | paddle_tl img/s | plain loop img/s | paddle_tl / plain | runs (paddle_tl; plain) |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for arch, mode, ours, plain in rows:
-        a, b = statistics.median(ours), statistics.median(plain)
-        runs = f"{', '.join(f'{v:.2f}' for v in ours)}; {', '.join(f'{v:.2f}' for v in plain)}"
-        print(f"| {arch} | {mode} | {a:.2f} | {b:.2f} | {a / b:.3f}x | {runs} |")
-    slowest = min(statistics.median(plain) for *_, plain in rows)
-    print(f"\ndata pipeline alone (paddle_tl's training loader, no model, {args.num_workers} workers): "
+    for clock, unit, index in (("wall clock", "img/s", 0), ("CPU clock of the training process", "img/CPU-s", 1)):
+        print(f"{clock}:\n")
+        print(f"| network | training | paddle_tl {unit} | plain loop {unit} | paddle_tl / plain "
+              "| spread paddle_tl; plain | runs (paddle_tl; plain) |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for arch, mode, ours, plain in rows:
+            ours, plain = [run[index] for run in ours], [run[index] for run in plain]
+            a, b = statistics.median(ours), statistics.median(plain)
+            runs = f"{', '.join(f'{v:.2f}' for v in ours)}; {', '.join(f'{v:.2f}' for v in plain)}"
+            print(f"| {arch} | {mode} | {a:.2f} | {b:.2f} | {a / b:.3f}x "
+                  f"| {spread(ours):.1%}; {spread(plain):.1%} | {runs} |")
+        print()
+    slowest = min(statistics.median(run[0] for run in plain) for *_, plain in rows)
+    print(f"data pipeline alone (paddle_tl's training loader, no model, {args.num_workers} workers): "
           f"{pipeline:.1f} img/s, {pipeline / slowest:.1f}x the slowest and "
-          f"{pipeline / max(statistics.median(p) for *_, p in rows):.1f}x the fastest training speed above")
+          f"{pipeline / max(statistics.median(run[0] for run in p) for *_, p in rows):.1f}x the fastest "
+          "training speed above")
     for arch, speed, total_seconds, epochs in cached_rows:
         print(f"cached linear probe, {arch} (paddle_tl's default for a frozen body): {speed:.0f} img/s per epoch "
               f"on stored features; {total_seconds:.1f} s for all {epochs} epochs including computing the features")

@@ -109,7 +109,7 @@ class EpochRecorder(Callback):
     def on_epoch_begin(self, epoch, logs=None):
         run_epoch = self.state.run_epoch(epoch)
         seed_everything(self.state.seed + run_epoch)
-        self.row = self.state.row = {"epoch": run_epoch + 1, "lr": float(self.model._optimizer.get_lr())}
+        self.row = self.state.row = {"epoch": run_epoch + 1, "lr": self.model.learning_rate()}
         self._sums = [0.0, 0]
         self.row["skipped_batches"], self._first_skip = 0, None
         self._started = perf_counter()  # last: seeding and get_lr are not training
@@ -256,7 +256,7 @@ class VisualDLLogger(AfterEpoch):
             return
         global_step = self._epoch * self.steps_per_epoch + step + 1
         self.writer.add_scalar("train_step/loss", float(sum(logs["loss"])), global_step)
-        self.writer.add_scalar("train_step/lr", float(self.model._optimizer.get_lr()), global_step)
+        self.writer.add_scalar("train_step/lr", self.model.learning_rate(), global_step)
         for theirs, ours in self.names.items():
             self.writer.add_scalar(f"train_step/{ours}", float(logs[theirs]), global_step)
 

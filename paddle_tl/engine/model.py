@@ -10,8 +10,21 @@ running training metrics exactly as they were. What to do about such a batch
 (stop or skip: Global.nan_policy) is EpochRecorder's decision, told through
 `skipped_update`.
 
+What the guard costs per step: one copy of the running statistics a
+forward in train mode can move (BatchNorm layers that normalise with batch
+statistics; frozen ones, `_use_global_stats` True, never move and are not
+copied) and of the metrics' state (a few numbers), one host sync for the
+loss (hapi's own), and one fused finiteness check over every gradient
+(`check_finite_and_unscale_` with scale 1: one op, one host sync).
+
 It also carries what paddle_tl needs from hapi's AMP: evaluation under O2,
 and the loss scale (for L2-SP's gradient hook).
+
+This is the one module that reads paddle.Model's private attributes
+(`_optimizer`, `_metrics`, `_scaler`, listed in PADDLE_MODEL_PRIVATES);
+everything else in paddle_tl uses GuardedModel's public methods, and
+tests/engine/test_model.py fails naming the attribute if a Paddle upgrade
+moves one.
 """
 
 import copy
@@ -19,9 +32,16 @@ import copy
 import numpy as np
 
 from paddle_tl.runtime import import_paddle
-from paddle_tl.transfer.freezing import running_statistics
+from paddle_tl.transfer.freezing import batch_norm_layers
 
 paddle = import_paddle()
+
+# paddle.Model's private attributes this module relies on, and what hapi
+# (paddle 3.3) keeps in them; `_scaler` exists only once a model is prepared
+# with AMP (a GradScaler from the first training step; None before).
+PADDLE_MODEL_PRIVATES = {"_optimizer": "paddle.optimizer.Optimizer",
+                         "_metrics": "list of paddle.metric.Metric",
+                         "_scaler": "paddle.amp.GradScaler or None, under AMP only"}
 
 
 class GuardedModel(paddle.Model):
@@ -32,6 +52,13 @@ class GuardedModel(paddle.Model):
     def prepare(self, optimizer=None, loss=None, metrics=None, amp_configs=None):
         self.amp_level = amp_configs
         super().prepare(optimizer, loss, metrics, amp_configs=amp_configs)
+        # What a training step may move (see _moved_by_forward and
+        # _gradients_finite), listed once: walking the layers costs more than the copies.
+        self._parameters = self.network.parameters()
+        self._batch_norms = batch_norm_layers(self.network)
+        statistics_ids = {id(t) for layer in self._batch_norms for t in (layer._mean, layer._variance)}
+        self._buffers = [b for b in self.network.buffers() if id(b) not in statistics_ids]
+        self._one = paddle.ones([1], dtype="float32")  # the unit scale of the finiteness check
 
     def eval_batch(self, inputs, labels=None):
         # O2 casts the weights to float16 (BatchNorm's stay float32), but
@@ -49,6 +76,18 @@ class GuardedModel(paddle.Model):
         scaler = self._amp_scaler()
         return scaler._scale if scaler is not None and scaler.is_enable() else None
 
+    def learning_rate(self):
+        """The optimizer's current learning rate (a float)."""
+        return float(self._optimizer.get_lr())
+
+    def optimizer(self):
+        """The optimizer given to prepare."""
+        return self._optimizer
+
+    def metrics(self):
+        """The metrics given to prepare (a list)."""
+        return list(self._metrics)
+
     def train_batch(self, inputs, labels=None, update=True):
         if not update:  # gradient accumulation (not used here): no update to guard
             self.skipped_update = None
@@ -56,9 +95,8 @@ class GuardedModel(paddle.Model):
         # Forward in train mode moves BatchNorm statistics (and any buffers),
         # and the metrics count the batch, before the loss is known: keep
         # copies to put back.
-        moved_by_forward = running_statistics(self.network) + self.network.buffers()
-        saved_tensors = [(tensor, tensor.clone()) for tensor in moved_by_forward]
-        metric_states = [copy.deepcopy(vars(metric)) for metric in self._metrics]
+        saved_tensors = [(tensor, tensor.clone()) for tensor in self._moved_by_forward()]
+        metric_states = [copy.deepcopy(vars(metric)) for metric in self._metrics]  # Accuracy: 2 short lists
         result = super().train_batch(inputs, labels, update=False)  # forward + backward only
         losses = result[0] if self._metrics else result
         self.skipped_update = self._why_not_finite([float(np.sum(loss)) for loss in losses])
@@ -68,9 +106,20 @@ class GuardedModel(paddle.Model):
             for tensor, saved in saved_tensors:
                 tensor.set_value(saved)
             for metric, state in zip(self._metrics, metric_states):
+                vars(metric).clear()
                 vars(metric).update(state)
         self.network.clear_gradients()
         return result
+
+    def _moved_by_forward(self):
+        """The tensors a forward in train mode may change: the running
+        statistics of BatchNorm layers that normalise with batch statistics
+        (`_use_global_stats` None or False; True, a frozen stage, keeps its
+        statistics), and the network's other buffers. Which layers are frozen
+        is read every step: gradual unfreezing changes it between epochs."""
+        moved = [t for layer in self._batch_norms if layer._use_global_stats is not True
+                 for t in (layer._mean, layer._variance)]
+        return moved + self._buffers
 
     def _update(self):
         """What hapi's step does after backward (`minimize` in dygraph is
@@ -103,5 +152,16 @@ class GuardedModel(paddle.Model):
         return getattr(self, "_scaler", None)  # hapi sets it only under AMP
 
     def _gradients_finite(self):
-        checks = [paddle.isfinite(p.grad).all() for p in self.network.parameters() if p.grad is not None]
-        return not checks or bool(paddle.stack(checks).all())
+        """One fused check over every gradient (per dtype; without AMP all
+        float32): hapi's GradScaler's own op, with scale 1, so the gradients
+        are left as they are (x * 1) when finite; when not, the op zeroes
+        them, and this step is skipped anyway. One host sync, not one per tensor."""
+        by_dtype = {}
+        for param in self._parameters:
+            if param.grad is not None:
+                by_dtype.setdefault(param.grad.dtype, []).append(param.grad)
+        found = None
+        for grads in by_dtype.values():
+            _, found_here = paddle._C_ops.check_finite_and_unscale_(grads, self._one)
+            found = found_here if found is None else found | found_here
+        return found is None or not bool(found)

@@ -11,7 +11,13 @@ paddle = import_paddle()
 def running_statistics(model):
     """BatchNorm running means and variances, which paddle lists among a
     model's parameters (with stop_gradient set) although no gradient moves them."""
-    return [p for layer in model.sublayers() if _is_batch_norm(layer) for p in (layer._mean, layer._variance)]
+    return [p for layer in batch_norm_layers(model) for p in (layer._mean, layer._variance)]
+
+
+def batch_norm_layers(model):
+    """Every BatchNorm layer of `model` (each holds `_mean`, `_variance` and
+    `_use_global_stats`)."""
+    return [layer for layer in model.sublayers() if _is_batch_norm(layer)]
 
 
 def _is_batch_norm(layer):

@@ -381,10 +381,10 @@ def test_nan_policy_skip_stops_after_an_epoch_of_skipped_batches(workspace, tmp_
 def _step_state(model):
     """Copies of what a training step may change: parameters and BatchNorm
     statistics, optimizer state, the running training accuracy."""
-    optimizer_state = model._optimizer.state_dict()
+    optimizer_state, accuracy = model.optimizer().state_dict(), model.metrics()[0]
     return ({key: value.numpy().copy() for key, value in model.network.state_dict().items()},
             {key: value.numpy().copy() for key, value in optimizer_state.items() if key != "LR_Scheduler"},
-            (list(model._metrics[0].total), list(model._metrics[0].count)))
+            (list(accuracy.total), list(accuracy.count)))
 
 
 def _assert_same_state(a, b):
