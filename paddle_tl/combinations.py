@@ -4,8 +4,8 @@ table that tests enumerate.
 A rule names two settings, when each of them is "on", and why the pair cannot
 run. Most facts come from the config alone and are checked when it is read;
 the rest (the device `auto` resolves to, the number of data-parallel
-processes, how many stages the architecture has) only when training starts,
-before any work. A rule whose facts are not known yet is left for then.
+processes, how many stages the architecture has, what its head is) only when
+training starts, before any work. A rule whose facts are not known yet is left for then.
 Fallbacks that still run (features not cached under data-parallel, say) are
 not refusals: engine/fit.py chooses those and says why.
 """
@@ -23,6 +23,7 @@ class Facts:
     device: Optional[str] = None  # "cpu" or "gpu" once resolved; None while Global.device is auto
     processes: Optional[int] = None  # data-parallel processes
     stages: Optional[int] = None  # body stages of the architecture
+    feature_head: Optional[bool] = None  # whether the built network's head takes feature vectors (models.features)
 
     @classmethod
     def of_config(cls, cfg):
@@ -92,6 +93,10 @@ DATA_PARALLEL = _fact("data-parallel training", "processes", lambda processes: p
                       lambda processes, facts: f"{processes} processes")
 
 
+OTHER_HEAD = _fact("Arch.name", "feature_head", lambda takes_features: not takes_features,
+                   lambda _takes_features, facts: f"{facts.cfg.Arch.name} (whose head is not one Linear layer)")
+
+
 def _freezes_every_stage(facts):
     """partial or gradual with Transfer.freeze_stages covering the whole body:
     no stage of the body ever trains."""
@@ -115,6 +120,8 @@ RULES = (
                                  "strategy partial, full, gradual or auto"),
     Rule(ADAPTING, FROZEN_BODY, "domain adaptation moves the body's features, and no stage would train; lower "
                                 "Transfer.freeze_stages"),
+    Rule(ADAPTING, OTHER_HEAD, "domain adaptation works on the head's input features; choose an architecture "
+                               "whose head is a single Linear layer"),
     Rule(ADAPTING, DATA_PARALLEL, "source/target pairs are not sharded across processes; train on one process"),
     Rule(L2SP, NOT_PRETRAINED, "L2-SP pulls the body toward its pretrained weights, and there are none; set "
                                "Arch.pretrained or Transfer.l2sp_alpha=0"),

@@ -47,6 +47,11 @@ CASES = {
          (["Transfer.domain_adaptation=dann", "Transfer.strategy=partial", f"Transfer.freeze_stages={STAGES - 1}"],
           {"stages": STAGES})],
         ["Transfer.domain_adaptation=dann", "Transfer.strategy=partial", f"Transfer.freeze_stages={STAGES - 1}"]),
+    "Transfer.domain_adaptation x Arch.name": (
+        ["Transfer.domain_adaptation=mmd", "Arch.name=squeezenet1_0"], {"feature_head": False},
+        [(["Arch.name=squeezenet1_0"], {"feature_head": False}), (["Transfer.domain_adaptation=mmd"],
+                                                                 {"feature_head": True})],
+        ["Transfer.domain_adaptation=mmd", "Transfer.strategy=partial"]),
     "Transfer.domain_adaptation x data-parallel training": (
         ["Transfer.domain_adaptation=mmd"], {"processes": 2},
         [([], {"processes": 2}), (["Transfer.domain_adaptation=mmd"], {"processes": 1})],
@@ -138,3 +143,12 @@ def test_the_allowed_neighbour_of_every_rule_trains(folders, tmp_path, monkeypat
     monkeypatch.setattr(train_module, "write_report", lambda run_dir: run_dir)  # the report is not under test
     metrics = train(_cfg(folders, tmp_path / "run", *CASES[_id(rule)][3]))
     assert metrics["epochs_run"] == 1
+
+
+def test_domain_adaptation_on_an_architecture_without_a_feature_head_is_refused_before_training(folders, tmp_path):
+    cfg = _cfg(folders, tmp_path / "run", "Arch.name=squeezenet1_0", "Arch.kwargs={}", "Arch.pretrained=false",
+               "Transfer.domain_adaptation=mmd", "Transfer.strategy=full")
+    with pytest.raises(ConfigError, match=r"^Transfer.domain_adaptation=mmd cannot be combined with "
+                                          r"Arch.name=squeezenet1_0 \(whose head is not one Linear layer\)"):
+        train(cfg)
+    assert not (tmp_path / "run" / "metrics.json").exists()

@@ -151,6 +151,9 @@ def load_network(cfg, run, data):
     when resuming: L2-SP and the similarity probe need them)."""
     spec = get_spec(cfg.Arch.name)
     layer = build_network(spec, data.num_classes, cfg.Arch.kwargs, dataclasses.asdict(cfg.Arch.head))
+    # The rules about the built network's head, before any training work.
+    check_combinations(Facts(cfg, device=run.device, processes=run.processes, stages=len(spec.stages),
+                             feature_head=feature_head(layer, spec) is not None))
     if run.is_main:
         require_free_space(run.folder, layer, master_weights=cfg.Global.amp_level == "O2")
     pretrained = cfg.Arch.pretrained is not False
