@@ -91,7 +91,8 @@ class ArchConfig:
 
 @dataclass
 class TransferConfig:
-    strategy: Literal["auto", "linear_probe", "partial", "full", "gradual"] = "auto"
+    # bitfit: of the body only the biases and normalisation parameters train (and the head)
+    strategy: Literal["auto", "linear_probe", "partial", "full", "gradual", "bitfit"] = "auto"
     # partial: bottom stages kept frozen (default: half); gradual: stages never unfrozen (default 0)
     freeze_stages: Optional[int] = None
     body_lr_mult: float = 0.1  # learning rate of trainable body stages relative to the head

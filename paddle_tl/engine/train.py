@@ -192,7 +192,8 @@ def start_state(cfg, run, net, plan, data):
     state.model = describe_model(net.spec, data.num_classes, cfg.Arch.kwargs, dataclasses.asdict(cfg.Arch.head),
                                  data.pre, data.class_names)
     state.frozen_stages = plan.frozen_stages_at(state.start_epoch)
-    counts = net.counts = set_frozen_stages(net.layer, net.spec, state.frozen_stages, plan.bn)
+    counts = net.counts = set_frozen_stages(net.layer, net.spec, state.frozen_stages, plan.bn,
+                                            bitfit=plan.strategy == "bitfit")
     print(f"strategy: {plan.strategy} ({plan.reason}); {state.frozen_stages}/{plan.num_stages} stages "
           f"frozen; {counts['trainable_params']:,} trainable parameters")
     return state

@@ -1,6 +1,7 @@
 """Freezing that really freezes: the bottom stages of the body (BatchNorm
-statistics included), the parameters the optimizer gets with their per-stage
-learning rates, L2-SP, and gradual unfreezing."""
+statistics included), BitFit's body that trains only its biases and
+normalisation parameters, the parameters the optimizer gets with their
+per-stage learning rates, L2-SP, and gradual unfreezing."""
 
 from paddle_tl.models.zoo import match_prefix, stage_index
 from paddle_tl.runtime import import_paddle
@@ -29,8 +30,26 @@ def _below(spec, name, frozen_stages):
     return index is not None and index < frozen_stages
 
 
-def set_frozen_stages(model, spec, frozen_stages, bn):
-    """Freeze the bottom `frozen_stages` stages and unfreeze the rest.
+_NORMS = (paddle.nn.layer.norm._BatchNormBase, paddle.nn.BatchNorm, paddle.nn.LayerNorm, paddle.nn.GroupNorm)
+
+
+def body_weights_kept(model, spec):
+    """BitFit (Ben Zaken et al., 2022): the names of the body's parameters
+    that stay frozen, every one but the biases and the normalisation layers'
+    scale and shift."""
+    norms = {name for name, layer in model.named_sublayers() if isinstance(layer, _NORMS)}
+    return {name for name, _ in model.named_parameters()
+            if stage_index(spec, name) is not None and not name.endswith(".bias")
+            and name.rpartition(".")[0] not in norms}
+
+
+def _frozen(spec, name, frozen_stages, kept):
+    return _below(spec, name, frozen_stages) or name in kept
+
+
+def set_frozen_stages(model, spec, frozen_stages, bn, bitfit=False):
+    """Freeze the bottom `frozen_stages` stages and unfreeze the rest (with
+    `bitfit`, of the rest only the biases and normalisation parameters).
 
     `paddle.Model.fit` calls `network.train()` every batch, which would put a
     frozen stage's BatchNorm back to updating its running statistics;
@@ -40,10 +59,11 @@ def set_frozen_stages(model, spec, frozen_stages, bn):
     would mean batch statistics even in evaluation)."""
     frozen_params = trainable_params = 0
     statistics_ids = {id(p) for p in running_statistics(model)}
+    kept = body_weights_kept(model, spec) if bitfit else set()
     for name, param in model.named_parameters():
         if id(param) in statistics_ids:
             continue  # never trained by the optimizer; frozen through use_global_stats below
-        frozen = _below(spec, name, frozen_stages)
+        frozen = _frozen(spec, name, frozen_stages, kept)
         param.stop_gradient = frozen
         if frozen:
             frozen_params += int(param.size)
@@ -63,9 +83,10 @@ def trainable_parameters(model, spec, plan):
     `ParamAttr(learning_rate=...)` sets; parameter-group dicts would break
     `paddle.Model`, whose `minimize` expects a flat list)."""
     statistics_ids = {id(p) for p in running_statistics(model)}
+    kept = body_weights_kept(model, spec) if plan.strategy == "bitfit" else set()
     params = []
     for name, param in model.named_parameters():
-        if id(param) in statistics_ids or _below(spec, name, plan.always_frozen):
+        if id(param) in statistics_ids or _frozen(spec, name, plan.always_frozen, kept):
             continue
         index = stage_index(spec, name)
         param.optimize_attr["learning_rate"] = 1.0 if index is None else plan.stage_lr_mults[index]
@@ -126,7 +147,7 @@ class GradualUnfreezer(paddle.callbacks.Callback):
         run_epoch = self.state.run_epoch(epoch)
         frozen = self.plan.frozen_stages_at(run_epoch)
         if frozen != self.state.frozen_stages:
-            counts = set_frozen_stages(self.network, self.spec, frozen, self.plan.bn)
+            counts = set_frozen_stages(self.network, self.spec, frozen, self.plan.bn)  # gradual: never bitfit
             print(f"epoch {run_epoch + 1}: {frozen}/{self.plan.num_stages} stages frozen, "
                   f"{counts['trainable_params']:,} trainable parameters")
             self.state.frozen_stages = frozen

@@ -26,7 +26,7 @@ SIMILAR_SEPARABILITY = 0.6
 
 @dataclass
 class TransferPlan:
-    strategy: str  # the one used: linear_probe, partial, full or gradual
+    strategy: str  # the one used: linear_probe, partial, full, gradual or bitfit
     requested: str  # as configured (auto or one of the above)
     frozen_stages: int  # bottom stages frozen at the start
     num_stages: int
@@ -77,7 +77,7 @@ def plan_transfer(transfer_cfg, num_stages, class_counts, pretrained, similarity
     if frozen is not None and frozen > num_stages:
         raise ConfigError(f"Transfer.freeze_stages: {frozen} is more than the {num_stages} stages "
                           "of this architecture")
-    start = {"linear_probe": num_stages, "full": 0, "gradual": num_stages}.get(strategy)
+    start = {"linear_probe": num_stages, "full": 0, "gradual": num_stages, "bitfit": 0}.get(strategy)
     if strategy == "partial":
         start = num_stages // 2 if frozen is None else frozen
     return TransferPlan(strategy=strategy, requested=transfer_cfg.strategy, frozen_stages=start,
