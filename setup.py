@@ -21,6 +21,8 @@ EXTRAS = {
     "demo": ["elpv-dataset>=1.0"],
     # `paddle-tl serve`: the web framework, its server and multipart uploads (plain uvicorn, no C extras).
     "serve": ["fastapi>=0.100", "uvicorn>=0.20", "python-multipart>=0.0.9"],
+    # `paddle-tl check-labels`: confident learning (pulls scikit-learn and scipy).
+    "labels": ["cleanlab>=2.6"],
     # httpx: FastAPI's TestClient; websocket-client: the browser test drives Chromium over DevTools.
     "dev": ["pytest>=7", "pytest-timeout", "wheel", "httpx", "websocket-client"],
 }

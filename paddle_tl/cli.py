@@ -1,4 +1,4 @@
-"""`paddle-tl train|eval|export|infer|serve|check-data|report`: the one
+"""`paddle-tl train|eval|export|infer|serve|check-data|report|cv|check-labels`: the one
 command-line front end; the `tools/*.py` scripts call it with their
 sub-command."""
 
@@ -104,6 +104,34 @@ def run_check_data(argv):
     print(f"report: {args.output}/data_check.json, {args.output}/class_histogram.png")
 
 
+def _folds(parser):
+    parser.add_argument("--folds", type=int, default=5, metavar="K", help="stratified folds (default 5)")
+
+
+def run_cv(argv):
+    parser = _config_parser("paddle-tl cv", "Stratified k-fold cross-validation of the configured training over "
+                                            "the Train images: per-fold top-1, mean, std and 95% CI.")
+    _folds(parser)
+    args = parser.parse_args(argv)
+    if args.folds < 2:
+        parser.error(f"--folds must be at least 2, got {args.folds}")
+    from paddle_tl.trust.cv import cross_validate
+    result = cross_validate(_load(args), args.folds)
+    print(json.dumps({key: value for key, value in result.items() if key != "per_fold"}))
+
+
+def run_check_labels(argv):
+    parser = _config_parser("paddle-tl check-labels", "Rank the Train images by how likely their label is wrong "
+                                                      "(out-of-fold probabilities + confident learning).")
+    _folds(parser)
+    args = parser.parse_args(argv)
+    if args.folds < 2:
+        parser.error(f"--folds must be at least 2, got {args.folds}")
+    from paddle_tl.trust.label_issues import check_labels, import_cleanlab
+    import_cleanlab()  # a missing package is said before the config and the data are read
+    print(json.dumps(check_labels(_load(args), args.folds)))
+
+
 def run_report(argv):
     from paddle_tl.engine.report import report_command
     report_command(argv)
@@ -120,7 +148,7 @@ def run_serve(argv):
 
 
 COMMANDS = {"train": run_train, "eval": run_eval, "export": run_export, "infer": run_infer, "serve": run_serve,
-            "check-data": run_check_data, "report": run_report}
+            "check-data": run_check_data, "report": run_report, "cv": run_cv, "check-labels": run_check_labels}
 
 
 def main(argv=None):

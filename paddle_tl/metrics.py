@@ -12,6 +12,8 @@ def classification_metrics(logits, labels, class_names, topk=(1, 5)):
     predicted = ranked[:, 0]
     result = {f"top{k}": float(np.mean((ranked[:, :k] == labels[:, None]).any(axis=1)))
               for k in sorted(set(topk) | {1}) if k <= logits.shape[1]}
+    correct = int((ranked[:, 0] == labels).sum())
+    result["top1_ci95"] = list(wilson_interval(correct, len(labels)))
     result["loss"] = float(-log_probs[np.arange(len(labels)), labels].mean())
     result["num_images"] = int(len(labels))
     confusion = np.zeros((len(class_names), logits.shape[1]), dtype=int)
@@ -32,3 +34,17 @@ def classification_metrics(logits, labels, class_names, topk=(1, 5)):
     result["balanced_accuracy"] = float(recall[present].mean()) if present.any() else None
     result["macro_f1"] = float(f1[present].mean()) if present.any() else None
     return result
+
+
+def wilson_interval(successes, trials, z=1.959964):
+    """The Wilson score interval (95% for the default z) of a proportion
+    such as top-1: unlike the normal approximation it stays inside [0, 1]
+    and is sound for small samples and for proportions near 0 or 1.
+    (low, high), rounded to 6 decimals; (0, 1) for no trials."""
+    if trials <= 0:
+        return 0.0, 1.0
+    p = successes / trials
+    denominator = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denominator
+    half = z / denominator * np.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials))
+    return round(float(max(0.0, centre - half)), 6), round(float(min(1.0, centre + half)), 6)

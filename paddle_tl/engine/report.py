@@ -291,10 +291,12 @@ def render_html(run_dir, metrics, scores, rows, config_text, wrong, predict_seco
     cards = [("best top-1", f"{_number(metrics.get('best_top1'))} (epoch {metrics.get('best_epoch', '?')}, "
                             f"chosen on {'validation' if chosen_on == 'validation' else 'Eval'})"),
              ("final top-1", _number(metrics.get("final_top1"))),
-             ("best model top-1", _number(scores.get("top1"))),
+             ("best model top-1", _number(scores.get("top1")) + (  # with its 95% Wilson interval
+                 " [{:.3f}, {:.3f}]".format(*scores["top1_ci95"]) if scores.get("top1_ci95") else "")),
              ("balanced accuracy", _number(scores["balanced_accuracy"])),
              ("macro F1", _number(scores["macro_f1"]))]
-    topk = [(key, _number(value)) for key, value in scores.items() if key.startswith("top") and key != "top1"]
+    topk = [(key, _number(value)) for key, value in scores.items()
+            if key.startswith("top") and key[3:].isdigit() and key != "top1"]
     strategy = metrics.get("strategy") or {}
     epochs = metrics.get("epochs_run") or 0
     seconds = metrics.get("train_seconds")
