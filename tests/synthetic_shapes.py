@@ -3,13 +3,16 @@ bench/synthetic_shift.py): ellipses, rectangles and triangles as light grey
 shapes on black (the labeled source) and the same kinds of shapes blended
 into random colour textures, |texture - mask|, as MNIST-M is made from
 MNIST (the target). A network trained on the source alone stays near chance
-on the target."""
+on the target. The source alone also serves Grad-CAM's test
+(tests/models/test_gradcam.py, bench/gradcam_shapes.py): a trained network's
+heat map should lie on the shape."""
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("ellipse", "rectangle", "triangle")
 SIZE = 64
+CAM_INPUT_SIZE = 224
 
 
 def _mask(rng, kind):
@@ -65,3 +68,45 @@ def shift_overrides(folders, run, method, weights, seed, epochs=3):
         f"DataLoader.Target.dataset.root={folders['target']}",
         "DataLoader.Train.batch_size=16", "DataLoader.Train.num_workers=0", "DataLoader.Eval.num_workers=0",
         "DataLoader.Train.augment.crop_scale=[0.8, 1.0]", "DataLoader.Train.augment.hflip=false"]
+
+
+def cam_folders(base):
+    """120 labeled source images to train on, 30 to score the heat maps on."""
+    return {"train": shapes(base / "train", 40, 1, "source"), "eval": shapes(base / "eval", 10, 3, "source")}
+
+
+def cam_overrides(folders, run, weights, input_size=CAM_INPUT_SIZE, epochs=3, seed=0):
+    """Config overrides: ImageNet mobilenet_v2 fine-tuned on the shapes on
+    black, two stages frozen, upscaled to `input_size` (the heat map is the
+    last stage's, 1/32 of it: 7 x 7 at 224 px)."""
+    return [f"Global.output_dir={run}", f"Global.epochs={epochs}", f"Global.seed={seed}", "Global.log_interval=100",
+            "Arch.name=mobilenet_v2", f"Arch.pretrained={weights}", f"Arch.input_size={input_size}",
+            "Transfer.strategy=partial", "Transfer.freeze_stages=2",
+            f"DataLoader.Train.dataset.root={folders['train']}", f"DataLoader.Eval.dataset.root={folders['eval']}",
+            "DataLoader.Train.batch_size=16", "DataLoader.Train.num_workers=0", "DataLoader.Eval.num_workers=0",
+            "DataLoader.Train.augment.crop_scale=[0.8, 1.0]", "DataLoader.Train.augment.hflip=false"]
+
+
+def heat_on_shapes(run):
+    """(mean fraction of the Grad-CAM mass inside the shape, mean fraction of
+    the crop the shape covers) over a shapes run's Eval images, each map of
+    its true class from the run's best_model; a shape's mask is its source
+    image's light pixels, cropped as the network saw them."""
+    from paddle_tl.data.datasets import build_dataset, load_rgb
+    from paddle_tl.data.transforms import center_crop, eval_transform, resize_short
+    from paddle_tl.engine.run_folder import run_config, trained_model
+    from paddle_tl.models.gradcam import grad_cam
+
+    cfg = run_config(run)
+    network, spec, pre, class_names = trained_model(cfg)
+    samples = build_dataset(cfg.DataLoader.Eval.dataset, "eval", None, class_names=class_names).samples
+    transform = eval_transform(pre)
+    images = np.stack([transform(load_rgb(path)) for path, _ in samples])
+    maps, _, _ = grad_cam(network, spec, images, [label for _, label in samples])
+    inside, area = [], []
+    for (path, _), heat in zip(samples, maps):
+        mask = np.asarray(center_crop(resize_short(load_rgb(path).convert("L"), pre.resize_short),
+                                      pre.input_size)) > 127
+        inside.append(float((heat * mask).sum() / heat.sum()))
+        area.append(float(mask.mean()))
+    return float(np.mean(inside)), float(np.mean(area))

@@ -75,11 +75,13 @@ def resize_short(image, size):
     width, height = image.size
     if min(width, height) == size:
         return image
+    return image.resize(_short_side_size(width, height, size), Image.BILINEAR)
+
+
+def _short_side_size(width, height, size):
     if width <= height:
-        new_size = (size, max(1, round(height * size / width)))
-    else:
-        new_size = (max(1, round(width * size / height)), size)
-    return image.resize(new_size, Image.BILINEAR)
+        return size, max(1, round(height * size / width))
+    return max(1, round(width * size / height)), size
 
 
 def center_crop(image, size):
@@ -88,6 +90,16 @@ def center_crop(image, size):
     left = (width - size) // 2
     top = (height - size) // 2
     return image.crop((left, top, left + size, top + size))
+
+
+def eval_crop_box(width, height, pre):
+    """(left, top, right, bottom), in a width x height image's own pixels
+    (floats), of the square EvalTransform crops from it: what the network sees."""
+    resized = (width, height) if min(width, height) == pre.resize_short else \
+        _short_side_size(width, height, pre.resize_short)
+    left, top = (resized[0] - pre.input_size) // 2, (resized[1] - pre.input_size) // 2
+    sx, sy = resized[0] / width, resized[1] / height
+    return left / sx, top / sy, (left + pre.input_size) / sx, (top + pre.input_size) / sy
 
 
 class EvalTransform:

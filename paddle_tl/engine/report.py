@@ -1,8 +1,9 @@
 """`paddle-tl report RUN`: what a finished run learnt, as pictures and one
 HTML page in RUN/report/ — training curves, the confusion matrix, per-class
 precision/recall/F1, the Eval images the best model gets most confidently
-wrong, and how well its probabilities are calibrated (reliability diagram,
-ECE before and after temperature scaling, a suggested --reject_below)."""
+wrong (each with the Grad-CAM heat map of the class it predicted), and how
+well its probabilities are calibrated (reliability diagram, ECE before and
+after temperature scaling, a suggested --reject_below)."""
 
 import argparse
 import csv
@@ -20,7 +21,9 @@ from paddle_tl.engine.evaluate import eval_split
 from paddle_tl.engine.run_folder import run_config, trained_temperature
 from paddle_tl.errors import ConfigError
 from paddle_tl.metrics import classification_metrics
+from paddle_tl.models.gradcam import grad_cam, overlay
 from paddle_tl.models.static import fastest_runner
+from paddle_tl.models.zoo import get_spec
 
 REPORT_DIR = "report"
 MAX_ERRORS = 16
@@ -40,7 +43,8 @@ def write_report(run_dir):
     config_file = run_dir / "config.yaml"
     cfg = run_config(run_dir)  # best_model, rebuilt as it trained (its checkpoint's record)
     started = time.perf_counter()
-    paths, labels, logits, class_names = predict_eval(cfg)
+    split = eval_split(cfg)
+    paths, labels, logits, class_names = predict_eval(cfg, split)
     predict_seconds = time.perf_counter() - started
     scores = classification_metrics(logits, labels, class_names, cfg.Metric.topk)
     # Calibrated, as a deployment scores them: softmax(logits / T), T from best_model's record.
@@ -56,8 +60,10 @@ def write_report(run_dir):
     rows = per_class_rows(scores, class_names)
     write_per_class_csv(rows, out_dir / "per_class.csv")
     errors = most_confident_errors(probabilities, labels, MAX_ERRORS)
+    heat_maps = error_heat_maps(split, get_spec(cfg.Arch.name), errors, probabilities.argmax(axis=1)[errors])
     plot_errors([(paths[i], output_names[labels[i]], output_names[probabilities[i].argmax()],
-                  probabilities[i].max()) for i in errors], out_dir / "errors.png")
+                  probabilities[i].max()) for i in errors], out_dir / "errors.png", heat_maps,
+                split.dataset.transform.pre)  # the Eval transform: where its center crop lies
     wrong = int((probabilities.argmax(axis=1) != labels).sum())
     calibration = calibration_figures(metrics.get("calibration"), logits, labels, temperature)
     plot_reliability(calibration["panels"], out_dir / "reliability.png")
@@ -67,16 +73,26 @@ def write_report(run_dir):
     return index
 
 
-def predict_eval(cfg):
+def predict_eval(cfg, split=None):
     """(paths, labels, logits, class_names) of the Eval split under
-    Global.pretrained_model, in the dataset's order. On CPU through a static
-    export run by Paddle Inference with oneDNN (several times faster than the
-    dynamic graph), on GPU with the dynamic graph."""
-    split = eval_split(cfg)
+    Global.pretrained_model (or of an eval_split of it already made), in the
+    dataset's order. On CPU through a static export run by Paddle Inference
+    with oneDNN (several times faster than the dynamic graph), on GPU with
+    the dynamic graph."""
+    split = split or eval_split(cfg)
     with fastest_runner(split.network, split.input_size, cfg.DataLoader.Eval.batch_size, split.device) as run:
         logits, labels = map_batches(run, split.loader)
     paths = [path for path, _ in split.dataset.samples]
     return paths, labels, logits, split.class_names
+
+
+def error_heat_maps(split, spec, indices, predicted):
+    """Grad-CAM maps ([len(indices), S, S], models/gradcam.py) of the
+    predicted class over the Eval images at `indices`, as the network saw them."""
+    if not len(indices):
+        return []
+    images = np.stack([split.dataset[int(i)][0] for i in indices])
+    return list(grad_cam(split.network, spec, images, predicted)[0])
 
 
 def calibration_figures(record, logits, labels, temperature):
@@ -227,9 +243,11 @@ def plot_reliability(panels, path):
     plt.close(figure)
 
 
-def plot_errors(errors, path):
+def plot_errors(errors, path, heat_maps=None, pre=None):
     """A grid of (path, true name, predicted name, probability), as decoded
-    from disk (before resizing and cropping); a short note when there are none."""
+    from disk (before resizing and cropping), each with its heat map blended
+    over the center crop the network saw (`pre`) when `heat_maps` are given;
+    a short note when there are none."""
     plt = _pyplot()
     if not errors:
         figure, ax = plt.subplots(figsize=(5, 1.2))
@@ -241,8 +259,10 @@ def plot_errors(errors, path):
         figure, grid = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows), squeeze=False)
         for ax in grid.flat:
             ax.axis("off")
-        for ax, (image_path, true, predicted, probability) in zip(grid.flat, errors):
+        for index, (ax, (image_path, true, predicted, probability)) in enumerate(zip(grid.flat, errors)):
             image = load_rgb(image_path)
+            if heat_maps:
+                image = overlay(image, heat_maps[index], pre)
             image.thumbnail((ERROR_TILE_PIXELS, ERROR_TILE_PIXELS))  # a tile is ~300 px; full size only bloats the PNG
             ax.imshow(image)
             ax.set_title(f"true: {true} / pred: {predicted} (p={probability:.2f})", fontsize=9, parse_math=False)
@@ -336,6 +356,8 @@ def render_html(run_dir, metrics, scores, rows, config_text, wrong, predict_seco
         "</a></div></div>",
         *(_calibration_section(calibration) if calibration else ()),
         f"<h2>Most confident errors ({min(wrong, MAX_ERRORS)} of {wrong} wrong)</h2>",
+        "<p class=muted>Each with the Grad-CAM heat map of the class it predicted (red: the evidence for that "
+        "class), over the center crop the network sees; the rest of the image is dimmed.</p>",
         '<a href="errors.png"><img src="errors.png" alt="most confidently wrong Eval images"></a>',
         "<h2>Config</h2>",
         f"<pre>{escape(config_text)}</pre>",

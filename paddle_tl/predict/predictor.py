@@ -336,7 +336,35 @@ def _parser():
     mode.add_argument("--benchmark", action="store_true",
                       help="time the model at batch 1 and --batch_size; print latency and throughput as one JSON line")
     parser.add_argument("--benchmark_runs", type=positive_int, default=20, help="timed batches per batch size")
+    parser.add_argument("--cam", metavar="DIR",
+                        help="also write DIR/<image stem>_cam.png: the Grad-CAM heat map of each image's top class "
+                             "over it (needs the checkpoint the folder was exported from, or --run)")
+    parser.add_argument("--run", metavar="RUN_DIR", help="--cam: the run folder whose best_model was exported "
+                                                         "(default: inference.yml's exported_from)")
     return parser
+
+
+def cam_network(model_dir, meta, run_dir=None):
+    """(network, spec, preprocess) of the dynamic network an inference folder
+    was exported from, for Grad-CAM: rebuilt from its checkpoint's record
+    (inference.yml's exported_from, or RUN_DIR/best_model)."""
+    from paddle_tl.engine.checkpoint import STATE_SUFFIX
+    from paddle_tl.engine.run_folder import rebuild_model
+
+    prefix = str(Path(run_dir) / "best_model") if run_dir else str(meta.get("exported_from") or "")
+    prefix = prefix[: -len(".pdparams")] if prefix.endswith(".pdparams") else prefix
+    state_file = Path(prefix + STATE_SUFFIX)
+    record = json.loads(state_file.read_text()).get("model") if prefix and state_file.is_file() else None
+    if not record:
+        problem = "has no network record" if prefix and state_file.is_file() else "is not there"
+        raise ConfigError(f"--cam needs the dynamic network: the checkpoint {model_dir} was exported from "
+                          f"({prefix or 'not recorded'}) {problem}; keep the run's best_model next to where it was "
+                          "exported from, or name its run folder with --run RUN_DIR")
+    if list(record["class_names"]) != list(meta["class_names"]):
+        raise ConfigError(f"--cam: {prefix} has classes {record['class_names']}, {model_dir} "
+                          f"{meta['class_names']}: not the checkpoint this folder was exported from")
+    network, spec, pre, _ = rebuild_model(record, prefix)
+    return network, spec, pre
 
 
 def _probability(text):
@@ -363,6 +391,10 @@ def main(argv=None):
         parser.error("--output and --csv record per-image predictions; they do not apply to --eval or --benchmark")
     if (args.eval or args.benchmark) and args.reject_below is not None:
         parser.error("--reject_below labels per-image predictions; it does not apply to --eval or --benchmark")
+    if (args.eval or args.benchmark) and args.cam:
+        parser.error("--cam draws per-image heat maps; it does not apply to --eval or --benchmark")
+    if args.run and not args.cam:
+        parser.error("--run names the checkpoint for --cam; give --cam DIR too")
     predictor = Predictor(args.model_dir, device=args.device, cpu_threads=args.cpu_threads,
                           use_mkldnn=not args.no_mkldnn, batch_size=args.batch_size, backend=args.backend,
                           gpu_mem=args.gpu_mem, trt=args.trt)
@@ -373,8 +405,13 @@ def main(argv=None):
     if args.benchmark:
         print(json.dumps(benchmark(predictor, paths, args.benchmark_runs)))
         return
+    if args.cam:  # before any row: a missing checkpoint is refused up front
+        from paddle_tl.models.gradcam import OverlayWriter
+        cams = OverlayWriter(*cam_network(args.model_dir, predictor.meta, args.run), args.cam, args.batch_size)
     started, failed = time.perf_counter(), 0
     with ExitStack() as files:
+        if args.cam:
+            files.enter_context(cams)
         jsonl = _open_output(files, args.output)
         table = csv.writer(_open_output(files, args.csv, newline="")) if args.csv else None
         if table:
@@ -388,6 +425,10 @@ def main(argv=None):
             if table:
                 table.writerow([record["file"], *(("", "", record["error"]) if "error" in record
                                                   else (record["label_names"][0], record["scores"][0], ""))])
+            if args.cam and "error" not in record:
+                # The class the deployed model ranks first; a folder's sub-folders are kept.
+                cams.add(record["file"], record["class_ids"][0],
+                         os.path.relpath(Path(record["file"]).parent, args.input) if Path(args.input).is_dir() else "")
     log.info("predicted %d images, %d unreadable, in %.1f s", len(paths) - failed, failed,
              time.perf_counter() - started)
 
