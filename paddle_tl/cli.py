@@ -104,29 +104,33 @@ def run_check_data(argv):
     print(f"report: {args.output}/data_check.json, {args.output}/class_histogram.png")
 
 
-def _folds(parser):
+def _folds_parser(prog, description):
+    """A config parser with --folds K (at least 2)."""
+    parser = _config_parser(prog, description)
     parser.add_argument("--folds", type=int, default=5, metavar="K", help="stratified folds (default 5)")
+    return parser
 
 
-def run_cv(argv):
-    parser = _config_parser("paddle-tl cv", "Stratified k-fold cross-validation of the configured training over "
-                                            "the Train images: per-fold top-1, mean, std and 95% CI.")
-    _folds(parser)
+def _parse_folds(parser, argv):
     args = parser.parse_args(argv)
     if args.folds < 2:
         parser.error(f"--folds must be at least 2, got {args.folds}")
+    return args
+
+
+def run_cv(argv):
+    parser = _folds_parser("paddle-tl cv", "Stratified k-fold cross-validation of the configured training over "
+                                           "the Train images: per-fold top-1, mean, std and 95% CI.")
+    args = _parse_folds(parser, argv)
     from paddle_tl.trust.cv import cross_validate
     result = cross_validate(_load(args), args.folds)
     print(json.dumps({key: value for key, value in result.items() if key != "per_fold"}))
 
 
 def run_check_labels(argv):
-    parser = _config_parser("paddle-tl check-labels", "Rank the Train images by how likely their label is wrong "
-                                                      "(out-of-fold probabilities + confident learning).")
-    _folds(parser)
-    args = parser.parse_args(argv)
-    if args.folds < 2:
-        parser.error(f"--folds must be at least 2, got {args.folds}")
+    parser = _folds_parser("paddle-tl check-labels", "Rank the Train images by how likely their label is wrong "
+                                                     "(out-of-fold probabilities + confident learning).")
+    args = _parse_folds(parser, argv)
     from paddle_tl.trust.label_issues import check_labels, import_cleanlab
     import_cleanlab()  # a missing package is said before the config and the data are read
     print(json.dumps(check_labels(_load(args), args.folds)))
