@@ -94,7 +94,7 @@ class Service:
         self.max_bytes = int(max_mb * 2**20)
         self._lock = threading.Lock()
 
-    def predict(self, uploads, top_k):
+    def predict(self, uploads, top_k, reject_below=None):
         """infer.py's rows for the uploads, in order: preprocess, run, rank, as
         Predictor.predict_paths does. A request holding an upload that is not
         a readable image is refused whole (RequestError naming each one)."""
@@ -111,7 +111,7 @@ class Service:
                         failures.append((_decode_status(exc), str(exc)))
             if failures:
                 raise RequestError(failures[0][0], "; ".join(message for _, message in failures))
-            rows = predictor.rank(np.stack(arrays), top_k)  # predict_paths' own ranking: infer.py's rows
+            rows = predictor.rank(np.stack(arrays), top_k, reject_below)  # predict_paths' ranking: infer.py's rows
         return [{"file": str(upload), **row} for upload, row in zip(uploads, rows)]
 
     def metadata(self):
@@ -159,7 +159,8 @@ class BodyLimit:
 
 
 async def _read_request(request):
-    """(uploads, top_k) of a POST /predict, or RequestError saying what is wrong."""
+    """(uploads, top_k, reject_below) of a POST /predict, or RequestError
+    saying what is wrong."""
     content_type = request.headers.get("content-type", "")
     how = f"POST the image(s) as multipart/form-data in the field '{FIELD}'"
     if not content_type.startswith("multipart/form-data"):
@@ -185,9 +186,10 @@ async def _read_request(request):
                 raise RequestError(400, f"{name} is empty (0 bytes)")
             uploads.append(Upload(data, name))
         given = request.query_params.get("top_k", form.get("top_k"))
+        reject = request.query_params.get("reject_below", form.get("reject_below"))
     finally:
         await form.close()
-    return uploads, _top_k(given)
+    return uploads, _top_k(given), _reject_below(reject)
 
 
 def _top_k(text):
@@ -196,6 +198,20 @@ def _top_k(text):
     if not str(text).isdigit() or int(text) < 1:
         raise RequestError(400, f"top_k must be a whole number >= 1, got {str(text)!r}")
     return int(text)
+
+
+def _reject_below(text):
+    """infer.py's --reject_below: below this calibrated top probability the
+    first label name is "unknown"; None when not given."""
+    if text is None or text == "":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0:  # NaN too
+        raise RequestError(400, f"reject_below must be a probability >= 0, got {str(text)!r}")
+    return value
 
 
 def create_app(model_dir, *, backend=None, cpu_threads=None, max_mb=DEFAULT_MAX_MB):
@@ -232,8 +248,8 @@ def create_app(model_dir, *, backend=None, cpu_threads=None, max_mb=DEFAULT_MAX_
 
     @app.post("/predict")
     async def predict(request: Request):
-        uploads, top_k = await _read_request(request)
-        return {"predictions": await run_in_threadpool(service.predict, uploads, top_k)}
+        uploads, top_k, reject_below = await _read_request(request)
+        return {"predictions": await run_in_threadpool(service.predict, uploads, top_k, reject_below)}
 
     return app
 

@@ -454,3 +454,17 @@ def test_the_service_scores_with_the_folders_temperature(model, tmp_path):
     with TestClient(create_app(model.dir, max_mb=MAX_MB)) as client:
         raw = client.post("/predict", params={"top_k": 3}, files=_files(model, [0])).json()["predictions"][0]
     assert raw["scores"][0] > answer["scores"][0]  # a temperature above 1 softens the scores
+
+
+def test_reject_below_answers_unknown_as_infer_does(client, model, tmp_path):
+    everything = client.post("/predict", params={"reject_below": 1.01}, files=_files(model, [0, 1])).json()
+    assert [row["label_names"][0] for row in everything["predictions"]] == ["unknown", "unknown"]
+    nothing = client.post("/predict", data={"reject_below": "0"}, files=_files(model, [0, 1])).json()
+    assert "unknown" not in [row["label_names"][0] for row in nothing["predictions"]]
+    output = tmp_path / "rows.jsonl"
+    infer_main(["--model_dir", str(model.dir), "--input", str(model.images[0]), "--top_k", "3",
+                "--reject_below", "1.01", "--output", str(output)])
+    answer = client.post("/predict", params={"top_k": 3, "reject_below": 1.01}, files=_files(model, [0])).json()
+    _same_as_infer(answer["predictions"][0], json.loads(output.read_text()), model.names[0])
+    bad = client.post("/predict", params={"reject_below": "often"}, files=_files(model, [0]))
+    assert bad.status_code == 400 and "reject_below must be a probability" in bad.json()["error"]
