@@ -107,10 +107,10 @@ def load_data(cfg, run):
     loaders = cfg.DataLoader
     pre = Preprocess.from_spec(get_spec(cfg.Arch.name), cfg.Arch.input_size)
     train_tf, eval_tf = train_transform(pre, loaders.Train.augment), eval_transform(pre)
-    train_set = build_dataset(loaders.Train.dataset, "train", train_tf)
+    train_set = all_train = build_dataset(loaders.Train.dataset, "train", train_tf)
     val_set = None
     if loaders.Train.val_fraction:
-        train_set, val_set = split_validation(train_set, loaders.Train.val_fraction, cfg.Global.seed, eval_tf)
+        train_set, val_set = split_validation(all_train, loaders.Train.val_fraction, cfg.Global.seed, eval_tf)
         if not len(val_set):
             print(f"DataLoader.Train.val_fraction={loaders.Train.val_fraction:g} holds out no image of classes "
                   "this small: the best epoch is chosen on the Eval split")
@@ -132,7 +132,7 @@ def load_data(cfg, run):
     duplicates = []
     if run.is_main:
         cfg.save(run.folder / "config.yaml")
-        duplicates = _warn_about_duplicates(train_set, eval_set)
+        duplicates = _warn_about_duplicates(all_train, eval_set)  # validation images are training images too
     return TrainingData(pre, train_tf, eval_tf, train_set, val_set, eval_set, target_set, class_names, num_classes,
                         weights, duplicates)
 
