@@ -367,11 +367,23 @@ def cam_network(model_dir, meta, run_dir=None):
     return network, spec, pre
 
 
-def _probability(text):
-    value = float(text)
+def reject_threshold(text):
+    """--reject_below P (infer.py and the service): a number >= 0 (above 1
+    rejects every image); ValueError otherwise."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
     if not value >= 0:  # NaN too
-        raise argparse.ArgumentTypeError(f"must be a probability >= 0, got {text}")
+        raise ValueError(f"must be a probability >= 0, got {text}")
     return value
+
+
+def _probability(text):
+    try:
+        return reject_threshold(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def positive_int(text):

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from paddle_tl.errors import DataError, UserError
-from paddle_tl.predict.predictor import BACKENDS, META_FILE, Predictor, positive_int, read_meta
+from paddle_tl.predict.predictor import BACKENDS, META_FILE, Predictor, positive_int, read_meta, reject_threshold
 
 try:
     import uvicorn
@@ -206,12 +206,9 @@ def _reject_below(text):
     if text is None or text == "":
         return None
     try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value >= 0:  # NaN too
-        raise RequestError(400, f"reject_below must be a probability >= 0, got {str(text)!r}")
-    return value
+        return reject_threshold(text)
+    except ValueError as exc:
+        raise RequestError(400, f"reject_below {exc}") from None
 
 
 def create_app(model_dir, *, backend=None, cpu_threads=None, max_mb=DEFAULT_MAX_MB):
