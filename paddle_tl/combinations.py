@@ -83,7 +83,7 @@ def _fact(key, name, test, shown):
 AMP = _is("Global.amp", bool)
 TO_STATIC = _is("Global.to_static", bool)
 ADAPTING = _is("Transfer.domain_adaptation", lambda method: method != "none")
-GRADUAL = _is("Transfer.strategy", lambda strategy: strategy == "gradual")
+UNFREEZING = _is("Transfer.strategy", lambda strategy: strategy in ("gradual", "lp_ft"))
 LINEAR_PROBE = _is("Transfer.strategy", lambda strategy: strategy == "linear_probe")
 L2SP = _is("Transfer.l2sp_alpha", lambda alpha: alpha > 0)
 NOT_PRETRAINED = _is("Arch.pretrained", lambda pretrained: pretrained is False)
@@ -98,10 +98,10 @@ OTHER_HEAD = _fact("Arch.name", "feature_head", lambda takes_features: not takes
 
 
 def _freezes_every_stage(facts):
-    """partial or gradual with Transfer.freeze_stages covering the whole body:
-    no stage of the body ever trains."""
+    """partial, gradual or lp_ft with Transfer.freeze_stages covering the
+    whole body: no stage of the body ever trains."""
     transfer = facts.cfg.Transfer
-    if transfer.strategy not in ("partial", "gradual") or transfer.freeze_stages is None:
+    if transfer.strategy not in ("partial", "gradual", "lp_ft") or transfer.freeze_stages is None:
         return False
     return None if facts.stages is None else transfer.freeze_stages >= facts.stages
 
@@ -112,12 +112,12 @@ FROZEN_BODY = Setting("Transfer.freeze_stages", _freezes_every_stage,
 
 RULES = (
     Rule(AMP, CPU, "mixed precision needs a GPU; set Global.amp=false or run on a GPU"),
-    Rule(TO_STATIC, GRADUAL, "stages unfrozen after the graph is traced would stay frozen; use partial or full, "
+    Rule(TO_STATIC, UNFREEZING, "stages unfrozen after the graph is traced would stay frozen; use partial or full, "
                              "or Global.to_static=false"),
     Rule(TO_STATIC, ADAPTING, "the per-step gradient-reversal and ramp coefficients would be traced as constants; "
                               "use Global.to_static=false"),
     Rule(ADAPTING, LINEAR_PROBE, "domain adaptation moves the body's features, which linear_probe keeps frozen; use "
-                                 "strategy partial, full, gradual or auto"),
+                                 "strategy partial, full, gradual, lp_ft or auto"),
     Rule(ADAPTING, FROZEN_BODY, "domain adaptation moves the body's features, and no stage would train; lower "
                                 "Transfer.freeze_stages"),
     Rule(ADAPTING, OTHER_HEAD, "domain adaptation works on the head's input features; choose an architecture "

@@ -92,9 +92,17 @@ class ArchConfig:
 @dataclass
 class TransferConfig:
     # bitfit: of the body only the biases and normalisation parameters train (and the head)
-    strategy: Literal["auto", "linear_probe", "partial", "full", "gradual", "bitfit"] = "auto"
-    # partial: bottom stages kept frozen (default: half); gradual: stages never unfrozen (default 0)
+    # lp_ft: a linear probe first (lp_epochs), then the stages above
+    # freeze_stages fine-tune (Kumar et al., ICLR 2022: the trained head keeps
+    # fine-tuning from distorting the pretrained features)
+    strategy: Literal["auto", "linear_probe", "partial", "full", "gradual", "bitfit", "lp_ft"] = "auto"
+    # partial: bottom stages kept frozen (default: half); gradual: stages never
+    # unfrozen (default 0); lp_ft: stages never unfrozen (default: all but the top one)
     freeze_stages: Optional[int] = None
+    lp_epochs: Optional[int] = None  # lp_ft: epochs of the linear probe (default: half of Global.epochs)
+    # auto: minutes for measuring candidate recipes on the validation split and
+    # training the best (engine/auto.py); 0 = the four-quadrant rule alone
+    auto_budget_minutes: float = 10.0
     body_lr_mult: float = 0.1  # learning rate of trainable body stages relative to the head
     layer_decay: Optional[float] = None  # per stage further from the head, multiply by this again
     stage_lr_mults: Optional[list] = None  # explicit multiplier per stage, bottom to top
@@ -122,6 +130,8 @@ class TransferConfig:
         _require(self.layer_decay is None or self.stage_lr_mults is None, f"{at}.layer_decay",
                  "give either layer_decay or stage_lr_mults, not both")
         _require(self.unfreeze_every >= 1, f"{at}.unfreeze_every", "must be >= 1")
+        _require(self.lp_epochs is None or self.lp_epochs >= 1, f"{at}.lp_epochs", "must be >= 1")
+        _require(self.auto_budget_minutes >= 0, f"{at}.auto_budget_minutes", "must be >= 0")
         _require(self.l2sp_alpha >= 0, f"{at}.l2sp_alpha", "must be >= 0")
         _require(self.cache_views >= 1, f"{at}.cache_views", "must be >= 1")
         _require(self.domain_weight > 0, f"{at}.domain_weight", "must be > 0")

@@ -5,6 +5,7 @@ paddle is deliberately not in install_requires (CPU and GPU builds are separate
 distributions), so every module that needs it goes through `import_paddle()`.
 """
 
+import contextlib
 import os
 import random
 import sys
@@ -48,10 +49,39 @@ def select_device(requested):
     return device
 
 
+def available_memory():
+    """Bytes of memory available to a new allocation now (Linux's
+    MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     import_paddle().seed(seed)
+
+
+@contextlib.contextmanager
+def rng_kept():
+    """Within the context, seed and draw freely; after it, every generator
+    (python, numpy, paddle's CPU one) is where it was, so that work done
+    before training (caching views) leaves training's draws as they would
+    have been without it."""
+    paddle = import_paddle()
+    python, numpy, generator = random.getstate(), np.random.get_state(), paddle.get_rng_state("cpu")
+    try:
+        yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)
+        paddle.set_rng_state(generator, "cpu")
 
 
 def progress(iterable, desc, total=None, unit="it", min_total=0, leave=True, stream=None):

@@ -117,3 +117,24 @@ def trained_run(tmp_path_factory):
     run = base / "run"
     return SimpleNamespace(dir=run, val=val, config=run / "config.yaml", best=run / "best_model", metrics=metrics,
                            input_size=64)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, colour_folder):
+    """Train/val folders and an 'ImageNet' mobilenet_v1 x0.25 checkpoint whose
+    BatchNorm statistics are far from (0, 1), so any drift shows (the
+    engine's tests: tests/engine/test_train.py make_cfg)."""
+    from paddle_tl.runtime import import_paddle
+    paddle = import_paddle()
+    base = tmp_path_factory.mktemp("train")
+    paddle.seed(1)
+    network = paddle.vision.models.mobilenet_v1(scale=0.25, num_classes=1000)
+    rng = np.random.RandomState(1)
+    for layer in network.sublayers():
+        if isinstance(layer, paddle.nn.BatchNorm2D):
+            layer._mean.set_value(rng.uniform(-0.2, 0.2, layer._mean.shape).astype("float32"))
+            layer._variance.set_value(rng.uniform(0.5, 1.5, layer._variance.shape).astype("float32"))
+    pretrained = base / "pretrained.pdparams"
+    paddle.save(network.state_dict(), str(pretrained))
+    return {"train": colour_folder(base / "train", 10, 0), "val": colour_folder(base / "val", 4, 1),
+            "pretrained": pretrained, "base": base}

@@ -46,7 +46,7 @@ def test_unknown_key_names_closest_valid_key():
     ("Optimizer.lr.learning_rate=-0.1", "Optimizer.lr.learning_rate: must be > 0"),
     ("Global.epochs=0", "Global.epochs: must be >= 1"),
     ("Loss.label_smoothing=1.5", "Loss.label_smoothing: must be in [0, 1)"),
-    ("Transfer.strategy=ful", "Transfer.strategy: 'ful' is not one of auto, linear_probe, partial, full, gradual, bitfit; did you "
+    ("Transfer.strategy=ful", "Transfer.strategy: 'ful' is not one of auto, linear_probe, partial, full, gradual, bitfit, lp_ft; did you "
                               "mean 'full'?"),
     ("Arch.pretrained=true", "Arch.pretrained: true is ambiguous"),
     ("DataLoader.Train.augment.crop_scale=[0.9, 0.1]", "crop_scale: must be [low, high]"),

@@ -4,6 +4,8 @@ evaluates on, and says why; one builder per mode prepares it.
 - images: the network on images (augmented every epoch), the plain way.
 - cached_features: no stage of the body trains, so its features are computed
   once (transfer/feature_cache.py) and only the head trains, on them.
+- cached_activations: the bottom stages never train, so their output is
+  computed once and the top stages and the head train on it.
 - domain_pairs: every batch holds labeled source and unlabeled target images,
   and the loss adds a domain term (transfer/domain.py).
 
@@ -16,9 +18,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from paddle_tl.models.features import feature_head
-from paddle_tl.runtime import import_paddle
+from paddle_tl.models.split import activation_bytes, activation_shape, split, why_not_split
+from paddle_tl.runtime import available_memory, import_paddle
 from paddle_tl.transfer.domain import DomainSchedule, LabeledAccuracy, pair_collate, setup_domain_adaptation
-from paddle_tl.transfer.feature_cache import ViewSwitcher, cached_datasets
+from paddle_tl.transfer.feature_cache import (ACTIVATION_DTYPE, HeadOnly, ViewSwitcher, cached_activations,
+                                              cached_datasets)
 
 paddle = import_paddle()
 
@@ -26,7 +30,7 @@ paddle = import_paddle()
 @dataclass
 class Fit:
     """What paddle.Model fits, on what, with which loss and metric."""
-    mode: str  # images, cached_features or domain_pairs
+    mode: str  # images, cached_features, cached_activations or domain_pairs
     reason: str
     network: object  # the whole network, its head alone, or the domain-adaptation wrapper
     train_data: object
@@ -37,55 +41,86 @@ class Fit:
     workers: tuple  # loader workers (train, eval)
     val_data: object = None  # the validation split that chooses the best epoch, or None
     val_network: object = None  # what scores it: the classification network (or its head, on cached features)
+    # scorer(network): what scores eval_data and val_data for a network of
+    # this architecture (best_model read back): the network itself, or its
+    # part after the cached cut
+    scorer: Callable = lambda network: network
     collate: Optional[Callable] = None  # how a training batch is put together (paddle's default when None)
     callbacks: list = field(default_factory=list)  # what the mode needs told every epoch or step
     extra_layers: dict = field(default_factory=dict)  # trained beside the network and checkpointed: name -> layer
     record: dict = field(default_factory=dict)  # what metrics.json says about it
 
 
-def choose_fit_mode(cfg, plan, network, spec, processes):
-    """(mode, reason)."""
+def choose_fit_mode(cfg, plan, network, spec, processes, images):
+    """(mode, reason). `images`: how many images (training, validation and
+    Eval) a cache would hold."""
     transfer = cfg.Transfer
     if transfer.domain_adaptation != "none":
         return "domain_pairs", (f"Transfer.domain_adaptation={transfer.domain_adaptation}: every step trains on "
                                 "labeled source and unlabeled target images")
-    not_cached = _why_not_cached(transfer, plan, network, spec, processes)
+    not_cached = _why_not_cached(transfer, plan, processes)
+    if not not_cached and plan.always_frozen == plan.num_stages:
+        if feature_head(network, spec) is None:
+            return "images", (f"features not cached: the head of {spec.name} is not a single Linear layer "
+                              "(or Arch.head mlp)")
+        return "cached_features", ("no stage of the body trains: its features are computed once and the head "
+                                   "trains on them")
     if not_cached:
-        return "images", f"features not cached: {not_cached}"
-    return "cached_features", ("no stage of the body trains: its features are computed once and the head trains "
-                               "on them")
+        cut = "features" if plan.always_frozen == plan.num_stages else "activations"
+        return "images", f"{cut} not cached: {not_cached}"
+    boundary = plan.always_frozen
+    not_cached = why_not_split(network, spec, boundary) or _why_not_in_memory(cfg, network, spec, boundary, images)
+    if not_cached:
+        return "images", f"activations not cached: {not_cached}"
+    return "cached_activations", (f"the bottom {boundary} of {plan.num_stages} stages never train: their output "
+                                  "is computed once and the top stages train on it")
 
 
-def _why_not_cached(transfer, plan, network, spec, processes):
-    if plan.always_frozen < plan.num_stages:
-        return "part of the body trains"
+def _why_not_cached(transfer, plan, processes):
+    if plan.always_frozen == 0:
+        return "every stage of the body trains"
     if not transfer.cache_features:
         return "turned off (Transfer.cache_features=false)"
     if processes > 1:
         return "data-parallel training"
     if plan.bn != "freeze":
         return "Transfer.bn=train keeps updating BatchNorm statistics"
-    if feature_head(network, spec) is None:
-        return f"the head of {spec.name} is not a single Linear layer (or Arch.head mlp)"
     return None
 
 
-def prepare_fit(cfg, mode, reason, network, spec, pre, data, state, loss, metric, device):
+# Cached activations may take at most this share of the memory available now:
+# the rest is for the network, its gradients and the loaders.
+MEMORY_SHARE = 0.5
+
+
+def _why_not_in_memory(cfg, network, spec, boundary, images):
+    shape = activation_shape(split(network, spec, boundary)[0], cfg.Arch.input_size or spec.input_size)
+    train, plain = images
+    needed = activation_bytes(shape, train * cfg.Transfer.cache_views + plain, 2)  # float16
+    available = available_memory()
+    if available is not None and needed > MEMORY_SHARE * available:
+        return (f"{train} training images x {cfg.Transfer.cache_views} views + {plain} others at "
+                f"{'x'.join(map(str, shape))} need {_size(needed)}, more than half the {_size(available)} "
+                "available (lower Transfer.cache_views or Arch.input_size, or freeze more stages)")
+    return None
+
+
+def prepare_fit(cfg, mode, reason, network, spec, pre, data, state, plan, loss, metric, device):
     """The Fit of `mode` (from choose_fit_mode)."""
-    return _BUILDERS[mode](cfg, reason, network, spec, pre, data, state, loss, metric, device)
+    return _BUILDERS[mode](cfg, reason, network, spec, pre, data, state, plan, loss, metric, device)
 
 
 def _image_spec(pre):
     return paddle.static.InputSpec([None, 3, pre.input_size, pre.input_size], "float32", "image")
 
 
-def _images(cfg, reason, network, spec, pre, data, state, loss, metric, device):
+def _images(cfg, reason, network, spec, pre, data, state, plan, loss, metric, device):
     loaders = cfg.DataLoader
     return Fit("images", reason, network, data.train, data.eval, _image_spec(pre), loss, metric,
                workers=(loaders.Train.num_workers, loaders.Eval.num_workers), val_data=data.val, val_network=network)
 
 
-def _cached_features(cfg, reason, network, spec, pre, data, state, loss, metric, device):
+def _cached_features(cfg, reason, network, spec, pre, data, state, plan, loss, metric, device):
     views = cfg.Transfer.cache_views
     print(f"frozen body: computing its features once, then training the head on them "
           f"({views} view(s) per training image: the plain one + {views - 1} augmented)")
@@ -97,10 +132,35 @@ def _cached_features(cfg, reason, network, spec, pre, data, state, loss, metric,
                paddle.static.InputSpec([None, feature_size], "float32", "features"), loss, metric,
                workers=(0, 0),  # in-memory arrays
                val_data=val_data[0] if val_data else None, val_network=head,
+               scorer=lambda network: HeadOnly(feature_head(network, spec)),
                callbacks=[ViewSwitcher(train_data, state)], record={"cache_views": views})
 
 
-def _domain_pairs(cfg, reason, network, spec, pre, data, state, loss, metric, device):
+def _size(count):
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
+
+
+def _cached_activations(cfg, reason, network, spec, pre, data, state, plan, loss, metric, device):
+    views, boundary = cfg.Transfer.cache_views, plan.always_frozen
+    bottom, top = split(network, spec, boundary)
+    print(f"frozen bottom {boundary} stages: computing their output once, then training the top stages on it "
+          f"({views} view(s) per training image: the plain one + {views - 1} augmented; stored as "
+          f"{ACTIVATION_DTYPE})")
+    plain_sets = {"eval": data.eval, **({"validation": data.val} if data.val is not None else {})}
+    train_data, (eval_data, *val_data) = cached_activations(
+        bottom, pre.input_size, data.train, plain_sets, data.eval_tf, data.train_tf, views, cfg.DataLoader.Eval,
+        cfg.Global.seed, device, dtype=ACTIVATION_DTYPE)
+    shape = list(train_data.views[0].shape[1:])
+    return Fit("cached_activations", reason, top, train_data, eval_data,
+               paddle.static.InputSpec([None, *shape], "float32", "activations"), loss, metric,
+               workers=(0, 0),  # in-memory arrays
+               val_data=val_data[0] if val_data else None, val_network=top,
+               scorer=lambda network: split(network, spec, boundary)[1],
+               callbacks=[ViewSwitcher(train_data, state)],
+               record={"cache_views": views, "boundary": boundary, "shape": shape, "dtype": ACTIVATION_DTYPE})
+
+
+def _domain_pairs(cfg, reason, network, spec, pre, data, state, plan, loss, metric, device):
     transfer = cfg.Transfer
     domain = setup_domain_adaptation(transfer, network, spec, data.train, data.target, loss, cfg.Global.seed)
     print(f"domain adaptation ({domain.method}, weight {transfer.domain_weight:g}): "
@@ -115,4 +175,5 @@ def _domain_pairs(cfg, reason, network, spec, pre, data, state, loss, metric, de
                        "target_skipped_files": [path for path, _ in data.target.skipped]})
 
 
-_BUILDERS = {"images": _images, "cached_features": _cached_features, "domain_pairs": _domain_pairs}
+_BUILDERS = {"images": _images, "cached_features": _cached_features, "cached_activations": _cached_activations,
+             "domain_pairs": _domain_pairs}

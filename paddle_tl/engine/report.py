@@ -302,6 +302,15 @@ def _table(rows, header=None, numeric=()):
     return f"<table>{head}{body}</table>"
 
 
+def _candidates_table(rows):
+    """What `auto` measured: each candidate's validation top-1 and seconds."""
+    if not rows:
+        return ""
+    cells = [(row["name"], row["what"], _number(row["val_top1"]) if "val_top1" in row else "–",
+              f"{row['seconds']:.0f} s" if "seconds" in row else row.get("skipped", "")) for row in rows]
+    return _table(cells, header=("candidate", "recipe", "validation top-1", "seconds"), numeric={2})
+
+
 def render_html(run_dir, metrics, scores, rows, config_text, wrong, predict_seconds, calibration=None):
     """The report page: self-contained (inline CSS, no scripts, images by
     relative link), every value from the run escaped, since class names,
@@ -342,6 +351,7 @@ def render_html(run_dir, metrics, scores, rows, config_text, wrong, predict_seco
         f"<span class=muted>(requested: {escape(str(strategy.get('requested', '–')))})</span></p>",
         f"<p class=reason>{escape(str(strategy.get('reason', '')))}</p>",
         _table(sorted((strategy.get("figures") or {}).items()), header=("figure", "value"), numeric={1}),
+        _candidates_table(strategy.get("candidates")),
         "</div><div>",
         "<h2>Timings</h2>",
         _table(timings),

@@ -6,6 +6,7 @@ a callback, a rule in combinations.py; not as branches in the recipe.
 """
 
 import dataclasses
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from paddle_tl.data.check import duplicates_across_splits, duplicates_problem
 from paddle_tl.data.datasets import build_dataset, build_target_dataset, imbalance_ratio, split_validation
 from paddle_tl.data.loaders import make_loader, map_batches
 from paddle_tl.data.transforms import Preprocess, eval_transform, train_transform
+from paddle_tl.engine import auto
 from paddle_tl.engine.callbacks import (Checkpointer, EpochRecorder, EvalSchedule, RunState, SamplerEpoch,
                                         ValidationScore, VisualDLLogger, metric_names)
 from paddle_tl.engine.checkpoint import load_state, load_weights, resolve_resume, restore_optimizer
@@ -35,7 +37,8 @@ from paddle_tl.models.heads import build_network
 from paddle_tl.models.static import dynamic_runner
 from paddle_tl.models.weights import load_pretrained
 from paddle_tl.models.zoo import get_spec
-from paddle_tl.runtime import import_paddle, seed_everything, select_device
+from paddle_tl.runtime import import_paddle, rng_kept, seed_everything, select_device
+from paddle_tl.transfer.feature_cache import shared_caches
 from paddle_tl.transfer.freezing import L2SP, GradualUnfreezer, add_l2sp, set_frozen_stages, trainable_parameters
 from paddle_tl.transfer.plan import plan_transfer
 from paddle_tl.transfer.similarity import measure_similarity
@@ -47,11 +50,13 @@ def train(cfg):
     """Run a fine-tuning as configured; returns the metrics written to metrics.json."""
     run = start_run(cfg)  # device, processes, the run folder, seeds
     data = load_data(cfg, run)  # datasets and classes; config.yaml; duplicate warning
-    net = load_network(cfg, run, data)  # the architecture for these classes, with its pretrained weights
-    plan = plan_strategy(cfg, run, net, data)  # which stages train when (auto measures the data)
-    state = start_state(cfg, run, net, plan, data)  # a fresh run, or one resumed from its checkpoint
-    started = time.time()  # training time includes computing cached features
-    fit = choose_fit(cfg, run, net, plan, data, state)  # what the loop trains on, and why
+    started = time.time()  # training time includes auto's measuring and computing cached outputs
+    with shared_caches():  # auto's candidates and the run share one pass of frozen layers over the images
+        cfg, auto = choose_auto(cfg, run, data)  # auto measures candidates on the validation split
+        net = load_network(cfg, run, data)  # the architecture for these classes, with its pretrained weights
+        plan = plan_strategy(cfg, run, net, data, auto)  # which stages train when
+        state = start_state(cfg, run, net, plan, data)  # a fresh run, or one resumed from its checkpoint
+        fit = choose_fit(cfg, run, net, plan, data, state)  # what the loop trains on, and why
     trainer = prepare_trainer(cfg, run, net, plan, fit, data, state)  # loaders, optimizer, paddle.Model
     fit_epochs(cfg, run, trainer, state)
     train_seconds = time.time() - started
@@ -164,15 +169,71 @@ def load_network(cfg, run, data):
     return Network(spec, layer, pretrained)
 
 
-def plan_strategy(cfg, run, net, data):
-    """Transfer.* as a plan; `auto` first measures how well the frozen
-    features separate the classes. L2-SP anchors the body at its pretrained
-    weights now, before a resume loads others."""
+def choose_auto(cfg, run, data):
+    """(the config to train, auto's record or None). `auto` with a budget
+    measures its candidates (engine/auto.py) and returns the winner's
+    config; a resumed run reads what was chosen (RUN/auto.json)."""
+    if cfg.Transfer.strategy != "auto":
+        return cfg, None
+    chosen = run.folder / AUTO_RECORD
+    if run.resume is not None and chosen.is_file():
+        record = json.loads(chosen.read_text())
+        print(f"auto: resuming with {record['chosen']}, chosen before ({chosen})")
+        return auto.restore(record, cfg), record
+    why_not = auto.why_not_measured(cfg, run.processes, data.val is not None, cfg.Arch.pretrained is not False)
+    if why_not:
+        print(f"auto: the four-quadrant rule alone decides ({why_not})")
+        return cfg, None
+    with rng_kept():  # the run draws as it would have without the trials
+        winner, record = auto.measure(cfg, lambda variant: _trial(variant, run, data),
+                                      len(get_spec(cfg.Arch.name).stages), data.train.class_counts())
+    if run.is_main:
+        write_json(chosen, record)
+    return winner, record
+
+
+# The run folder's record of what auto measured and chose.
+AUTO_RECORD = "auto.json"
+
+
+def _trial(cfg, run, data):
+    """Train `cfg` for its Global.epochs without a run folder, choosing and
+    scoring on the validation split alone (it stands in for Eval, which a
+    trial never sees); (validation top-1 and loss of its best epoch, seconds
+    per epoch)."""
+    seed_everything(cfg.Global.seed)
+    trial = dataclasses.replace(run, is_main=False, resume=None)
+    trial_data = dataclasses.replace(data, eval=data.val, val=None, duplicates=[])
+    net = load_network(cfg, trial, trial_data)
+    plan = plan_strategy(cfg, trial, net, trial_data)
+    state = start_state(cfg, trial, net, plan, trial_data)
+    fit = choose_fit(cfg, trial, net, plan, trial_data, state)
+    trainer = prepare_trainer(cfg, trial, net, plan, fit, trial_data, state)
+    started = time.time()
+    fit_epochs(cfg, trial, trainer, state)
+    best = next(row for row in state.history if row["epoch"] == state.best_epoch)
+    return best["eval_top1"], best["eval_loss"], (time.time() - started) / state.epochs_done
+
+
+def plan_strategy(cfg, run, net, data, auto_record=None):
+    """Transfer.* as a plan; `auto` without measuring (auto_record None)
+    first measures how well the frozen features separate the classes. L2-SP
+    anchors the body at its pretrained weights now, before a resume loads
+    others."""
+    if auto_record is not None:
+        plan = auto.chosen_plan(plan_transfer(cfg.Transfer, len(net.spec.stages), data.train.class_counts(),
+                                              net.pretrained, epochs=cfg.Global.epochs), auto_record)
+        return _anchored(plan, net)
     similarity = None
     if cfg.Transfer.strategy == "auto" and net.pretrained and feature_head(net.layer, net.spec) is not None:
         similarity = measure_similarity(net.layer, net.spec, data.train, data.eval_tf, data.pre.input_size,
                                         run.device, cfg.Global.seed, num_workers=cfg.DataLoader.Train.num_workers)
-    plan = plan_transfer(cfg.Transfer, len(net.spec.stages), data.train.class_counts(), net.pretrained, similarity)
+    plan = plan_transfer(cfg.Transfer, len(net.spec.stages), data.train.class_counts(), net.pretrained, similarity,
+                         epochs=cfg.Global.epochs)
+    return _anchored(plan, net)
+
+
+def _anchored(plan, net):
     if plan.l2sp_alpha:
         net.l2sp = add_l2sp(net.layer, net.spec, plan.l2sp_alpha)
         print(f"L2-SP: {net.l2sp.anchored:,} body parameters pulled toward their pretrained values "
@@ -202,10 +263,11 @@ def start_state(cfg, run, net, plan, data):
 def choose_fit(cfg, run, net, plan, data, state):
     """The loss and metric, and the fit mode that trains with them."""
     topk = sorted({k for k in cfg.Metric.topk if k <= data.num_classes} | {1})
-    mode, reason = choose_fit_mode(cfg, plan, net.layer, net.spec, run.processes)
-    if mode == "images" and state.frozen_stages == plan.num_stages:
-        print(reason)  # a frozen body whose features could not be cached
-    return prepare_fit(cfg, mode, reason, net.layer, net.spec, data.pre, data, state,
+    plain_images = len(data.eval) + (len(data.val) if data.val is not None else 0)
+    mode, reason = choose_fit_mode(cfg, plan, net.layer, net.spec, run.processes, (len(data.train), plain_images))
+    if mode == "images" and plan.always_frozen:
+        print(reason)  # frozen stages whose output could not be cached
+    return prepare_fit(cfg, mode, reason, net.layer, net.spec, data.pre, data, state, plan,
                        build_loss(cfg.Loss, data.class_weights), paddle.metric.Accuracy(topk=topk), run.device)
 
 
@@ -275,7 +337,7 @@ def prepare_trainer(cfg, run, net, plan, fit, data, state):
     if run.is_main:  # after the recorder: they act on the epoch it books
         callbacks += [VisualDLLogger(run.folder / "vdl", state, names, g.log_interval, len(train_loader)),
                       Checkpointer(run.folder, net.layer, optimizer, state, fit.extra_layers)]
-    if plan.strategy == "gradual":
+    if plan.unfreezes:
         callbacks.append(GradualUnfreezer(net.layer, net.spec, plan, state))
     callbacks += fit.callbacks
     if run.processes > 1 or balanced_labels is not None:
@@ -328,8 +390,8 @@ def calibrate_best_model(cfg, run, net, fit, state):
         return None
     prefix = run.folder / "best_model"
     network = rebuild_model(state.model, prefix)[0]
-    # On cached features the splits are the body's features, which the head alone scores.
-    scorer = feature_head(network, net.spec) if fit.mode == "cached_features" else network
+    # On cached features (activations) the splits are what the head (the top) alone scores.
+    scorer = fit.scorer(network)
 
     def logits_of(dataset):
         loader = make_loader(dataset, cfg.DataLoader.Eval.batch_size, shuffle=False, num_workers=fit.workers[1])
@@ -378,6 +440,8 @@ def record_run(cfg, run, net, plan, data, fit, trainer, state, train_seconds, ca
                                                        "pairs": data.duplicates[:DUPLICATES_RECORDED]}},
         "calibration": calibration,
         "strategy": dict(plan.to_dict(), cached_features=fit.mode == "cached_features",
+                         cached_activations={key: fit.record[key] for key in ("boundary", "shape", "dtype")}
+                         if fit.mode == "cached_activations" else None,
                          cache_views=fit.record.get("cache_views", 0)),
         **net.counts,
         "device": run.device, "amp": g.amp_level, "to_static": g.to_static,

@@ -16,6 +16,9 @@ Table conventions, shared by every entry:
              MobileNetV3 and PP-LCNet pre-logits) form one extra, last stage.
   * prefixes name sublayers (see `match_prefix`); stages + head cover every
     parameter exactly once (tests/test_zoo.py checks all of this per entry).
+  * forward = the network's forward as its top-level sublayers in call order
+    (FLATTEN for `paddle.flatten(x, 1)`), where it is that simple: the network
+    can then be cut at any stage boundary (models/split.py). None elsewhere.
 
 paddle.vision entries are always available; paddleclas entries only when the
 optional `paddleclas` package imports (`pip install -e ".[clas]"`).
@@ -58,7 +61,10 @@ class ArchSpec:
     std: tuple = IMAGENET_STD
     imagenet_url: str | None = None
     imagenet_md5: str | None = None
+    forward: tuple[str, ...] | None = None
 
+
+FLATTEN = "flatten"
 
 def match_prefix(name: str, prefixes) -> bool:
     """True if `name` is one of `prefixes` or lies under one ("fc" does not match "fc1.weight")."""
@@ -149,7 +155,9 @@ def _vision_entries():
                  "resnext50_32x4d", "resnext50_64x4d", "resnext101_32x4d",
                  "resnext101_64x4d", "resnext152_32x4d", "resnext152_64x4d",
                  "wide_resnet50_2", "wide_resnet101_2"):
-        add(name, ("fc",), (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",)))
+        add(name, ("fc",), (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",)),
+            forward=("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool",
+                     FLATTEN, "fc"))
 
     for name in ("densenet121", "densenet161", "densenet169", "densenet201", "densenet264"):
         # db_conv_N is dense block N-1; each transition (conv + 2x2 avg-pool) opens the next stage.
@@ -157,23 +165,24 @@ def _vision_entries():
                              ("tr_conv3_blk", "db_conv_4"), ("tr_conv4_blk", "db_conv_5", "batch_norm")))
 
     # Keys in model_urls name the default width (scale=1.0).
-    add("mobilenet_v1", ("fc",),
-        (("conv1", "conv2_1"), ("conv2_2", "conv3_1"), ("conv3_2", "conv4_1"),
-         ("conv4_2", *(f"conv5_{i}" for i in range(1, 6))), ("conv5_6", "conv6")),
-        url_key="mobilenetv1_1.0")
+    v1_stages = (("conv1", "conv2_1"), ("conv2_2", "conv3_1"), ("conv3_2", "conv4_1"),
+                 ("conv4_2", *(f"conv5_{i}" for i in range(1, 6))), ("conv5_6", "conv6"))
+    add("mobilenet_v1", ("fc",), v1_stages, url_key="mobilenetv1_1.0",
+        forward=(*(name for stage in v1_stages for name in stage), "pool2d_avg", FLATTEN, "fc"))
     add("mobilenet_v2", ("classifier.1",),  # classifier.0 is Dropout
         (_blocks("features", 0, 2), _blocks("features", 2, 4), _blocks("features", 4, 7),
          _blocks("features", 7, 14), _blocks("features", 14, 19)),
-        url_key="mobilenetv2_1.0")
+        url_key="mobilenetv2_1.0", forward=("features", "pool2d_avg", FLATTEN, "classifier"))
+    v3_forward = ("conv", "blocks", "lastconv", "avgpool", FLATTEN, "classifier")
     # classifier = Linear(576|960 -> 1024|1280) pre-logits, Hardswish, Dropout, Linear head.
     add("mobilenet_v3_small", ("classifier.3",),
         (("conv",), ("blocks.0",), _blocks("blocks", 1, 3), _blocks("blocks", 3, 8),
          (*_blocks("blocks", 8, 11), "lastconv"), ("classifier.0",)),
-        url_key="mobilenet_v3_small_x1.0")
+        url_key="mobilenet_v3_small_x1.0", forward=v3_forward)
     add("mobilenet_v3_large", ("classifier.3",),
         (("conv", "blocks.0"), _blocks("blocks", 1, 3), _blocks("blocks", 3, 6), _blocks("blocks", 6, 12),
          (*_blocks("blocks", 12, 15), "lastconv"), ("classifier.0",)),
-        url_key="mobilenet_v3_large_x1.0")
+        url_key="mobilenet_v3_large_x1.0", forward=v3_forward)
 
     for name in ("shufflenet_v2_x0_25", "shufflenet_v2_x0_33", "shufflenet_v2_x0_5",
                  "shufflenet_v2_x1_0", "shufflenet_v2_x1_5", "shufflenet_v2_x2_0",

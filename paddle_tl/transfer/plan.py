@@ -26,7 +26,7 @@ SIMILAR_SEPARABILITY = 0.6
 
 @dataclass
 class TransferPlan:
-    strategy: str  # the one used: linear_probe, partial, full, gradual or bitfit
+    strategy: str  # the one used: linear_probe, partial, full, gradual, bitfit or lp_ft
     requested: str  # as configured (auto or one of the above)
     frozen_stages: int  # bottom stages frozen at the start
     num_stages: int
@@ -35,26 +35,36 @@ class TransferPlan:
     reason: str
     figures: dict = field(default_factory=dict)  # what an `auto` choice was based on
     unfreeze_every: int = 1  # gradual: epochs between unfreezing one more stage
-    min_frozen_stages: int = 0  # gradual: bottom stages that never unfreeze
+    min_frozen_stages: int = 0  # gradual, lp_ft: bottom stages that never unfreeze
+    lp_epochs: int = 0  # lp_ft: epochs of the linear probe before the top stages unfreeze
+    candidates: list = None  # auto that measured: each candidate's validation top-1 and seconds
     l2sp_alpha: float = 0.0
 
     def frozen_stages_at(self, epoch):
         """Bottom stages frozen during `epoch` (0-based). Gradual unfreezing
         trains the head alone first, then opens one stage from the top every
-        `unfreeze_every` epochs."""
-        if self.strategy != "gradual":
-            return self.frozen_stages
-        return max(self.min_frozen_stages, self.num_stages - epoch // self.unfreeze_every)
+        `unfreeze_every` epochs; LP-FT trains the head alone for `lp_epochs`,
+        then the stages above `min_frozen_stages` too."""
+        if self.strategy == "gradual":
+            return max(self.min_frozen_stages, self.num_stages - epoch // self.unfreeze_every)
+        if self.strategy == "lp_ft":
+            return self.num_stages if epoch < self.lp_epochs else self.min_frozen_stages
+        return self.frozen_stages
+
+    @property
+    def unfreezes(self):
+        """Whether the frozen stages change during the run."""
+        return self.strategy in ("gradual", "lp_ft")
 
     @property
     def always_frozen(self):
-        return self.min_frozen_stages if self.strategy == "gradual" else self.frozen_stages
+        return self.min_frozen_stages if self.unfreezes else self.frozen_stages
 
     def to_dict(self):
         return asdict(self)
 
 
-def plan_transfer(transfer_cfg, num_stages, class_counts, pretrained, similarity=None):
+def plan_transfer(transfer_cfg, num_stages, class_counts, pretrained, similarity=None, epochs=1):
     """Turn Transfer.* into a plan; `auto` chooses from the measured data size
     and, when given, the measured similarity (a dict from similarity.py).
     Domain adaptation moves the body's features, so it needs a body that trains."""
@@ -77,14 +87,20 @@ def plan_transfer(transfer_cfg, num_stages, class_counts, pretrained, similarity
     if frozen is not None and frozen > num_stages:
         raise ConfigError(f"Transfer.freeze_stages: {frozen} is more than the {num_stages} stages "
                           "of this architecture")
-    start = {"linear_probe": num_stages, "full": 0, "gradual": num_stages, "bitfit": 0}.get(strategy)
+    start = {"linear_probe": num_stages, "full": 0, "gradual": num_stages, "bitfit": 0, "lp_ft": num_stages}.get(
+        strategy)
     if strategy == "partial":
         start = num_stages // 2 if frozen is None else frozen
+    never_unfrozen = {"gradual": frozen or 0, "lp_ft": num_stages - 1 if frozen is None else frozen}.get(strategy, 0)
+    if strategy == "lp_ft" and never_unfrozen >= num_stages:
+        raise ConfigError(f"Transfer.freeze_stages: lp_ft fine-tunes the stages above it, and {frozen} leaves none "
+                          f"of the {num_stages} stages; lower it, or use Transfer.strategy=linear_probe")
     return TransferPlan(strategy=strategy, requested=transfer_cfg.strategy, frozen_stages=start,
                         num_stages=num_stages, stage_lr_mults=_stage_lr_mults(transfer_cfg, num_stages),
                         bn=transfer_cfg.bn, reason=reason, figures=figures,
                         unfreeze_every=transfer_cfg.unfreeze_every,
-                        min_frozen_stages=(frozen or 0) if strategy == "gradual" else 0,
+                        min_frozen_stages=never_unfrozen,
+                        lp_epochs=(transfer_cfg.lp_epochs or max(1, epochs // 2)) if strategy == "lp_ft" else 0,
                         l2sp_alpha=transfer_cfg.l2sp_alpha)
 
 

@@ -34,24 +34,6 @@ REPO = Path(__file__).resolve().parents[2]
 CLASSES = ("red", "green", "blue")
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory, colour_folder):
-    """Train/val folders and an 'ImageNet' mobilenet_v1 x0.25 checkpoint whose
-    BatchNorm statistics are far from (0, 1), so any drift shows."""
-    base = tmp_path_factory.mktemp("train")
-    paddle.seed(1)
-    network = paddle.vision.models.mobilenet_v1(scale=0.25, num_classes=1000)
-    rng = np.random.RandomState(1)
-    for layer in network.sublayers():
-        if isinstance(layer, paddle.nn.BatchNorm2D):
-            layer._mean.set_value(rng.uniform(-0.2, 0.2, layer._mean.shape).astype("float32"))
-            layer._variance.set_value(rng.uniform(0.5, 1.5, layer._variance.shape).astype("float32"))
-    pretrained = base / "pretrained.pdparams"
-    paddle.save(network.state_dict(), str(pretrained))
-    return {"train": colour_folder(base / "train", 10, 0), "val": colour_folder(base / "val", 4, 1),
-            "pretrained": pretrained, "base": base}
-
-
 def make_cfg(workspace, run, *overrides):
     return load_config(None, [
         f"Global.output_dir={run}", "Global.epochs=2", "Global.seed=7", "Global.log_interval=1",
@@ -692,7 +674,7 @@ def test_l2sp_gradient_pulls_toward_the_start_exactly():
 
 
 @pytest.mark.slow
-def test_auto_measures_similarity_and_is_reproducible(workspace, tmp_path, shared_dir):
+def test_auto_rule_measures_similarity_and_is_reproducible(workspace, tmp_path, shared_dir):
     """Ants vs bees look like ImageNet to its features: a tiny set of them gets
     a linear probe. Classes that the features cannot tell apart (the same kind
     of noise images under two labels) get fine-tuning."""
@@ -701,6 +683,7 @@ def test_auto_measures_similarity_and_is_reproducible(workspace, tmp_path, share
 
     def auto(train_root, run, *overrides):
         return train(make_cfg(workspace, run, "Global.epochs=1", "Transfer.cache_views=1",
+                              "Transfer.auto_budget_minutes=0",  # the four-quadrant rule alone
                               f"DataLoader.Train.dataset.root={train_root}",
                               f"DataLoader.Eval.dataset.root={train_root}", *overrides))["strategy"]
 

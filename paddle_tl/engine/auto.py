@@ -1,0 +1,155 @@
+"""`Transfer.strategy=auto` that measures: a few candidate recipes, each
+trained briefly and scored on the validation split (never on Eval), then
+the best one trained for the run.
+
+Why measure: the four-quadrant rule (transfer/plan.py) is a good prior, but
+its thresholds (500 images per class, separability 0.6) are guesses, and it
+never sees what fine-tuning the top stages would gain on this data. The
+rule orders the candidates (fine-tuning first on large data, the linear
+probe first on small data), and the budget decides how many are measured.
+Measuring is affordable because the candidates and the run after them
+share one pass of the frozen layers over the images (feature_cache's
+shared caches): after it, an epoch of a linear probe or of top-stage
+fine-tuning costs a fraction of an epoch on images.
+
+The training itself is the engine's (engine/train.py passes `trial`, which
+trains a config briefly without writing a run folder); this module decides
+what to try, in which order, for how long, and what won.
+"""
+
+import dataclasses
+import math
+import statistics
+import time
+from dataclasses import dataclass
+
+from paddle_tl.config import apply_override, from_dict
+from paddle_tl.errors import ConfigError
+from paddle_tl.transfer.plan import SMALL_PER_CLASS
+
+# Epochs each candidate trains (fewer when Global.epochs is smaller): enough
+# for the linear probe to settle and for LP-FT to probe and then fine-tune.
+TRIAL_EPOCHS = 4
+# Measuring stops once it has used this share of the budget; the rest trains the winner.
+MEASURING_SHARE = 0.5
+
+
+@dataclass
+class Candidate:
+    name: str
+    overrides: tuple  # "Section.key=value", applied to the run's config
+    what: str
+
+
+def candidates(cfg, num_stages, class_counts):
+    """The recipes to measure, in the order the four-quadrant rule prefers
+    them for this data size."""
+    top, two = num_stages - 1, max(1, num_stages - 2)
+    probe = Candidate("linear_probe", ("Transfer.strategy=linear_probe",), "the frozen features, a new head")
+    mlp = Candidate("mlp_head", ("Transfer.strategy=linear_probe", "Arch.head.type=mlp"),
+                    "the frozen features, an MLP head (Arch.head)")
+    lp_ft_top = Candidate("lp_ft_top", ("Transfer.strategy=lp_ft", f"Transfer.freeze_stages={top}"),
+                          "a linear probe, then the top stage fine-tuned")
+    lp_ft_two = Candidate("lp_ft_two", ("Transfer.strategy=lp_ft", f"Transfer.freeze_stages={two}"),
+                          "a linear probe, then the top two stages fine-tuned")
+    chosen_head = any(key.startswith("Arch.head") for key in cfg.given)  # the user's head stays
+    probes = [probe] if chosen_head else [probe, mlp]
+    tuned = [lp_ft_top] + ([lp_ft_two] if two < top else [])
+    large = bool(class_counts) and statistics.median(class_counts) >= SMALL_PER_CLASS
+    return tuned + probes if large else probes + tuned
+
+
+def configured(cfg, overrides):
+    """The config with `overrides` applied (validated as any config is)."""
+    raw = cfg.to_dict()
+    for override in overrides:
+        apply_override(raw, override)
+    variant = from_dict(raw)
+    variant.given = cfg.given | {override.partition("=")[0] for override in overrides}
+    return variant
+
+
+def why_not_measured(cfg, processes, has_validation, pretrained):
+    """Why `auto` falls back to the four-quadrant rule alone, or None."""
+    transfer = cfg.Transfer
+    if not transfer.auto_budget_minutes:
+        return "Transfer.auto_budget_minutes=0"
+    if not pretrained:
+        return "no pretrained weights (every layer must train)"
+    if not has_validation:
+        return "no validation split to measure on (DataLoader.Train.val_fraction)"
+    if transfer.domain_adaptation != "none":
+        return "domain adaptation"
+    if processes > 1:
+        return "data-parallel training"
+    return None
+
+
+def measure(cfg, trial, num_stages, class_counts):
+    """Measure the candidates within the budget; returns (the winner's
+    config, the record for metrics.json). `trial(cfg)` trains a config for
+    its Global.epochs and returns (validation top-1, validation loss,
+    seconds per epoch)."""
+    budget = cfg.Transfer.auto_budget_minutes * 60
+    started = time.time()
+    epochs = min(TRIAL_EPOCHS, cfg.Global.epochs)
+    rows = []
+    for candidate in candidates(cfg, num_stages, class_counts):
+        spent = time.time() - started
+        if rows and spent > MEASURING_SHARE * budget:
+            rows.append({"name": candidate.name, "what": candidate.what, "skipped": "budget"})
+            continue
+        print(f"auto: measuring {candidate.name} ({candidate.what}) for {epochs} epochs on the validation split")
+        try:
+            variant = configured(cfg, (*candidate.overrides, f"Global.epochs={epochs}"))
+            t0 = time.time()
+            val_top1, val_loss, epoch_seconds = trial(variant)
+        except ConfigError as exc:  # a recipe this architecture cannot run (an MLP head on a conv head, say)
+            rows.append({"name": candidate.name, "what": candidate.what, "skipped": str(exc)})
+            continue
+        rows.append({"name": candidate.name, "what": candidate.what, "overrides": list(candidate.overrides),
+                     "val_top1": val_top1, "val_loss": val_loss, "seconds": round(time.time() - t0, 2),
+                     "epoch_seconds": round(epoch_seconds, 3)})
+        print(f"auto: {candidate.name}: validation top-1 {val_top1:.4f} (loss {val_loss:.4f}), "
+              f"{rows[-1]['seconds']:.0f} s")
+    measured = [row for row in rows if "val_top1" in row]
+    if not measured:
+        raise ConfigError("Transfer.strategy=auto: no candidate could be measured: "
+                          + "; ".join(f"{row['name']}: {row['skipped']}" for row in rows))
+    # The best validation top-1; a tie goes to the lower loss, then to the earlier (the rule's preference).
+    best = min(measured, key=lambda row: (-row["val_top1"], row["val_loss"], measured.index(row)))
+    spent = time.time() - started
+    final_epochs = _epochs_left(cfg.Global.epochs, budget - spent, best["epoch_seconds"])
+    winner = configured(cfg, (*best["overrides"], f"Global.epochs={final_epochs}"))
+    reason = (f"measured {len(measured)} candidates on the validation split in {spent:.0f} s; {best['name']} "
+              f"({best['what']}) scored best, validation top-1 {best['val_top1']:.4f}")
+    if final_epochs < cfg.Global.epochs:
+        reason += (f"; {final_epochs} of Global.epochs={cfg.Global.epochs} epochs fit the "
+                   f"{cfg.Transfer.auto_budget_minutes:g}-minute budget left")
+    print(f"auto: {reason}")
+    record = {"candidates": rows, "chosen": best["name"], "reason": reason, "seconds": round(spent, 2),
+              "trial_epochs": epochs, "epochs": final_epochs, "global_epochs": cfg.Global.epochs,
+              "budget_minutes": cfg.Transfer.auto_budget_minutes}
+    return winner, record
+
+
+def _epochs_left(epochs, seconds_left, epoch_seconds):
+    """Global.epochs, or as many as the budget left holds at the measured
+    pace (one at least)."""
+    if epoch_seconds <= 0:
+        return epochs
+    return max(1, min(epochs, math.floor(seconds_left / epoch_seconds)))
+
+
+def restore(record, cfg):
+    """The winner's config from a record: a resumed run trains what was
+    chosen, without measuring again, for the epochs chosen then (or for a
+    Global.epochs changed since, to train further)."""
+    best = next(row for row in record["candidates"] if row["name"] == record["chosen"])
+    epochs = record["epochs"] if cfg.Global.epochs == record["global_epochs"] else cfg.Global.epochs
+    return configured(cfg, (*best["overrides"], f"Global.epochs={epochs}"))
+
+
+def chosen_plan(plan, record):
+    """The plan of the winner, told as auto's choice."""
+    return dataclasses.replace(plan, requested="auto", reason=record["reason"], candidates=record["candidates"])

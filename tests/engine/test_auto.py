@@ -1,0 +1,135 @@
+"""`auto` that measures: the candidates the four-quadrant rule orders, the
+measured best chosen (also where the rule would have chosen otherwise),
+the budget, and a real run that records and resumes its choice."""
+
+import json
+
+import pytest
+
+from paddle_tl.config import load_config
+from paddle_tl.engine import auto
+from paddle_tl.engine.train import train
+from paddle_tl.errors import ConfigError
+from paddle_tl.transfer.plan import plan_transfer
+from tests.engine.test_train import make_cfg
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def _trial(scores, clock, seconds=10.0, refuse=()):
+    """A trial that `takes` `seconds` and scores what `scores` says for the
+    candidate the config describes."""
+    def trial(cfg):
+        name = {("linear_probe", "linear"): "linear_probe", ("linear_probe", "mlp"): "mlp_head"}.get(
+            (cfg.Transfer.strategy, cfg.Arch.head.type),
+            f"lp_ft_{'top' if cfg.Transfer.freeze_stages == 4 else 'two'}")
+        if name in refuse:
+            raise ConfigError(f"Arch.head: {name} cannot run here")
+        clock.now += seconds
+        return scores[name], 1 - scores[name], seconds / cfg.Global.epochs
+    return trial
+
+
+def test_auto_trains_the_measured_best_where_the_rule_would_keep_the_features(monkeypatch):
+    """Small, ImageNet-like data: the rule keeps the features (a linear
+    probe); measured, the top stage fine-tuned after a probe is better, and
+    that is what trains."""
+    clock = Clock()
+    monkeypatch.setattr(auto.time, "time", clock)
+    cfg = load_config(None, ["Transfer.strategy=auto", "Global.epochs=10"])
+    rule = plan_transfer(cfg.Transfer, 5, [40, 40], True, similarity={"separability": 0.9})
+    assert rule.strategy == "linear_probe"
+    scores = {"linear_probe": 0.80, "mlp_head": 0.82, "lp_ft_top": 0.91, "lp_ft_two": 0.89}
+    winner, record = auto.measure(cfg, _trial(scores, clock), 5, [40, 40])
+    assert [row["name"] for row in record["candidates"]] == ["linear_probe", "mlp_head", "lp_ft_top", "lp_ft_two"]
+    assert [row["val_top1"] for row in record["candidates"]] == [0.80, 0.82, 0.91, 0.89]
+    assert record["chosen"] == "lp_ft_top" and record["trial_epochs"] == 4 and record["epochs"] == 10
+    assert (winner.Transfer.strategy, winner.Transfer.freeze_stages, winner.Global.epochs) == ("lp_ft", 4, 10)
+    assert "lp_ft_top (a linear probe, then the top stage fine-tuned) scored best, validation top-1 0.9100" in \
+        record["reason"]
+
+
+def test_large_data_measures_fine_tuning_first_and_ties_go_to_the_lower_loss(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(auto.time, "time", clock)
+    cfg = load_config(None, ["Transfer.strategy=auto"])
+    scores = {"linear_probe": 0.9, "mlp_head": 0.9, "lp_ft_top": 0.9, "lp_ft_two": 0.9}
+    trial = _trial(scores, clock)
+
+    def lower_loss_for_mlp(variant):
+        top1, loss, pace = trial(variant)
+        return top1, loss - (0.1 if variant.Arch.head.type == "mlp" else 0), pace
+
+    _, record = auto.measure(cfg, lower_loss_for_mlp, 5, [600, 700])
+    assert [row["name"] for row in record["candidates"]] == ["lp_ft_top", "lp_ft_two", "linear_probe", "mlp_head"]
+    assert record["chosen"] == "mlp_head"
+
+
+def test_the_budget_stops_measuring_and_bounds_the_epochs(monkeypatch):
+    """A 10-minute budget, 200 s a trial: two candidates measured (the
+    third would start past half the budget), and the winner gets the
+    epochs the 200 s left hold at its pace (50 s an epoch: 4)."""
+    clock = Clock()
+    monkeypatch.setattr(auto.time, "time", clock)
+    cfg = load_config(None, ["Transfer.strategy=auto", "Global.epochs=30", "Transfer.auto_budget_minutes=10"])
+    scores = {"linear_probe": 0.7, "mlp_head": 0.75, "lp_ft_top": 0.9, "lp_ft_two": 0.9}
+    winner, record = auto.measure(cfg, _trial(scores, clock, seconds=200), 5, [40, 40])
+    assert [row.get("skipped") for row in record["candidates"]] == [None, None, "budget", "budget"]
+    assert record["chosen"] == "mlp_head" and winner.Global.epochs == 4 and record["epochs"] == 4
+    assert "4 of Global.epochs=30 epochs fit the 10-minute budget left" in record["reason"]
+
+
+def test_a_candidate_the_architecture_cannot_run_is_skipped_with_its_reason(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(auto.time, "time", clock)
+    cfg = load_config(None, ["Transfer.strategy=auto"])
+    scores = {"linear_probe": 0.7, "mlp_head": 0.99, "lp_ft_top": 0.8, "lp_ft_two": 0.75}
+    _, record = auto.measure(cfg, _trial(scores, clock, refuse={"mlp_head"}), 5, [40, 40])
+    assert record["candidates"][1]["skipped"] == "Arch.head: mlp_head cannot run here"
+    assert record["chosen"] == "lp_ft_top"
+    with pytest.raises(ConfigError, match="no candidate could be measured: linear_probe: Arch.head"):
+        auto.measure(cfg, _trial(scores, clock, refuse=set(scores)), 5, [40, 40])
+
+
+def test_a_head_the_user_chose_is_kept():
+    cfg = load_config(None, ["Transfer.strategy=auto", "Arch.head.type=linear"])
+    assert "mlp_head" not in [c.name for c in auto.candidates(cfg, 5, [40, 40])]
+
+
+@pytest.mark.slow
+def test_auto_measures_records_and_resumes_its_choice(workspace, tmp_path, shared_dir, monkeypatch):
+    """A real run: every candidate trained on the training images minus
+    the validation split and scored on it; the best by (top-1, loss) trains
+    the run, metrics.json and auto.json record why; a resumed run trains the
+    same choice without measuring again."""
+    weights = shared_dir / "weights" / "mobilenet_v1_x0.25_imagenet.pdparams"
+    common = ("Transfer.strategy=auto", f"Arch.pretrained={weights}", "Global.epochs=3")
+    metrics = train(make_cfg(workspace, tmp_path / "run", *common, "Global.epochs=2"))
+    strategy = metrics["strategy"]
+    rows = strategy["candidates"]
+    assert [row["name"] for row in rows] == ["linear_probe", "mlp_head", "lp_ft_top", "lp_ft_two"]
+    best = min(rows, key=lambda row: (-row["val_top1"], row["val_loss"], rows.index(row)))
+    record = json.loads((tmp_path / "run" / "auto.json").read_text())
+    assert record["chosen"] == best["name"] and record["candidates"] == rows
+    assert strategy["requested"] == "auto" and strategy["reason"].startswith("measured 4 candidates")
+    assert strategy["strategy"] == {"linear_probe": "linear_probe", "mlp_head": "linear_probe"}.get(best["name"],
+                                                                                                   "lp_ft")
+    assert metrics["epochs_run"] == 2 == record["epochs"]
+    page = (tmp_path / "run" / "report" / "index.html").read_text()
+    assert "<th>validation top-1</th>" in page and all(f"<td>{row['name']}</td>" in page for row in rows)
+
+    def measure_again(*args, **kwargs):
+        raise AssertionError("a resumed run measured again")
+
+    monkeypatch.setattr(auto, "measure", measure_again)
+    with pytest.raises(ConfigError, match="already finished 2 of 2 epochs"):
+        train(make_cfg(workspace, tmp_path / "run", *common, "Global.epochs=2", f"Global.resume={tmp_path / 'run'}"))
+    resumed = train(make_cfg(workspace, tmp_path / "run", *common, f"Global.resume={tmp_path / 'run'}"))
+    assert resumed["epochs_run"] == 3 and resumed["strategy"]["strategy"] == strategy["strategy"]
+    assert resumed["strategy"]["candidates"] == rows
