@@ -86,6 +86,7 @@ ADAPTING = _is("Transfer.domain_adaptation", lambda method: method != "none")
 UNFREEZING = _is("Transfer.strategy", lambda strategy: strategy in ("gradual", "lp_ft"))
 LINEAR_PROBE = _is("Transfer.strategy", lambda strategy: strategy == "linear_probe")
 L2SP = _is("Transfer.l2sp_alpha", lambda alpha: alpha > 0)
+DISTILLING = _is("Distill.teacher", lambda teacher: teacher is not None)
 NOT_PRETRAINED = _is("Arch.pretrained", lambda pretrained: pretrained is False)
 CPU = _fact("Global.device", "device", lambda device: device == "cpu",
             lambda device, facts: device if facts.cfg.Global.device == device else f"auto (found {device} only)")
@@ -123,6 +124,10 @@ RULES = (
     Rule(ADAPTING, OTHER_HEAD, "domain adaptation works on the head's input features; choose an architecture "
                                "whose head is a single Linear layer"),
     Rule(ADAPTING, DATA_PARALLEL, "source/target pairs are not sharded across processes; train on one process"),
+    Rule(DISTILLING, ADAPTING, "both change what every step trains on (soft targets of the labeled images vs "
+                               "source/target pairs); distill first, then adapt the distilled run, or the reverse"),
+    Rule(DISTILLING, TO_STATIC, "the teacher runs beside the student in every training step on images, outside "
+                                "the traced graph; use Global.to_static=false"),
     Rule(L2SP, NOT_PRETRAINED, "L2-SP pulls the body toward its pretrained weights, and there are none; set "
                                "Arch.pretrained or Transfer.l2sp_alpha=0"),
 )

@@ -264,6 +264,21 @@ class MetricConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation (Hinton et al. 2015): the run's own Arch (the
+    student) learns from a finished run's network (the teacher) as well as
+    from the labels; loss = alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) +
+    (1 - alpha) * the Loss section's cross-entropy."""
+    teacher: Optional[str] = None  # a finished run folder (its best_model); null: no distillation
+    temperature: float = 4.0  # T: softens both networks' outputs
+    alpha: float = 0.5  # weight of the soft-target term; the labels' cross-entropy gets 1 - alpha
+
+    def validate(self, at):
+        _require(self.temperature > 0, f"{at}.temperature", "must be > 0")
+        _require(0 <= self.alpha <= 1, f"{at}.alpha", "must be in [0, 1]")
+
+
+@dataclass
 class Config:
     Global: GlobalConfig = field(default_factory=GlobalConfig)
     Arch: ArchConfig = field(default_factory=ArchConfig)
@@ -272,6 +287,7 @@ class Config:
     Optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     DataLoader: DataLoaderConfig = field(default_factory=DataLoaderConfig)
     Metric: MetricConfig = field(default_factory=MetricConfig)
+    Distill: DistillConfig = field(default_factory=DistillConfig)
 
     # The dotted keys the user wrote (in the YAML or an `-o`), e.g.
     # "Arch.input_size": a value left at its default is no statement, so

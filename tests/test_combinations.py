@@ -23,7 +23,8 @@ def _id(rule):
 
 # Per rule: overrides and training facts that turn both settings on, then the
 # same with one side off (each must pass), then the allowed neighbour that
-# trains here on CPU (None where it needs a GPU).
+# trains here on CPU (None where it needs a GPU, or a teacher run:
+# tests/transfer/test_distill.py trains those).
 CASES = {
     "Global.amp x Global.device": (["Global.device=auto", "Global.amp=O1"], {"device": "cpu"},
                                    [(["Global.device=auto", "Global.amp=false"], {"device": "cpu"}),
@@ -56,6 +57,12 @@ CASES = {
         ["Transfer.domain_adaptation=mmd"], {"processes": 2},
         [([], {"processes": 2}), (["Transfer.domain_adaptation=mmd"], {"processes": 1})],
         ["Transfer.domain_adaptation=mmd", "Transfer.strategy=partial"]),
+    "Distill.teacher x Transfer.domain_adaptation": (
+        ["Distill.teacher=runs/teacher", "Transfer.domain_adaptation=dann"], {},
+        [(["Transfer.domain_adaptation=dann"], {}), (["Distill.teacher=runs/teacher"], {})], None),
+    "Distill.teacher x Global.to_static": (
+        ["Distill.teacher=runs/teacher", "Global.to_static=true"], {},
+        [(["Global.to_static=true"], {}), (["Distill.teacher=runs/teacher"], {})], None),
     "Transfer.l2sp_alpha x Arch.pretrained": (
         ["Transfer.l2sp_alpha=0.01", "Arch.pretrained=false"], {},
         [(["Arch.pretrained=false"], {}), (["Transfer.l2sp_alpha=0.01"], {})],

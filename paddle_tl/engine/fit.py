@@ -9,22 +9,30 @@ evaluates on, and says why; one builder per mode prepares it.
 - domain_pairs: every batch holds labeled source and unlabeled target images,
   and the loss adds a domain term (transfer/domain.py).
 
+With a teacher (Distill.teacher, transfer/distill.py), images and the
+cached modes also carry the teacher's logits of every training image view
+to the loss, as a label beside the class label.
+
 Which settings may not combine at all is combinations.py's business; here
 every mode runs, and a fallback (features not cached under data-parallel,
 say) is a choice with its reason, not a refusal.
 """
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from paddle_tl.models.features import feature_head
 from paddle_tl.models.split import activation_bytes, activation_shape, split, why_not_split
 from paddle_tl.runtime import available_memory, import_paddle
+from paddle_tl.transfer.distill import DistillationLoss, LabelAccuracy, WithTeacher, build_teacher, teacher_runner
 from paddle_tl.transfer.domain import DomainSchedule, LabeledAccuracy, pair_collate, setup_domain_adaptation
 from paddle_tl.transfer.feature_cache import (ACTIVATION_DTYPE, HeadOnly, ViewSwitcher, cached_activations,
                                               cached_datasets)
 
 paddle = import_paddle()
+
+LABEL_SPEC = paddle.static.InputSpec([None, 1], "int64", "label")
 
 
 @dataclass
@@ -49,6 +57,8 @@ class Fit:
     callbacks: list = field(default_factory=list)  # what the mode needs told every epoch or step
     extra_layers: dict = field(default_factory=dict)  # trained beside the network and checkpointed: name -> layer
     record: dict = field(default_factory=dict)  # what metrics.json says about it
+    label_specs: list = field(default_factory=lambda: [LABEL_SPEC])  # of what a training batch holds after its input
+    distill: Optional[dict] = None  # metrics.json's `distill`: the teacher and the loss's settings
 
 
 def choose_fit_mode(cfg, plan, network, spec, processes, images):
@@ -105,9 +115,24 @@ def _why_not_in_memory(cfg, network, spec, boundary, images):
     return None
 
 
-def prepare_fit(cfg, mode, reason, network, spec, pre, data, state, plan, loss, metric, device):
-    """The Fit of `mode` (from choose_fit_mode)."""
-    return _BUILDERS[mode](cfg, reason, network, spec, pre, data, state, plan, loss, metric, device)
+def prepare_fit(cfg, mode, reason, network, spec, pre, data, state, plan, loss, metric, device, teacher=None):
+    """The Fit of `mode` (from choose_fit_mode); with a `teacher`
+    (distill.Teacher), the distillation loss on its logits and the labels."""
+    if teacher is None:
+        return _BUILDERS[mode](cfg, reason, network, spec, pre, data, state, plan, loss, metric, device)
+    distill = cfg.Distill
+    teacher_network = build_teacher(teacher, pre)
+    fit = _DISTILLED[mode](cfg, reason, network, spec, pre, data, state, plan,
+                           DistillationLoss(loss, distill.temperature, distill.alpha), LabelAccuracy(topk=metric.topk),
+                           device, teacher_network)
+    fit.distill = {"teacher": str(teacher.folder), "teacher_arch": teacher.record["arch"],
+                   "teacher_top1": teacher.top1, "teacher_params": teacher_network.parameters,
+                   "temperature": distill.temperature, "alpha": distill.alpha,
+                   "teacher_logits": _TEACHER_LOGITS[mode]}
+    print(f"distilling from {teacher.folder} ({teacher.record['arch']}, {teacher_network.parameters:,} parameters, "
+          f"Eval top-1 {teacher.top1}): temperature {distill.temperature:g}, alpha {distill.alpha:g}; teacher "
+          f"logits {_TEACHER_LOGITS[mode]}")
+    return fit
 
 
 def _image_spec(pre):
@@ -120,36 +145,65 @@ def _images(cfg, reason, network, spec, pre, data, state, plan, loss, metric, de
                workers=(loaders.Train.num_workers, loaders.Eval.num_workers), val_data=data.val, val_network=network)
 
 
-def _cached_features(cfg, reason, network, spec, pre, data, state, plan, loss, metric, device):
+def _distilled_images(cfg, reason, network, spec, pre, data, state, plan, loss, metric, device, teacher_network):
+    fit = _images(cfg, reason, network, spec, pre, data, state, plan, loss, metric, device)
+    fit.network = WithTeacher(network, teacher_network)  # the teacher scores each step's augmented batch
+    return fit
+
+
+@contextlib.contextmanager
+def _teacher(teacher_network, batch_size, device):
+    """The teacher's runner (run(images) -> logits) for the cache, or None."""
+    if teacher_network is None:
+        yield None
+    else:
+        with teacher_runner(teacher_network, batch_size, device) as run:
+            yield run
+
+
+def _label_specs(data, teacher_network):
+    """Of a training batch after its input: the teacher's logits (when
+    distilling), then the class label."""
+    return [LABEL_SPEC] if teacher_network is None else [
+        paddle.static.InputSpec([None, data.num_classes], "float32", "teacher_logits"), LABEL_SPEC]
+
+
+def _cached_features(cfg, reason, network, spec, pre, data, state, plan, loss, metric, device, teacher_network=None):
     views = cfg.Transfer.cache_views
     print(f"frozen body: computing its features once, then training the head on them "
           f"({views} view(s) per training image: the plain one + {views - 1} augmented)")
     plain_sets = {"eval": data.eval, **({"validation": data.val} if data.val is not None else {})}
-    train_data, (eval_data, *val_data), head, feature_size = cached_datasets(
-        network, spec, pre.input_size, data.train, plain_sets, data.eval_tf, data.train_tf, views,
-        cfg.DataLoader.Eval, cfg.Global.seed, device)
+    loader_cfg = cfg.DataLoader.Eval
+    with _teacher(teacher_network, loader_cfg.batch_size, device) as teacher:
+        train_data, (eval_data, *val_data), head, feature_size = cached_datasets(
+            network, spec, pre.input_size, data.train, plain_sets, data.eval_tf, data.train_tf, views,
+            loader_cfg, cfg.Global.seed, device, teacher)
     return Fit("cached_features", reason, head, train_data, eval_data,
                paddle.static.InputSpec([None, feature_size], "float32", "features"), loss, metric,
                workers=(0, 0),  # in-memory arrays
                val_data=val_data[0] if val_data else None, val_network=head,
                scorer=lambda network: HeadOnly(feature_head(network, spec)),
-               callbacks=[ViewSwitcher(train_data, state)], record={"cache_views": views})
+               callbacks=[ViewSwitcher(train_data, state)], record={"cache_views": views},
+               label_specs=_label_specs(data, teacher_network))
 
 
 def _size(count):
     return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
 
 
-def _cached_activations(cfg, reason, network, spec, pre, data, state, plan, loss, metric, device):
+def _cached_activations(cfg, reason, network, spec, pre, data, state, plan, loss, metric, device,
+                        teacher_network=None):
     views, boundary = cfg.Transfer.cache_views, plan.always_frozen
     bottom, top = split(network, spec, boundary)
     print(f"frozen bottom {boundary} stages: computing their output once, then training the top stages on it "
           f"({views} view(s) per training image: the plain one + {views - 1} augmented; stored as "
           f"{ACTIVATION_DTYPE})")
     plain_sets = {"eval": data.eval, **({"validation": data.val} if data.val is not None else {})}
-    train_data, (eval_data, *val_data) = cached_activations(
-        bottom, pre.input_size, data.train, plain_sets, data.eval_tf, data.train_tf, views, cfg.DataLoader.Eval,
-        cfg.Global.seed, device, dtype=ACTIVATION_DTYPE)
+    loader_cfg = cfg.DataLoader.Eval
+    with _teacher(teacher_network, loader_cfg.batch_size, device) as teacher:
+        train_data, (eval_data, *val_data) = cached_activations(
+            bottom, pre.input_size, data.train, plain_sets, data.eval_tf, data.train_tf, views, loader_cfg,
+            cfg.Global.seed, device, dtype=ACTIVATION_DTYPE, teacher=teacher)
     shape = list(train_data.views[0].shape[1:])
     return Fit("cached_activations", reason, top, train_data, eval_data,
                paddle.static.InputSpec([None, *shape], "float32", "activations"), loss, metric,
@@ -157,7 +211,8 @@ def _cached_activations(cfg, reason, network, spec, pre, data, state, plan, loss
                val_data=val_data[0] if val_data else None, val_network=top,
                scorer=lambda network: split(network, spec, boundary)[1],
                callbacks=[ViewSwitcher(train_data, state)],
-               record={"cache_views": views, "boundary": boundary, "shape": shape, "dtype": ACTIVATION_DTYPE})
+               record={"cache_views": views, "boundary": boundary, "shape": shape, "dtype": ACTIVATION_DTYPE},
+               label_specs=_label_specs(data, teacher_network))
 
 
 def _domain_pairs(cfg, reason, network, spec, pre, data, state, plan, loss, metric, device):
@@ -177,3 +232,9 @@ def _domain_pairs(cfg, reason, network, spec, pre, data, state, plan, loss, metr
 
 _BUILDERS = {"images": _images, "cached_features": _cached_features, "cached_activations": _cached_activations,
              "domain_pairs": _domain_pairs}
+# With a teacher (combinations.py refuses it with domain adaptation).
+_DISTILLED = {"images": _distilled_images, "cached_features": _cached_features,
+              "cached_activations": _cached_activations}
+_TEACHER_LOGITS = {"images": "computed in every training step, on that step's augmented batch",
+                   "cached_features": "computed once per cached view, with the features",
+                   "cached_activations": "computed once per cached view, with the activations"}

@@ -1,6 +1,7 @@
 """The run folder (Global.output_dir): creating it safely, and reading a
 finished run back for evaluation and export."""
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -11,7 +12,7 @@ from pathlib import Path
 from paddle_tl.config import load_config
 from paddle_tl.data.transforms import Preprocess
 from paddle_tl.engine.checkpoint import STATE_SUFFIX, load_weights
-from paddle_tl.errors import ConfigError, DataError, DiskFullError
+from paddle_tl.errors import ConfigError, DataError, DiskFullError, UserError
 from paddle_tl.files import write_json
 from paddle_tl.models.heads import LINEAR, build_network
 from paddle_tl.models.zoo import get_spec
@@ -37,6 +38,18 @@ def prepare_output_dir(path, resuming):
     except OSError as exc:
         raise ConfigError(f"Global.output_dir: cannot write to {path}: {exc.strerror}") from exc
     return path
+
+
+@contextlib.contextmanager
+def refusal_leaves_no_folder(path, created):
+    """A run refused (a UserError) before it wrote anything leaves no run
+    folder behind that it created itself."""
+    try:
+        yield
+    except UserError:
+        if created and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        raise
 
 
 # The checkpoints' room, in copies of the network's state (parameters and

@@ -29,7 +29,7 @@ from paddle_tl.engine.model import GuardedModel
 from paddle_tl.engine.optim import build_optimizer
 from paddle_tl.engine.report import write_report
 from paddle_tl.engine.run_folder import (describe_model, prepare_output_dir, rebuild_model, record_temperature,
-                                         require_free_space)
+                                         refusal_leaves_no_folder, require_free_space)
 from paddle_tl.errors import ConfigError, OutOfMemoryError
 from paddle_tl.files import write_json
 from paddle_tl.models.features import feature_head
@@ -38,6 +38,7 @@ from paddle_tl.models.static import dynamic_runner
 from paddle_tl.models.weights import load_pretrained
 from paddle_tl.models.zoo import get_spec
 from paddle_tl.runtime import import_paddle, rng_kept, seed_everything, select_device
+from paddle_tl.transfer.distill import Teacher, find_teacher
 from paddle_tl.transfer.feature_cache import shared_caches
 from paddle_tl.transfer.freezing import L2SP, GradualUnfreezer, add_l2sp, set_frozen_stages, trainable_parameters
 from paddle_tl.transfer.plan import plan_transfer
@@ -72,6 +73,8 @@ class Run:
     is_main: bool  # rank 0, which alone writes the run folder
     folder: Path
     resume: Optional[Path]  # the checkpoint prefix resumed from
+    teacher: Optional[Teacher] = None  # the finished run distilled from (Distill.teacher)
+    created: bool = False  # whether this run created its folder (a refusal before any work removes it again)
 
 
 def start_run(cfg):
@@ -82,11 +85,13 @@ def start_run(cfg):
     processes, rank = paddle.distributed.get_world_size(), paddle.distributed.get_rank()
     check_combinations(Facts(cfg, device=device, processes=processes, stages=len(get_spec(cfg.Arch.name).stages)))
     resume = resolve_resume(g.resume) if g.resume else None
+    teacher = find_teacher(cfg.Distill)
+    created = not Path(g.output_dir).exists()
     # Under `paddle.distributed.launch` every process trains on its shard;
     # rank 0 alone writes the run folder.
     folder = prepare_output_dir(g.output_dir, resuming=resume is not None) if rank == 0 else Path(g.output_dir)
     seed_everything(g.seed)
-    return Run(device, processes, rank == 0, folder, resume)
+    return Run(device, processes, rank == 0, folder, resume, teacher, created and rank == 0)
 
 
 @dataclass
@@ -129,6 +134,9 @@ def load_data(cfg, run):
         raise ConfigError(f"Arch.num_classes: {num_classes} is fewer than the {len(class_names)} "
                           "classes in the training data")
     cfg.Arch.num_classes = num_classes
+    if run.teacher is not None:
+        with refusal_leaves_no_folder(run.folder, run.created):
+            run.teacher.check_classes(class_names, num_classes)
     counts = train_set.class_counts()
     weights = class_weights(cfg.Loss, counts, num_classes)
     if weights:
@@ -268,7 +276,8 @@ def choose_fit(cfg, run, net, plan, data, state):
     if mode == "images" and plan.always_frozen:
         print(reason)  # frozen stages whose output could not be cached
     return prepare_fit(cfg, mode, reason, net.layer, net.spec, data.pre, data, state, plan,
-                       build_loss(cfg.Loss, data.class_weights), paddle.metric.Accuracy(topk=topk), run.device)
+                       build_loss(cfg.Loss, data.class_weights), paddle.metric.Accuracy(topk=topk), run.device,
+                       run.teacher)
 
 
 @dataclass
@@ -321,8 +330,7 @@ def prepare_trainer(cfg, run, net, plan, fit, data, state):
         # same object with the same parameters, so checkpoints, `net` and
         # export are unaffected.
         network = paddle.jit.to_static(network, input_spec=[fit.input_spec], full_graph=True)
-    model = GuardedModel(network, inputs=[fit.input_spec],
-                         labels=[paddle.static.InputSpec([None, 1], "int64", "label")])
+    model = GuardedModel(network, inputs=[fit.input_spec], labels=fit.label_specs)
     model.prepare(optimizer, fit.loss, fit.metric, amp_configs=g.amp_level)
     if net.l2sp is not None:  # under AMP the gradients its hook sees are multiplied by the loss scale
         net.l2sp.loss_scale = model.loss_scale
@@ -435,6 +443,7 @@ def record_run(cfg, run, net, plan, data, fit, trainer, state, train_seconds, ca
         "imbalance_ratio": round(imbalance_ratio(data.train.class_counts()), 3),
         "class_weights": data.class_weights, "sampler": loaders.Train.sampler,
         "domain_adaptation": fit.record if fit.mode == "domain_pairs" else None,
+        "distill": fit.distill,
         "nan_policy": g.nan_policy, "skipped_batches": sum(row.get("skipped_batches", 0) for row in state.history),
         "data_warnings": {"duplicates_across_splits": {"count": len(data.duplicates),
                                                        "pairs": data.duplicates[:DUPLICATES_RECORDED]}},
