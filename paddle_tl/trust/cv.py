@@ -80,6 +80,9 @@ def cross_validate(cfg, folds=5):
 
     if cfg.Global.resume:
         raise ConfigError("Global.resume: cross-validation trains every fold afresh; leave it unset")
+    if cfg.Distill.teacher:
+        raise ConfigError(f"Distill.teacher: {cfg.Distill.teacher} was trained on the images every fold holds out, "
+                          "so its soft targets would leak them into the folds' scores; cross-validate without it")
     train_set = build_dataset(cfg.DataLoader.Train.dataset, "train", None)
     labels = [label for _, label in train_set.samples]
     counts = train_set.class_counts()

@@ -128,7 +128,8 @@ def _weights(run):
     return paddle.load(str(run / "best_model.pdparams"))
 
 
-@pytest.mark.parametrize("strategy", ["full", "linear_probe"], ids=["images", "cached_features"])
+@pytest.mark.parametrize("strategy", ["full", "linear_probe", "partial"],
+                         ids=["images", "cached_features", "cached_activations"])
 def test_alpha_zero_trains_bit_for_bit_as_plain_training(workspace, tmp_path, no_report, strategy):
     """alpha=0 leaves only the labels' cross-entropy (times exactly 1), and
     the teacher, built and run beside the student, draws nothing from the
@@ -136,10 +137,10 @@ def test_alpha_zero_trains_bit_for_bit_as_plain_training(workspace, tmp_path, no
     plain = train(_cfg(workspace, tmp_path / "plain", f"Transfer.strategy={strategy}"))
     distilled = train(_cfg(workspace, tmp_path / "distilled", f"Transfer.strategy={strategy}",
                            f"Distill.teacher={workspace['teacher']}", "Distill.alpha=0"))
-    mode = "cached_features" if strategy == "linear_probe" else "images"
-    assert distilled["strategy"]["cached_features"] == (mode == "cached_features")
+    assert distilled["strategy"]["cached_features"] == (strategy == "linear_probe")
+    assert (distilled["strategy"]["cached_activations"] is not None) == (strategy == "partial")
     assert distilled["distill"]["alpha"] == 0
-    assert ("once per cached view" if mode == "cached_features" else "every training step") in \
+    assert ("every training step" if strategy == "full" else "once per cached view") in \
         distilled["distill"]["teacher_logits"]
     plain_weights, distilled_weights = _weights(tmp_path / "plain"), _weights(tmp_path / "distilled")
     assert plain_weights.keys() == distilled_weights.keys()

@@ -82,3 +82,15 @@ def test_cv_command_prints_its_json_last(tmp_path, colour_folder, capsys):
     assert sorted(held_out) == sorted(str(p) for p in root.rglob("*.png"))  # every image held out once
     for k in (1, 2):
         assert (cv / f"fold_{k}" / "metrics.json").is_file()
+
+
+def test_cv_refuses_a_teacher_that_saw_the_held_out_images(tmp_path, capsys):
+    """A distillation teacher trained on the training images has seen what
+    every fold holds out: refused in one line, before any fold trains."""
+    from paddle_tl.cli import main
+    teacher = tmp_path / "teacher"
+    code = main(["cv", "-c", "mobilenet_v2_imagefolder.yaml", "-o", f"Distill.teacher={teacher}"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: Distill.teacher: {teacher} was trained on the images every fold holds out, so its soft targets "
+        "would leak them into the folds' scores; cross-validate without it")
