@@ -68,22 +68,26 @@ def choose_fit_mode(cfg, plan, network, spec, processes, images):
     if transfer.domain_adaptation != "none":
         return "domain_pairs", (f"Transfer.domain_adaptation={transfer.domain_adaptation}: every step trains on "
                                 "labeled source and unlabeled target images")
-    not_cached = _why_not_cached(transfer, plan, processes)
-    if not not_cached and plan.always_frozen == plan.num_stages:
-        if feature_head(network, spec) is None:
-            return "images", (f"features not cached: the head of {spec.name} is not a single Linear layer "
-                              "(or Arch.head mlp)")
+    boundary = plan.always_frozen
+    cut = "features" if boundary == plan.num_stages else "activations"
+    if cut == "features":
+        not_cached = _why_not_cached(transfer, plan, processes) or _why_no_feature_head(network, spec)
+    else:
+        not_cached = _why_not_cached(transfer, plan, processes) or why_not_split(network, spec, boundary) or \
+            _why_not_in_memory(cfg, network, spec, boundary, images)
+    if not_cached:
+        return "images", f"{cut} not cached: {not_cached}"
+    if cut == "features":
         return "cached_features", ("no stage of the body trains: its features are computed once and the head "
                                    "trains on them")
-    if not_cached:
-        cut = "features" if plan.always_frozen == plan.num_stages else "activations"
-        return "images", f"{cut} not cached: {not_cached}"
-    boundary = plan.always_frozen
-    not_cached = why_not_split(network, spec, boundary) or _why_not_in_memory(cfg, network, spec, boundary, images)
-    if not_cached:
-        return "images", f"activations not cached: {not_cached}"
     return "cached_activations", (f"the bottom {boundary} of {plan.num_stages} stages never train: their output "
                                   "is computed once and the top stages train on it")
+
+
+def _why_no_feature_head(network, spec):
+    if feature_head(network, spec) is None:
+        return f"the head of {spec.name} is not a single Linear layer (or Arch.head mlp)"
+    return None
 
 
 def _why_not_cached(transfer, plan, processes):

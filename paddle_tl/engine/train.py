@@ -53,9 +53,9 @@ def train(cfg):
     data = load_data(cfg, run)  # datasets and classes; config.yaml; duplicate warning
     started = time.time()  # training time includes auto's measuring and computing cached outputs
     with shared_caches():  # auto's candidates and the run share one pass of frozen layers over the images
-        cfg, auto = choose_auto(cfg, run, data)  # auto measures candidates on the validation split
+        cfg, chosen = choose_auto(cfg, run, data)  # auto measures candidates on the validation split
         net = load_network(cfg, run, data)  # the architecture for these classes, with its pretrained weights
-        plan = plan_strategy(cfg, run, net, data, auto)  # which stages train when
+        plan = plan_strategy(cfg, run, net, data, chosen)  # which stages train when
         state = start_state(cfg, run, net, plan, data)  # a fresh run, or one resumed from its checkpoint
         fit = choose_fit(cfg, run, net, plan, data, state)  # what the loop trains on, and why
     trainer = prepare_trainer(cfg, run, net, plan, fit, data, state)  # loaders, optimizer, paddle.Model
