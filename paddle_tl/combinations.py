@@ -88,6 +88,8 @@ LINEAR_PROBE = _is("Transfer.strategy", lambda strategy: strategy == "linear_pro
 L2SP = _is("Transfer.l2sp_alpha", lambda alpha: alpha > 0)
 DISTILLING = _is("Distill.teacher", lambda teacher: teacher is not None)
 NOT_PRETRAINED = _is("Arch.pretrained", lambda pretrained: pretrained is False)
+MIXUP = _is("DataLoader.Train.augment.mixup", lambda alpha: alpha > 0)
+CUTMIX = _is("DataLoader.Train.augment.cutmix", lambda alpha: alpha > 0)
 CPU = _fact("Global.device", "device", lambda device: device == "cpu",
             lambda device, facts: device if facts.cfg.Global.device == device else f"auto (found {device} only)")
 DATA_PARALLEL = _fact("data-parallel training", "processes", lambda processes: processes > 1,
@@ -128,6 +130,14 @@ RULES = (
                                "source/target pairs); distill first, then adapt the distilled run, or the reverse"),
     Rule(DISTILLING, TO_STATIC, "the teacher runs beside the student in every training step on images, outside "
                                 "the traced graph; use Global.to_static=false"),
+    Rule(MIXUP, ADAPTING, "domain adaptation pairs source and target images in its own batches, which are not mixed; "
+                          "set the mixup alpha to 0"),
+    Rule(CUTMIX, ADAPTING, "domain adaptation pairs source and target images in its own batches, which are not "
+                           "mixed; set the cutmix alpha to 0"),
+    Rule(MIXUP, DISTILLING, "the distillation loss takes one class label per image, and a mixed image has two; set "
+                            "the mixup alpha to 0"),
+    Rule(CUTMIX, DISTILLING, "the distillation loss takes one class label per image, and a mixed image has two; set "
+                             "the cutmix alpha to 0"),
     Rule(L2SP, NOT_PRETRAINED, "L2-SP pulls the body toward its pretrained weights, and there are none; set "
                                "Arch.pretrained or Transfer.l2sp_alpha=0"),
 )

@@ -206,12 +206,23 @@ class AugmentConfig:
     hflip: bool = True
     vflip: bool = False
     color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0 = off
+    # trivial: TrivialAugment (Wide), one random operation at a random
+    # strength per image (Müller & Hutter, ICCV 2021); none = off
+    policy: Literal["none", "trivial"] = "none"
+    # Mixing whole batches (Beta(a, a) weights; 0 = off): mixup blends two
+    # images, cutmix pastes a box of one into the other (both on: one or the
+    # other per batch). They mix images, so features and activations are not
+    # cached when either is on.
+    mixup: float = 0.0
+    cutmix: float = 0.0
 
     def validate(self, at):
         ok = (len(self.crop_scale) == 2 and all(isinstance(v, (int, float)) for v in self.crop_scale)
               and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1)
         _require(ok, f"{at}.crop_scale", "must be [low, high] with 0 < low <= high <= 1")
         _require(0 <= self.color_jitter <= 1, f"{at}.color_jitter", "must be in [0, 1]")
+        _require(self.mixup >= 0, f"{at}.mixup", "must be >= 0 (0 = off)")
+        _require(self.cutmix >= 0, f"{at}.cutmix", "must be >= 0 (0 = off)")
 
 
 @dataclass

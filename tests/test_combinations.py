@@ -63,6 +63,20 @@ CASES = {
     "Distill.teacher x Global.to_static": (
         ["Distill.teacher=runs/teacher", "Global.to_static=true"], {},
         [(["Global.to_static=true"], {}), (["Distill.teacher=runs/teacher"], {})], None),
+    "DataLoader.Train.augment.mixup x Transfer.domain_adaptation": (
+        ["DataLoader.Train.augment.mixup=0.2", "Transfer.domain_adaptation=mmd"], {},
+        [(["Transfer.domain_adaptation=mmd"], {}), (["DataLoader.Train.augment.mixup=0.2"], {})],
+        ["DataLoader.Train.augment.mixup=0.2", "Transfer.strategy=full"]),
+    "DataLoader.Train.augment.cutmix x Transfer.domain_adaptation": (
+        ["DataLoader.Train.augment.cutmix=1.0", "Transfer.domain_adaptation=dann"], {},
+        [(["Transfer.domain_adaptation=dann"], {}), (["DataLoader.Train.augment.cutmix=1.0"], {})],
+        ["DataLoader.Train.augment.cutmix=1.0", "Transfer.strategy=partial"]),
+    "DataLoader.Train.augment.mixup x Distill.teacher": (
+        ["DataLoader.Train.augment.mixup=0.2", "Distill.teacher=runs/teacher"], {},
+        [(["Distill.teacher=runs/teacher"], {}), (["DataLoader.Train.augment.mixup=0.2"], {})], None),
+    "DataLoader.Train.augment.cutmix x Distill.teacher": (
+        ["DataLoader.Train.augment.cutmix=1.0", "Distill.teacher=runs/teacher"], {},
+        [(["Distill.teacher=runs/teacher"], {}), (["DataLoader.Train.augment.cutmix=1.0"], {})], None),
     "Transfer.l2sp_alpha x Arch.pretrained": (
         ["Transfer.l2sp_alpha=0.01", "Arch.pretrained=false"], {},
         [(["Arch.pretrained=false"], {}), (["Transfer.l2sp_alpha=0.01"], {})],

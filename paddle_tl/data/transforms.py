@@ -12,7 +12,7 @@ import random
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageEnhance, ImageOps
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,8 @@ class EvalTransform:
 
 
 class TrainTransform:
-    """RandomResizedCrop, optional flips and colour jitter, normalise."""
+    """RandomResizedCrop, optional flips, TrivialAugment and colour jitter,
+    normalise."""
 
     # aspect ratio range of the random crop, as in torchvision and PaddleClas
     RATIO = (3 / 4, 4 / 3)
@@ -126,6 +127,7 @@ class TrainTransform:
         self.hflip = augment.hflip
         self.vflip = augment.vflip
         self.jitter = augment.color_jitter
+        self.trivial = augment.policy == "trivial"
         self.normalize = _Normalize(pre)
 
     def __call__(self, image):
@@ -135,6 +137,8 @@ class TrainTransform:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         if self.vflip and random.random() < 0.5:
             image = image.transpose(Image.FLIP_TOP_BOTTOM)
+        if self.trivial:
+            image = trivial_augment(image)
         if self.jitter > 0:
             image = self._color_jitter(image)
         return self.normalize(image)
@@ -182,13 +186,59 @@ class TrainTransform:
         return image
 
 
+# TrivialAugment Wide (torchvision's table, 31 strengths): (operation, strength
+# at the top bin, whether it takes a random sign). One operation, one
+# strength, per image; no search, no tuning.
+_BINS = 31
+_TRIVIAL = (
+    ("identity", 0.0, False), ("shear_x", 0.99, True), ("shear_y", 0.99, True), ("translate_x", 32.0, True),
+    ("translate_y", 32.0, True), ("rotate", 135.0, True), ("brightness", 0.99, True), ("color", 0.99, True),
+    ("contrast", 0.99, True), ("sharpness", 0.99, True), ("posterize", 6.0, False), ("solarize", 255.0, False),
+    ("autocontrast", 0.0, False), ("equalize", 0.0, False),
+)
+_ENHANCE = {"brightness": ImageEnhance.Brightness, "color": ImageEnhance.Color, "contrast": ImageEnhance.Contrast,
+            "sharpness": ImageEnhance.Sharpness}
+
+
+def trivial_augment(image):
+    """One TrivialAugment Wide operation on a PIL RGB image."""
+    name, top, signed = random.choice(_TRIVIAL)
+    strength = top * random.randrange(_BINS) / (_BINS - 1)
+    if signed and random.random() < 0.5:
+        strength = -strength
+    if name in _ENHANCE:
+        return _ENHANCE[name](image).enhance(1.0 + strength)
+    if name in ("shear_x", "shear_y", "translate_x", "translate_y"):
+        a, b, c, d, e, f = 1, 0, 0, 0, 1, 0
+        if name == "shear_x":
+            b = strength
+        elif name == "shear_y":
+            d = strength
+        elif name == "translate_x":
+            c = strength
+        else:
+            f = strength
+        return image.transform(image.size, Image.AFFINE, (a, b, c, d, e, f), Image.NEAREST)
+    if name == "rotate":
+        return image.rotate(strength, Image.NEAREST)
+    if name == "posterize":
+        return ImageOps.posterize(image, 8 - round(strength))  # 8 bits (unchanged) down to 2
+    if name == "solarize":
+        return ImageOps.solarize(image, 255 - round(strength))  # from no pixel inverted to all
+    if name == "autocontrast":
+        return ImageOps.autocontrast(image)
+    if name == "equalize":
+        return ImageOps.equalize(image)
+    return image
+
+
 def eval_transform(pre):
     return EvalTransform(pre)
 
 
 def augmentation_off(augment):
     return (list(augment.crop_scale) == [1.0, 1.0] and not augment.hflip and not augment.vflip
-            and not augment.color_jitter)
+            and not augment.color_jitter and augment.policy == "none")
 
 
 def train_transform(pre, augment):

@@ -22,6 +22,7 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from paddle_tl.data.mixing import MIXED_LABEL_SPEC, MixedAccuracy, MixedLoss, mixing_collate
 from paddle_tl.models.features import feature_head
 from paddle_tl.models.split import activation_bytes, activation_shape, split, why_not_split
 from paddle_tl.runtime import available_memory, import_paddle
@@ -71,9 +72,9 @@ def choose_fit_mode(cfg, plan, network, spec, processes, images):
     boundary = plan.always_frozen
     cut = "features" if boundary == plan.num_stages else "activations"
     if cut == "features":
-        not_cached = _why_not_cached(transfer, plan, processes) or _why_no_feature_head(network, spec)
+        not_cached = _why_not_cached(cfg, plan, processes) or _why_no_feature_head(network, spec)
     else:
-        not_cached = _why_not_cached(transfer, plan, processes) or why_not_split(network, spec, boundary) or \
+        not_cached = _why_not_cached(cfg, plan, processes) or why_not_split(network, spec, boundary) or \
             _why_not_in_memory(cfg, network, spec, boundary, images)
     if not_cached:
         return "images", f"{cut} not cached: {not_cached}"
@@ -90,11 +91,14 @@ def _why_no_feature_head(network, spec):
     return None
 
 
-def _why_not_cached(transfer, plan, processes):
+def _why_not_cached(cfg, plan, processes):
+    augment = cfg.DataLoader.Train.augment
     if plan.always_frozen == 0:
         return "every stage of the body trains"
-    if not transfer.cache_features:
+    if not cfg.Transfer.cache_features:
         return "turned off (Transfer.cache_features=false)"
+    if augment.mixup or augment.cutmix:
+        return "mixup/CutMix (DataLoader.Train.augment) mix the images themselves"
     if processes > 1:
         return "data-parallel training"
     if plan.bn != "freeze":
@@ -145,8 +149,13 @@ def _image_spec(pre):
 
 def _images(cfg, reason, network, spec, pre, data, state, plan, loss, metric, device):
     loaders = cfg.DataLoader
-    return Fit("images", reason, network, data.train, data.eval, _image_spec(pre), loss, metric,
-               workers=(loaders.Train.num_workers, loaders.Eval.num_workers), val_data=data.val, val_network=network)
+    fit = Fit("images", reason, network, data.train, data.eval, _image_spec(pre), loss, metric,
+              workers=(loaders.Train.num_workers, loaders.Eval.num_workers), val_data=data.val, val_network=network)
+    augment = loaders.Train.augment
+    if augment.mixup or augment.cutmix:  # combinations.py refuses it with a teacher and with domain adaptation
+        fit.collate, fit.label_specs = mixing_collate(augment.mixup, augment.cutmix), [MIXED_LABEL_SPEC]
+        fit.loss, fit.metric = MixedLoss(loss), MixedAccuracy(topk=metric.topk)
+    return fit
 
 
 def _distilled_images(cfg, reason, network, spec, pre, data, state, plan, loss, metric, device, teacher_network):
