@@ -6,7 +6,6 @@ validation split, and seconds.
 """
 
 import argparse
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.seed_table import print_seed_table  # noqa: E402
 from paddle_tl.config import load_config  # noqa: E402
 from paddle_tl.engine import train as train_module  # noqa: E402
 
@@ -34,13 +34,8 @@ def main():
                     "Transfer.strategy=linear_probe", f"Arch.head.type={head}",
                     f"DataLoader.Train.dataset.root={args.root}/train", f"DataLoader.Eval.dataset.root={args.root}/val"]))
                 rows.setdefault(head, []).append((metrics["best_top1"], metrics["val_top1"], metrics["train_seconds"]))
-    print(f"\nMobileNetV2 linear probe on cached features, {args.root}, seeds {args.seeds}, {args.epochs} epochs")
-    print("| head | Eval top-1 per seed | mean | val top-1 mean | seconds mean |")
-    print("| --- | --- | --- | --- | --- |")
-    for head, results in rows.items():
-        tops = [r[0] for r in results]
-        print(f"| {head} | {' / '.join(f'{t:.4f}' for t in tops)} | {statistics.mean(tops):.4f} | "
-              f"{statistics.mean(r[1] for r in results):.4f} | {statistics.mean(r[2] for r in results):.0f} |")
+    print_seed_table(f"MobileNetV2 linear probe on cached features, {args.root}, seeds {args.seeds}, "
+                     f"{args.epochs} epochs", "head", rows, [("val top-1 mean", ".4f"), ("seconds mean", ".0f")])
 
 
 if __name__ == "__main__":

@@ -41,8 +41,15 @@ class GlobalConfig:
     # the run stops there; skip: the batch is skipped and counted, and the run
     # stops only when an epoch's worth of batches in a row was skipped.
     nan_policy: Literal["stop", "skip"] = "stop"
+    # An exponential moving average of the weights (engine/ema.py), updated
+    # after every step: ema = d * ema + (1 - d) * weights, d ramping up to
+    # decay over the first steps (min(decay, (1 + t) / (10 + t))). Epoch
+    # evaluation, the best epoch, best_model, calibration and export use the
+    # average; training goes on from the raw weights. 0 or null: off.
+    ema_decay: Optional[float] = None
 
     def validate(self, at):
+        _require(self.ema_decay is None or 0 <= self.ema_decay < 1, f"{at}.ema_decay", "must be in [0, 1)")
         _require(self.epochs >= 1, f"{at}.epochs", "must be >= 1")
         _require(self.eval_interval >= 1, f"{at}.eval_interval", "must be >= 1")
         _require(self.early_stopping_patience >= 0, f"{at}.early_stopping_patience", "must be >= 0")
@@ -238,6 +245,12 @@ class LoaderConfig:
     # to choose the best epoch and stop early; 0 chooses on the Eval split,
     # whose best score then overstates what new images would get.
     val_fraction: float = 0.1
+    # Eval: test-time augmentation in `paddle-tl eval`, export (inference.yml)
+    # and `paddle-tl infer`, averaging calibrated probabilities (tta.py):
+    # flip over the center crop and its horizontal mirror; flip_crops over
+    # ten-crop (center and corners of the resize_short square, each
+    # mirrored); none: one view. Epoch evaluation in training is single-view.
+    tta: Literal["none", "flip", "flip_crops"] = "none"
 
     def validate(self, at):
         _require(self.batch_size >= 1, f"{at}.batch_size", "must be >= 1")
@@ -263,6 +276,10 @@ class DataLoaderConfig:
     Train: LoaderConfig = field(default_factory=LoaderConfig)
     Eval: LoaderConfig = field(default_factory=LoaderConfig)
     Target: TargetConfig = field(default_factory=TargetConfig)
+
+    def validate(self, at):
+        _require(self.Train.tta == "none", f"{at}.Train.tta",
+                 "test-time augmentation applies to evaluation; set DataLoader.Eval.tta")
 
 
 @dataclass

@@ -31,7 +31,12 @@ META_HEADER = """\
 # input_size x input_size, multiply by scale, subtract mean and divide by std per
 # channel (channel_order), HWC -> CHW float32. Input "image": [N, 3, input_size,
 # input_size]; output: logits [N, num_classes]. Probabilities: softmax(logits / temperature),
-# temperature fitted on the run's validation split (1.0: uncalibrated).
+# temperature fitted on the run's validation split (1.0: uncalibrated). tta: none runs the
+# model once; flip on the input and on its horizontal mirror (reversed along the width
+# axis); flip_crops center-crops resize_short x resize_short instead and runs the model on
+# five input_size crops of that square (its center, then the top-left, top-right,
+# bottom-left and bottom-right corners) and on their mirrors. The prediction is the mean
+# of the runs' probabilities, each softmax(logits / temperature).
 # onnx_file, when present, is the same model in ONNX, with the same input and output.
 """
 
@@ -77,6 +82,7 @@ def inference_meta(cfg, spec, pre, class_names, model_file):
         "class_names": list(class_names),
         "preprocess": {**pre.to_dict(), **FIXED_PREPROCESS},
         "temperature": trained_temperature(cfg),
+        "tta": cfg.DataLoader.Eval.tta,
         "model_file": model_file,
         "params_file": PARAMS_FILE,
         "paddle_version": paddle.__version__,

@@ -10,6 +10,7 @@ callbacks that act on a booked epoch (checkpoints, VisualDL) derive from
 AfterEpoch and come after it in the list.
 """
 
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from time import perf_counter
 from typing import Optional
@@ -275,21 +276,24 @@ class VisualDLLogger(AfterEpoch):
 
 class Checkpointer(AfterEpoch):
     """After each epoch (and its evaluation): `latest` always, `best_model`
-    when eval top-1 improved."""
+    when eval top-1 improved. With a weight average (engine/ema.py) the
+    network holds the average after an evaluated epoch: best_model is the
+    average, `latest` the raw weights, for resuming, with the average beside."""
 
-    def __init__(self, run_dir, network, optimizer, state, extra_layers=None):
+    def __init__(self, run_dir, network, optimizer, state, extra_layers=None, average=None):
         # The whole network, which is more than the model being fit when only
         # the head trains on cached features. Layers trained only to train it
         # (a domain classifier) go to `latest`, for resuming.
         super().__init__(state)
         self.run_dir, self.network, self.optimizer = run_dir, network, optimizer
-        self.extra_layers = extra_layers
+        self.extra_layers, self.average = extra_layers, average
 
     def on_recorded(self, row, improved):
         if improved:
             save_checkpoint(self.run_dir / "best_model", self.network, state=self.state.to_dict())
-        save_checkpoint(self.run_dir / "latest", self.network, self.optimizer, self.state.to_dict(),
-                        self.extra_layers)
+        with self.average.raw_weights() if self.average else nullcontext():
+            save_checkpoint(self.run_dir / "latest", self.network, self.optimizer, self.state.to_dict(),
+                            self.extra_layers, self.average.state() if self.average else None)
 
 
 class SamplerEpoch(Callback):

@@ -9,7 +9,8 @@ old or the new file, never a torn one; the files are renamed only once all
 are written (a full disk leaves the old checkpoint whole), `state.json`
 last, and it records the sha256 of the others, so a resume can tell that
 they belong together. Layers trained beside the network (a domain
-classifier) add `<prefix>.<name>.pdparams` files.
+classifier), and states kept beside it (the weight average, engine/ema.py),
+add `<prefix>.<name>.pdparams` files.
 """
 
 import json
@@ -24,9 +25,10 @@ paddle = import_paddle()
 STATE_SUFFIX = ".state.json"
 
 
-def save_checkpoint(prefix, network, optimizer=None, state=None, extra_layers=None):
+def save_checkpoint(prefix, network, optimizer=None, state=None, extra_layers=None, extra_states=None):
     """extra_layers: {name: layer} trained beside the network (a domain
-    classifier), each saved as `<prefix>.<name>.pdparams` so that the
+    classifier), and extra_states: {name: state dict} kept beside it (the
+    weight average), each saved as `<prefix>.<name>.pdparams` so that the
     network's own file stays what eval and export load."""
     prefix = str(prefix)
     files = {}  # extension -> sha256, filled as the files are written
@@ -40,6 +42,8 @@ def save_checkpoint(prefix, network, optimizer=None, state=None, extra_layers=No
     writes = [(prefix + ".pdparams", saving(float32_state(network), "pdparams"))]
     for name, layer in (extra_layers or {}).items():
         writes.append((f"{prefix}.{name}.pdparams", saving(float32_state(layer), f"{name}.pdparams")))
+    for name, tensors in (extra_states or {}).items():
+        writes.append((f"{prefix}.{name}.pdparams", saving(tensors, f"{name}.pdparams")))
     if optimizer is not None:
         opt_state = optimizer_state_by_structured_name(network, optimizer, extra_layers)
         writes.append((prefix + ".pdopt", saving(opt_state, "pdopt")))

@@ -23,6 +23,7 @@ from paddle_tl.engine import auto
 from paddle_tl.engine.callbacks import (Checkpointer, EpochRecorder, EvalSchedule, RunState, SamplerEpoch,
                                         ValidationScore, VisualDLLogger, metric_names)
 from paddle_tl.engine.checkpoint import load_state, load_weights, resolve_resume, restore_optimizer
+from paddle_tl.engine.ema import WeightAverage
 from paddle_tl.engine.fit import choose_fit_mode, prepare_fit
 from paddle_tl.engine.losses import build_loss, class_weights
 from paddle_tl.engine.model import GuardedModel
@@ -337,14 +338,17 @@ def prepare_trainer(cfg, run, net, plan, fit, data, state):
 
     names = metric_names(fit.metric.topk)
     eval_schedule = EvalSchedule(g.eval_interval, state, g.epochs)
-    callbacks = [EpochRecorder(state, names, eval_schedule.evaluates, g.early_stopping_patience,
-                               nan_policy=g.nan_policy, steps_per_epoch=len(train_loader))]
+    # First: the average is in the network before anything scores an epoch.
+    average = WeightAverage(net.layer, g.ema_decay, eval_schedule.evaluates, run.resume) if g.ema_decay else None
+    callbacks = [average] if average else []
+    callbacks += [EpochRecorder(state, names, eval_schedule.evaluates, g.early_stopping_patience,
+                                nan_policy=g.nan_policy, steps_per_epoch=len(train_loader))]
     if fit.val_data is not None:
         val_loader = make_loader(fit.val_data, loaders.Eval.batch_size, shuffle=False, num_workers=fit.workers[1])
         callbacks.append(ValidationScore(state, fit.val_network, val_loader, eval_schedule.evaluates))
     if run.is_main:  # after the recorder: they act on the epoch it books
         callbacks += [VisualDLLogger(run.folder / "vdl", state, names, g.log_interval, len(train_loader)),
-                      Checkpointer(run.folder, net.layer, optimizer, state, fit.extra_layers)]
+                      Checkpointer(run.folder, net.layer, optimizer, state, fit.extra_layers, average)]
     if plan.unfreezes:
         callbacks.append(GradualUnfreezer(net.layer, net.spec, plan, state))
     callbacks += fit.callbacks
@@ -448,6 +452,10 @@ def record_run(cfg, run, net, plan, data, fit, trainer, state, train_seconds, ca
         "data_warnings": {"duplicates_across_splits": {"count": len(data.duplicates),
                                                        "pairs": data.duplicates[:DUPLICATES_RECORDED]}},
         "calibration": calibration,
+        # What scored the epochs (best_top1, final_top1, history): single views of the
+        # weights, averaged (best_model holds the average) when ema_decay is on.
+        "ema_decay": g.ema_decay or None,
+        "tta": {"epoch_evaluation": "none", "eval_export_infer": loaders.Eval.tta},
         "strategy": dict(plan.to_dict(), cached_features=fit.mode == "cached_features",
                          cached_activations={key: fit.record[key] for key in ("boundary", "shape", "dtype")}
                          if fit.mode == "cached_activations" else None,

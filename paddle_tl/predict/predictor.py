@@ -30,6 +30,8 @@ from paddle_tl.errors import ConfigError, DataError, ExportError
 from paddle_tl.metrics import classification_metrics
 from paddle_tl.models.static import GPU_MEMORY_POOL_MB, TRT_PRECISIONS, StaticModel, _BatchedModel
 from paddle_tl.runtime import import_paddle
+from paddle_tl.tta import MODES as TTA_MODES
+from paddle_tl.tta import tta_input, with_tta
 
 paddle = import_paddle()
 log = logging.getLogger("paddle_tl")
@@ -77,6 +79,8 @@ def read_meta(model_dir):
     temperature = meta.get("temperature", 1.0)  # folders exported before calibration have none
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
         raise ExportError(f"{path}: temperature {temperature!r} is not a positive number; re-export the model")
+    if meta.get("tta", "none") not in TTA_MODES:  # folders exported before TTA have none
+        raise ExportError(f"{path}: tta {meta['tta']!r} is not one of {', '.join(TTA_MODES)}; re-export the model")
     return meta
 
 
@@ -141,7 +145,10 @@ class Predictor:
             raise ConfigError(f"{model_dir} holds an INT8 model for the {meta.get('backend', 'paddle')} backend "
                               f"(export --int8); leave out --backend {backend}")
         self.pre = preprocess_from_meta(meta["preprocess"], model_dir / META_FILE)
-        self.transform = eval_transform(self.pre)
+        # Test-time augmentation as exported (tta.py): logits() averages the views' calibrated probabilities.
+        self.tta = meta.get("tta", "none")
+        self.input_pre = tta_input(self.pre, self.tta)  # what preprocess() prepares, and logits() takes
+        self.transform = eval_transform(self.input_pre)
         # Outputs beyond the named classes (Arch.num_classes above the data's) keep their index as name.
         names = list(meta["class_names"])
         self.class_names = names + [str(i) for i in range(len(names), meta["num_classes"])]
@@ -165,16 +172,22 @@ class Predictor:
         self.predict_arrays(np.zeros((1, 3, size, size), np.float32))
 
     def preprocess(self, path):
-        """float32 CHW of one image file, exactly as evaluation prepares it.
+        """float32 CHW of one image file, exactly as evaluation prepares it
+        (with tta flip_crops the larger square its views crop: input_pre).
         Raises DataError when the file cannot be decoded."""
         return self.transform(load_rgb(path))
 
     def predict_arrays(self, batch):
         """Logits [N, num_classes] of preprocessed images [N, 3, S, S]."""
-        size = self.pre.input_size
-        if batch.ndim != 4 or batch.shape[1:] != (3, size, size):
-            raise ValueError(f"expected a batch of shape [N, 3, {size}, {size}], got {list(batch.shape)}")
+        _require_shape(batch, self.pre.input_size)
         return self._model.run(batch)
+
+    def logits(self, batch):
+        """What the folder predicts for preprocessed images (preprocess()):
+        predict_arrays' logits, or with the yml's tta, logits whose
+        softmax(logits / temperature) is the average over its views (tta.py)."""
+        _require_shape(batch, self.input_pre.input_size)
+        return with_tta(self.predict_arrays, self.tta, self.pre.input_size, self.temperature)(batch)
 
     def predict_paths(self, paths, top_k=5, reject_below=None):
         """One record per path, in order: {"file", "class_ids", "scores",
@@ -206,7 +219,7 @@ class Predictor:
         (what predict_paths and the HTTP service answer)."""
         top_k = min(top_k, len(self.class_names))
         return [self._ranked(row, top_k, reject_below)
-                for row in softmax(self.predict_arrays(batch), self.temperature)]
+                for row in softmax(self.logits(batch), self.temperature)]
 
     def _ranked(self, probabilities, top_k, reject_below=None):
         ids = np.argsort(-probabilities, kind="stable")[:top_k]
@@ -215,6 +228,11 @@ class Predictor:
             names[0] = UNKNOWN_LABEL
         return {"class_ids": [int(i) for i in ids], "scores": [float(probabilities[i]) for i in ids],
                 "label_names": names}
+
+
+def _require_shape(batch, size):
+    if batch.ndim != 4 or batch.shape[1:] != (3, size, size):
+        raise ValueError(f"expected a batch of shape [N, 3, {size}, {size}], got {list(batch.shape)}")
 
 
 def list_inputs(path):
@@ -249,18 +267,19 @@ def evaluate_folder(predictor, root, topk=(1, 5)):
     `paddle-tl eval` prints for the same folder (same decoding, preprocessing,
     class mapping through the yml's class names, and metric code)."""
     logits, labels = folder_logits(predictor, root)
-    return classification_metrics(logits, labels, predictor.meta["class_names"], topk)
+    return dict(classification_metrics(logits, labels, predictor.meta["class_names"], topk), tta=predictor.tta)
 
 
 def folder_logits(predictor, root):
-    """(logits [N, num_classes], labels [N]) of a labelled ImageFolder; a class
+    """(logits [N, num_classes], labels [N]) of a labelled ImageFolder, as
+    Predictor.logits gives them (test-time augmentation included); a class
     folder whose name is not one of the model's classes is a DataError."""
     dataset = build_dataset(DatasetConfig(name="ImageFolder", root=str(root)), "eval", predictor.transform,
                             class_names=predictor.meta["class_names"])
     if not len(dataset):
         raise DataError(f"--input {root}: no readable images to evaluate")
     batches = np.array_split(np.arange(len(dataset)), math.ceil(len(dataset) / predictor.batch_size))
-    logits = [predictor.predict_arrays(np.stack([dataset[int(i)][0] for i in batch])) for batch in batches]
+    logits = [predictor.logits(np.stack([dataset[int(i)][0] for i in batch])) for batch in batches]
     return np.concatenate(logits), np.array([label for _, label in dataset.samples])
 
 
@@ -294,12 +313,14 @@ def benchmark(predictor, paths, runs=20):
         raise DataError(f"--benchmark: none of the {wanted} inputs could be read")
     preprocess_ms = 1000 * (time.perf_counter() - started) / len(arrays)
     images = np.stack(arrays)
-    result = {"backend": predictor.backend, "model_dir": str(predictor.model_dir), "images": len(images),
+    result = {"backend": predictor.backend, "model_dir": str(predictor.model_dir), "tta": predictor.tta,
+              "images": len(images),
               "preprocess_ms_per_image": round(preprocess_ms, 2)}
     for size in sorted({1, predictor.batch_size}):
         # Cycle through the images so that each timed batch holds different ones.
         pool = np.resize(images, (max(len(images), size * runs), *images.shape[1:]))
-        seconds = time_batches(predictor.predict_arrays, [pool[i * size:(i + 1) * size] for i in range(runs)])
+        # logits: with the folder's tta, every view of an image counts in its time.
+        seconds = time_batches(predictor.logits, [pool[i * size:(i + 1) * size] for i in range(runs)])
         result[f"batch_{size}"] = {"runs": runs, "p50_ms": round(1000 * float(np.percentile(seconds, 50)), 3),
                                    "p95_ms": round(1000 * float(np.percentile(seconds, 95)), 3),
                                    "images_per_s": round(size * runs / float(seconds.sum()), 2)}

@@ -122,7 +122,7 @@ class Service:
                 "backend_file": Path(self.predictor.model_file).name, "files": {**files, "meta_file": META_FILE},
                 "limits": {"max_mb": self.max_mb, "max_files": MAX_FILES, "field": FIELD,
                            "max_pixels": Image.MAX_IMAGE_PIXELS}}
-        for key in ("arch", "precision", "temperature", "paddle_version"):
+        for key in ("arch", "precision", "temperature", "tta", "paddle_version"):
             if key in meta:
                 data[key] = meta[key]
         return data

@@ -578,3 +578,66 @@ def test_export_tool_takes_a_run_folder(trained_run, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "top-1 agreement 8/8" in done.stdout
     assert yaml.safe_load((out / "inference.yml").read_text())["preprocess"]["input_size"] == 64
+
+
+
+
+def _hand_views(images, mode, size):
+    """The views of tta.py written out: the image and its mirror; for
+    flip_crops the center and the four corners of the square, each mirrored."""
+    if mode == "flip":
+        crops = [images]
+    else:
+        far = images.shape[-1] - size
+        crops = [images[..., top:top + size, left:left + size]
+                 for top, left in [(far // 2, far // 2), (0, 0), (0, far), (far, 0), (far, far)]]
+    return [np.ascontiguousarray(view) for crop in crops for view in (crop, crop[..., ::-1])]
+
+
+@pytest.mark.parametrize("mode", ["flip", "flip_crops"])
+def test_tta_is_the_same_in_eval_export_and_infer(run, colour_folder, capsys, monkeypatch, mode):
+    """DataLoader.Eval.tta: inference.yml records it, infer applies it with
+    no flag (scores: the mean of the views' calibrated probabilities,
+    temperature included), and infer --eval predicts what `paddle-tl eval`
+    predicts, image for image."""
+    import paddle_tl.engine.evaluate as evaluation
+
+    data = colour_folder(run.tmp / "noisy", 3, 0, classes=CLASSES)  # not mirror-symmetric, unlike run.data
+    overrides = (f"DataLoader.Eval.tta={mode}", f"DataLoader.Eval.dataset.root={data}")
+    export(_config(run, *overrides))
+    assert yaml.safe_load((run.inference / "inference.yml").read_text())["tta"] == mode
+    network, _, pre, _ = trained_model(_config(run))
+    square = Preprocess(pre.resize_short, pre.resize_short, pre.mean, pre.std) if mode == "flip_crops" else pre
+    dataset = build_dataset(_config(run, *overrides).DataLoader.Eval.dataset, "eval", eval_transform(square),
+                            class_names=CLASSES)
+    paths = [path for path, _ in dataset.samples]
+    images = np.stack([dataset[i][0] for i in range(len(dataset))])
+    view_logits = [_logits(network, view) for view in _hand_views(images, mode, pre.input_size)]
+    assert len(view_logits) == {"flip": 2, "flip_crops": 10}[mode]
+    assert not np.allclose(softmax(view_logits[0]), softmax(view_logits[1]), atol=1e-3)  # the views differ
+
+    evaluated_logits = []
+    metrics = evaluation.classification_metrics
+    monkeypatch.setattr(evaluation, "classification_metrics",
+                        lambda logits, *rest: evaluated_logits.append(logits) or metrics(logits, *rest))
+    evaluated = evaluate(_config(run, *overrides))
+    capsys.readouterr()
+    infer_main(["--model_dir", str(run.inference), "--input", str(data), "--eval", "--batch_size", "4"])
+    inferred = json.loads(capsys.readouterr().out.splitlines()[-1])
+    for key in ("top1", "per_class", "confusion_matrix", "num_images", "tta"):
+        assert inferred[key] == evaluated[key], key
+    assert inferred["tta"] == mode and inferred["num_images"] == 9
+    assert inferred["loss"] == pytest.approx(evaluated["loss"], abs=1e-5)
+    inferred_logits, _ = folder_logits(Predictor(run.inference, batch_size=4), data)
+    np.testing.assert_allclose(inferred_logits, evaluated_logits[0], atol=1e-4)
+    assert (inferred_logits.argmax(1) == evaluated_logits[0].argmax(1)).all()
+
+    _set_temperature(run.inference, 2.5)  # the views are calibrated before they are averaged
+    expected = np.mean([softmax(logits, 2.5) for logits in view_logits], axis=0)
+    for record, probabilities in zip(Predictor(run.inference).predict_paths(paths, top_k=3), expected):
+        assert record["class_ids"] == list(np.argsort(-probabilities, kind="stable"))
+        np.testing.assert_allclose(record["scores"], np.sort(probabilities)[::-1], atol=1e-5)
+    meta_file = run.inference / "inference.yml"
+    meta_file.write_text(meta_file.read_text().replace(f"tta: {mode}", "tta: crops"))
+    with pytest.raises(ExportError, match="tta 'crops' is not one of none, flip, flip_crops; re-export the model"):
+        Predictor(run.inference)
