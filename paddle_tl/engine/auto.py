@@ -39,19 +39,21 @@ class Candidate:
     name: str
     overrides: tuple  # "Section.key=value", applied to the run's config
     what: str
+    cut: int  # the stages its cache sits above (all of them for a linear probe)
 
 
 def candidates(cfg, num_stages, class_counts):
     """The recipes to measure, in the order the four-quadrant rule prefers
     them for this data size."""
     top, two = num_stages - 1, max(1, num_stages - 2)
-    probe = Candidate("linear_probe", ("Transfer.strategy=linear_probe",), "the frozen features, a new head")
+    probe = Candidate("linear_probe", ("Transfer.strategy=linear_probe",), "the frozen features, a new head",
+                      num_stages)
     mlp = Candidate("mlp_head", ("Transfer.strategy=linear_probe", "Arch.head.type=mlp"),
-                    "the frozen features, an MLP head (Arch.head)")
+                    "the frozen features, an MLP head (Arch.head)", num_stages)
     lp_ft_top = Candidate("lp_ft_top", ("Transfer.strategy=lp_ft", f"Transfer.freeze_stages={top}"),
-                          "a linear probe, then the top stage fine-tuned")
+                          "a linear probe, then the top stage fine-tuned", top)
     lp_ft_two = Candidate("lp_ft_two", ("Transfer.strategy=lp_ft", f"Transfer.freeze_stages={two}"),
-                          "a linear probe, then the top two stages fine-tuned")
+                          "a linear probe, then the top two stages fine-tuned", two)
     chosen_head = any(key.startswith("Arch.head") for key in cfg.given)  # the user's head stays
     probes = [probe] if chosen_head else [probe, mlp]
     tuned = [lp_ft_top] + ([lp_ft_two] if two < top else [])
@@ -85,16 +87,17 @@ def why_not_measured(cfg, processes, has_validation, pretrained):
     return None
 
 
-def measure(cfg, trial, num_stages, class_counts):
-    """Measure the candidates within the budget; returns (the winner's
-    config, the record for metrics.json). `trial(cfg)` trains a config for
-    its Global.epochs and returns (validation top-1, validation loss,
-    seconds per epoch)."""
+def measure(cfg, trial, to_measure, started=None):
+    """Measure the candidates `to_measure` (in order) within the budget,
+    counted from `started` (now by default); returns (the winner's config,
+    the record for metrics.json). `trial(cfg)` trains a config for its
+    Global.epochs and returns (validation top-1, validation loss, seconds
+    per epoch)."""
     budget = cfg.Transfer.auto_budget_minutes * 60
-    started = time.time()
+    started = time.time() if started is None else started
     epochs = min(TRIAL_EPOCHS, cfg.Global.epochs)
     rows = []
-    for candidate in candidates(cfg, num_stages, class_counts):
+    for candidate in to_measure:
         spent = time.time() - started
         if rows and spent > MEASURING_SHARE * budget:
             rows.append({"name": candidate.name, "what": candidate.what, "skipped": "budget"})

@@ -75,7 +75,7 @@ def choose_fit_mode(cfg, plan, network, spec, processes, images):
         not_cached = _why_not_cached(cfg, plan, processes) or _why_no_feature_head(network, spec)
     else:
         not_cached = _why_not_cached(cfg, plan, processes) or why_not_split(network, spec, boundary) or \
-            _why_not_in_memory(cfg, network, spec, boundary, images)
+            why_not_in_memory(cfg, network, spec, boundary, images)
     if not_cached:
         return "images", f"{cut} not cached: {not_cached}"
     if cut == "features":
@@ -111,7 +111,9 @@ def _why_not_cached(cfg, plan, processes):
 MEMORY_SHARE = 0.5
 
 
-def _why_not_in_memory(cfg, network, spec, boundary, images):
+def why_not_in_memory(cfg, network, spec, boundary, images):
+    """Why the activations of `images` (training, others) at `boundary`
+    would not fit in memory, or None."""
     shape = activation_shape(split(network, spec, boundary)[0], cfg.Arch.input_size or spec.input_size)
     train, plain = images
     needed = activation_bytes(shape, train * cfg.Transfer.cache_views + plain, 2)  # float16
@@ -207,7 +209,7 @@ def _size(count):
 def _cached_activations(cfg, reason, network, spec, pre, data, state, plan, loss, metric, device,
                         teacher_network=None):
     views, boundary = cfg.Transfer.cache_views, plan.always_frozen
-    bottom, top = split(network, spec, boundary)
+    top = split(network, spec, boundary)[1]
     print(f"frozen bottom {boundary} stages: computing their output once, then training the top stages on it "
           f"({views} view(s) per training image: the plain one + {views - 1} augmented; stored as "
           f"{ACTIVATION_DTYPE})")
@@ -215,8 +217,8 @@ def _cached_activations(cfg, reason, network, spec, pre, data, state, plan, loss
     loader_cfg = cfg.DataLoader.Eval
     with _teacher(teacher_network, loader_cfg.batch_size, device) as teacher:
         train_data, (eval_data, *val_data) = cached_activations(
-            bottom, pre.input_size, data.train, plain_sets, data.eval_tf, data.train_tf, views, loader_cfg,
-            cfg.Global.seed, device, dtype=ACTIVATION_DTYPE, teacher=teacher)
+            network, spec, boundary, pre.input_size, data.train, plain_sets, data.eval_tf, data.train_tf, views,
+            loader_cfg, cfg.Global.seed, device, dtype=ACTIVATION_DTYPE, teacher=teacher)
     shape = list(train_data.views[0].shape[1:])
     return Fit("cached_activations", reason, top, train_data, eval_data,
                paddle.static.InputSpec([None, *shape], "float32", "activations"), loss, metric,

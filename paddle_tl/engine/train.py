@@ -24,7 +24,7 @@ from paddle_tl.engine.callbacks import (Checkpointer, EpochRecorder, EvalSchedul
                                         ValidationScore, VisualDLLogger, metric_names)
 from paddle_tl.engine.checkpoint import load_state, load_weights, resolve_resume, restore_optimizer
 from paddle_tl.engine.ema import WeightAverage
-from paddle_tl.engine.fit import choose_fit_mode, prepare_fit
+from paddle_tl.engine.fit import choose_fit_mode, prepare_fit, why_not_in_memory
 from paddle_tl.engine.losses import build_loss, class_weights
 from paddle_tl.engine.model import GuardedModel
 from paddle_tl.engine.optim import build_optimizer
@@ -35,12 +35,13 @@ from paddle_tl.errors import ConfigError, OutOfMemoryError
 from paddle_tl.files import write_json
 from paddle_tl.models.features import feature_head
 from paddle_tl.models.heads import build_network
+from paddle_tl.models.split import why_not_split
 from paddle_tl.models.static import dynamic_runner
 from paddle_tl.models.weights import load_pretrained
 from paddle_tl.models.zoo import get_spec
 from paddle_tl.runtime import import_paddle, rng_kept, seed_everything, select_device
 from paddle_tl.transfer.distill import Teacher, find_teacher
-from paddle_tl.transfer.feature_cache import shared_caches
+from paddle_tl.transfer.feature_cache import cached_activations, shared_caches
 from paddle_tl.transfer.freezing import L2SP, GradualUnfreezer, add_l2sp, set_frozen_stages, trainable_parameters
 from paddle_tl.transfer.plan import plan_transfer
 from paddle_tl.transfer.similarity import measure_similarity
@@ -193,9 +194,11 @@ def choose_auto(cfg, run, data):
     if why_not:
         print(f"auto: the four-quadrant rule alone decides ({why_not})")
         return cfg, None
+    candidates = auto.candidates(cfg, len(get_spec(cfg.Arch.name).stages), data.train.class_counts())
+    started = time.time()
     with rng_kept():  # the run draws as it would have without the trials
-        winner, record = auto.measure(cfg, lambda variant: _trial(variant, run, data),
-                                      len(get_spec(cfg.Arch.name).stages), data.train.class_counts())
+        _cache_below(cfg, run, data, min(candidate.cut for candidate in candidates))
+        winner, record = auto.measure(cfg, lambda variant: _trial(variant, run, data), candidates, started)
     if run.is_main:
         write_json(chosen, record)
     return winner, record
@@ -203,6 +206,25 @@ def choose_auto(cfg, run, data):
 
 # The run folder's record of what auto measured and chose.
 AUTO_RECORD = "auto.json"
+
+
+def _cache_below(cfg, run, data, boundary):
+    """The activations of the bottom `boundary` stages, for every image view
+    the candidates and the run will use, into the shared caches: one pass
+    over the images, from which every candidate's cut (its own boundary or
+    the features) is computed (transfer/feature_cache.py). Skipped, and each
+    candidate caches for itself, where this run would not cache at all."""
+    transfer, augment = cfg.Transfer, cfg.DataLoader.Train.augment
+    if not transfer.cache_features or transfer.bn != "freeze" or augment.mixup or augment.cutmix or run.teacher:
+        return
+    net = load_network(cfg, dataclasses.replace(run, is_main=False), data)
+    images = (len(data.train), len(data.eval) + len(data.val))
+    if why_not_split(net.layer, net.spec, boundary) or why_not_in_memory(cfg, net.layer, net.spec, boundary, images):
+        return
+    print(f"auto: computing the bottom {boundary} stages' output once for every candidate")
+    cached_activations(net.layer, net.spec, boundary, data.pre.input_size, data.train,
+                       {"eval": data.eval, "validation": data.val}, data.eval_tf, data.train_tf, transfer.cache_views,
+                       cfg.DataLoader.Eval, cfg.Global.seed, run.device)
 
 
 def _trial(cfg, run, data):

@@ -23,14 +23,17 @@ the features came from, and are computed once per view, not every epoch.
 import contextlib
 import copy
 import hashlib
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from paddle_tl.data.loaders import make_loader, map_batches
 from paddle_tl.models.features import feature_head, feature_size, headless
+from paddle_tl.models.split import forward_steps, split, why_not_split
 from paddle_tl.models.static import fastest_runner
 from paddle_tl.models.zoo import match_prefix
-from paddle_tl.runtime import import_paddle, rng_kept, seed_everything
+from paddle_tl.runtime import import_paddle, progress, rng_kept, seed_everything
 
 paddle = import_paddle()
 
@@ -117,10 +120,11 @@ def cached_datasets(network, spec, input_size, train_set, plain_sets, eval_tf, t
     the feature size). With `teacher` (run(images) -> logits), the training
     views carry the teacher's logits of the same images; the plain sets
     (evaluation) do not need them."""
-    body = {name: value for name, value in network.state_dict().items() if not match_prefix(name, spec.head)}
-    train_data, plain = _cache(
-        lambda: feature_extractor(network, spec, input_size, loader_cfg.batch_size, device), ("features", body),
-        train_set, plain_sets, eval_tf, train_tf, views, loader_cfg, seed, teacher)
+    stages = len(spec.stages)
+    cut = _Cut("features", stages, _body_digest(network, spec), "float32",
+               lambda: feature_extractor(network, spec, input_size, loader_cfg.batch_size, device),
+               lambda lower: _between(network, spec, lower, stages))
+    train_data, plain = _cache(cut, train_set, plain_sets, eval_tf, train_tf, views, loader_cfg, seed, teacher)
     head = feature_head(network, spec)
     return train_data, plain, HeadOnly(head), feature_size(head)
 
@@ -130,26 +134,42 @@ def cached_datasets(network, spec, input_size, train_set, plain_sets, eval_tf, t
 ACTIVATION_DTYPE = "float16"
 
 
-def cached_activations(bottom, input_size, train_set, plain_sets, eval_tf, train_tf, views, loader_cfg, seed,
-                       device, dtype=ACTIVATION_DTYPE, teacher=None):
-    """(training activations of the frozen `bottom` (models/split.py) in
-    `views` views, [activations of each of `plain_sets` in the evaluation
-    view]), stored as `dtype`; with `teacher`, as cached_datasets."""
-    return _cache(lambda: _extractor(bottom, input_size, loader_cfg.batch_size, device, dtype),
-                  ("activations", bottom.state_dict(), dtype),
-                  train_set, plain_sets, eval_tf, train_tf, views, loader_cfg, seed, teacher)
+def cached_activations(network, spec, boundary, input_size, train_set, plain_sets, eval_tf, train_tf, views,
+                       loader_cfg, seed, device, dtype=ACTIVATION_DTYPE, teacher=None):
+    """(training activations of the network's frozen bottom `boundary`
+    stages (models/split.py) in `views` views, [activations of each of
+    `plain_sets` in the evaluation view]), stored as `dtype`; with
+    `teacher`, as cached_datasets."""
+    bottom = split(network, spec, boundary)[0]
+    cut = _Cut("activations", boundary, _body_digest(network, spec), dtype,
+               lambda: _extractor(bottom, input_size, loader_cfg.batch_size, device, dtype),
+               lambda lower: _between(network, spec, lower, boundary))
+    return _cache(cut, train_set, plain_sets, eval_tf, train_tf, views, loader_cfg, seed, teacher)
 
 
-# While shared_caches() is active: every array computed, by what computed
-# it (the weights' fingerprint), the dataset, the transform and the view.
+@dataclass
+class _Cut:
+    """Where the network is cut for a cache, and how its outputs are made."""
+    what: str  # features or activations (what the progress lines say)
+    boundary: int  # the stages below the cut (all of them for features)
+    body: str  # fingerprint of the body's weights, while shared caches are on (else None)
+    dtype: str
+    from_images: Callable  # () -> a context yielding extract(dataset, transform, workers, desc[, teacher])
+    from_lower: Callable  # (lower boundary) -> the layers from that boundary to this cut, or None
+
+
+# While shared_caches() is active: every array computed, by the body's
+# weights, the cut, the dataset, the transform and the view.
 _shared = None
 
 
 @contextlib.contextmanager
 def shared_caches():
     """Within the context, an output computed once is reused wherever the
-    same weights meet the same images in the same view: `auto`'s candidates
-    and the run after them share one pass over the images."""
+    same weights meet the same images in the same view, and an output at a
+    higher cut is computed from one at a lower cut rather than from the
+    images: `auto`'s candidates and the run after them share one pass over
+    the images."""
     global _shared
     outer = _shared
     _shared = {} if outer is None else outer
@@ -159,47 +179,86 @@ def shared_caches():
         _shared = outer
 
 
-def _cache(make_extractor, computed_by, train_set, plain_sets, eval_tf, train_tf, views, loader_cfg, seed,
-           teacher=None):
-    """(train views, [plain views]); `make_extractor()` opens the extractor,
-    only when something is not in the shared caches. `computed_by`: (what,
-    its state dict[, dtype]). With a teacher, the training views are
-    computed beside its logits (and not shared)."""
-    what, state, *rest = computed_by
-    fingerprint = (what, _digest(state), *rest) if _shared is not None else None
+def _cache(cut, train_set, plain_sets, eval_tf, train_tf, views, loader_cfg, seed, teacher=None):
+    """(train views, [plain views]). Each view comes from the shared caches
+    (at this cut, or computed from a lower cut's), else from the images; the
+    extractor is opened only for the latter. With a teacher, the training
+    views are computed from the images beside its logits (and not shared)."""
     jobs = [(f"train view {v + 1}/{views}", train_set, eval_tf if v == 0 else train_tf, v) for v in range(views)]
     jobs += [(name, dataset, eval_tf, None) for name, dataset in plain_sets.items()]
-    keys = [(fingerprint, id(dataset), len(dataset), id(transform), view, seed if view else None)
-            for _, dataset, transform, view in jobs]
-    shareable = [teacher is None or view is None for _, _, _, view in jobs]
-    arrays = {key: _shared[key] for key, ok in zip(keys, shareable) if ok and _shared is not None and key in _shared}
-    logits = {}
-    if len(arrays) < len(keys):
-        with make_extractor() as extract:
-            for key, ok, (name, dataset, transform, view) in zip(keys, shareable, jobs):
-                if key in arrays:
-                    continue
+    arrays, logits, from_images = [], {}, []
+    for index, (name, dataset, transform, view) in enumerate(jobs):
+        shared = teacher is None or view is None
+        key = (cut.body, id(dataset), len(dataset), id(transform), view, seed if view else None)
+        arrays.append(_from_shared(cut, key, loader_cfg.batch_size, f"{cut.what}: {name}") if shared else None)
+        if arrays[-1] is None:
+            from_images.append((index, key, shared))
+    if from_images:
+        with cut.from_images() as extract:
+            for index, key, shared in from_images:
+                name, dataset, transform, view = jobs[index]
                 with rng_kept():  # training then shuffles as it would without the cache
                     if view is not None:
                         seed_everything(seed + 100_003 * (view + 1))  # each view its own draws, reproducibly
-                    arrays[key] = extract(dataset, transform, loader_cfg.num_workers, f"{what}: {name}",
-                                          *(() if ok else (teacher,)))
-                if not ok:
-                    arrays[key], logits[key] = arrays[key]
-                elif _shared is not None:
-                    _shared[key] = arrays[key]
-    teacher_views = [logits[key] for key in keys[:views]] if teacher is not None else None
-    train = FeatureViews([arrays[key] for key in keys[:views]], _labels(train_set), teacher_views)
-    plain = [FeatureViews([arrays[key]], _labels(dataset)) for key, dataset in zip(keys[views:], plain_sets.values())]
+                    result = extract(dataset, transform, loader_cfg.num_workers, f"{cut.what}: {name}",
+                                     *(() if shared else (teacher,)))
+                if shared:
+                    arrays[index] = result
+                    if _shared is not None:
+                        _shared[(cut.boundary, *key)] = result
+                else:
+                    arrays[index], logits[index] = result
+    teacher_views = [logits[index] for index in range(views)] if teacher is not None else None
+    train = FeatureViews(arrays[:views], _labels(train_set), teacher_views)
+    plain = [FeatureViews([array], _labels(dataset)) for array, dataset in zip(arrays[views:], plain_sets.values())]
     return train, plain
 
 
-def _digest(state):
-    """A fingerprint of weights (a state dict)."""
+def _from_shared(cut, key, batch_size, desc):
+    """The cut's outputs for `key` from the shared caches: stored, or
+    computed from the nearest lower cut stored; None when neither."""
+    if _shared is None:
+        return None
+    if (cut.boundary, *key) in _shared:
+        return _shared[(cut.boundary, *key)].astype(cut.dtype, copy=False)
+    for lower in range(cut.boundary - 1, 0, -1):
+        if (lower, *key) in _shared and (between := cut.from_lower(lower)) is not None:
+            outputs = _run_layers(between, _shared[(lower, *key)], batch_size, f"{desc} (from stage {lower})")
+            _shared[(cut.boundary, *key)] = outputs.astype(cut.dtype)
+            return _shared[(cut.boundary, *key)]
+    return None
+
+
+def _between(network, spec, lower, upper):
+    """The network's layers from the output of its bottom `lower` stages to
+    the input of stage `upper` (the head's input when `upper` is every
+    stage), or None where the network cannot be cut there."""
+    if why_not_split(network, spec, lower) is not None:
+        return None
+    return paddle.nn.Sequential(*[layer for stage, layer in forward_steps(network, spec) if lower <= stage < upper])
+
+
+def _run_layers(layers, inputs, batch_size, desc):
+    """`layers` (eval mode, no gradients) over stored outputs, in batches."""
+    layers.eval()
+    outputs = []
+    with paddle.no_grad():
+        for start in progress(range(0, len(inputs), batch_size), desc, unit="batch"):
+            batch = paddle.to_tensor(inputs[start:start + batch_size].astype("float32"))
+            outputs.append(layers(batch).numpy())
+    return np.concatenate(outputs)
+
+
+def _body_digest(network, spec):
+    """A fingerprint of the body's weights (not the head's), while shared
+    caches are on: outputs below the head depend on nothing else."""
+    if _shared is None:
+        return None
     digest = hashlib.sha1()
-    for name, value in state.items():
-        digest.update(name.encode())
-        digest.update(np.ascontiguousarray(value.numpy()).tobytes())
+    for name, value in network.state_dict().items():
+        if not match_prefix(name, spec.head):
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(value.numpy()).tobytes())
     return digest.hexdigest()
 
 

@@ -46,7 +46,7 @@ def test_auto_trains_the_measured_best_where_the_rule_would_keep_the_features(mo
     rule = plan_transfer(cfg.Transfer, 5, [40, 40], True, similarity={"separability": 0.9})
     assert rule.strategy == "linear_probe"
     scores = {"linear_probe": 0.80, "mlp_head": 0.82, "lp_ft_top": 0.91, "lp_ft_two": 0.89}
-    winner, record = auto.measure(cfg, _trial(scores, clock), 5, [40, 40])
+    winner, record = auto.measure(cfg, _trial(scores, clock), auto.candidates(cfg, 5, [40, 40]))
     assert [row["name"] for row in record["candidates"]] == ["linear_probe", "mlp_head", "lp_ft_top", "lp_ft_two"]
     assert [row["val_top1"] for row in record["candidates"]] == [0.80, 0.82, 0.91, 0.89]
     assert record["chosen"] == "lp_ft_top" and record["trial_epochs"] == 4 and record["epochs"] == 10
@@ -66,7 +66,7 @@ def test_large_data_measures_fine_tuning_first_and_ties_go_to_the_lower_loss(mon
         top1, loss, pace = trial(variant)
         return top1, loss - (0.1 if variant.Arch.head.type == "mlp" else 0), pace
 
-    _, record = auto.measure(cfg, lower_loss_for_mlp, 5, [600, 700])
+    _, record = auto.measure(cfg, lower_loss_for_mlp, auto.candidates(cfg, 5, [600, 700]))
     assert [row["name"] for row in record["candidates"]] == ["lp_ft_top", "lp_ft_two", "linear_probe", "mlp_head"]
     assert record["chosen"] == "mlp_head"
 
@@ -79,7 +79,7 @@ def test_the_budget_stops_measuring_and_bounds_the_epochs(monkeypatch):
     monkeypatch.setattr(auto.time, "time", clock)
     cfg = load_config(None, ["Transfer.strategy=auto", "Global.epochs=30", "Transfer.auto_budget_minutes=10"])
     scores = {"linear_probe": 0.7, "mlp_head": 0.75, "lp_ft_top": 0.9, "lp_ft_two": 0.9}
-    winner, record = auto.measure(cfg, _trial(scores, clock, seconds=200), 5, [40, 40])
+    winner, record = auto.measure(cfg, _trial(scores, clock, seconds=200), auto.candidates(cfg, 5, [40, 40]))
     assert [row.get("skipped") for row in record["candidates"]] == [None, None, "budget", "budget"]
     assert record["chosen"] == "mlp_head" and winner.Global.epochs == 4 and record["epochs"] == 4
     assert "4 of Global.epochs=30 epochs fit the 10-minute budget left" in record["reason"]
@@ -90,11 +90,11 @@ def test_a_candidate_the_architecture_cannot_run_is_skipped_with_its_reason(monk
     monkeypatch.setattr(auto.time, "time", clock)
     cfg = load_config(None, ["Transfer.strategy=auto"])
     scores = {"linear_probe": 0.7, "mlp_head": 0.99, "lp_ft_top": 0.8, "lp_ft_two": 0.75}
-    _, record = auto.measure(cfg, _trial(scores, clock, refuse={"mlp_head"}), 5, [40, 40])
+    _, record = auto.measure(cfg, _trial(scores, clock, refuse={"mlp_head"}), auto.candidates(cfg, 5, [40, 40]))
     assert record["candidates"][1]["skipped"] == "Arch.head: mlp_head cannot run here"
     assert record["chosen"] == "lp_ft_top"
     with pytest.raises(ConfigError, match="no candidate could be measured: linear_probe: Arch.head"):
-        auto.measure(cfg, _trial(scores, clock, refuse=set(scores)), 5, [40, 40])
+        auto.measure(cfg, _trial(scores, clock, refuse=set(scores)), auto.candidates(cfg, 5, [40, 40]))
 
 
 def test_a_head_the_user_chose_is_kept():

@@ -80,15 +80,54 @@ def test_activations_are_stored_in_half_precision_within_its_rounding(workspace,
     spec = get_spec("mobilenet_v1")
     network = build_network(spec, 3, {"scale": 0.25}, {"type": "linear"})
     load_pretrained(network, str(shared_dir / "weights" / "mobilenet_v1_x0.25_imagenet.pdparams"), spec.head)
-    bottom = split(network, spec, 3)[0]
+    bottom = split(network, spec, 3)[0]  # what the cache runs
     eval_tf = eval_transform(Preprocess.from_spec(spec, 64))
     images = build_dataset(load_config(None, [f"DataLoader.Train.dataset.root={workspace['train']}"]
                                        ).DataLoader.Train.dataset, "train", eval_tf)
     loader_cfg = load_config(None, ["DataLoader.Eval.num_workers=0"]).DataLoader.Eval
-    train_views, _ = feature_cache.cached_activations(bottom, 64, images, {}, eval_tf, eval_tf, 1, loader_cfg, 0,
-                                                      "cpu")
+    train_views, _ = feature_cache.cached_activations(network, spec, 3, 64, images, {}, eval_tf, eval_tf, 1,
+                                                      loader_cfg, 0, "cpu")
     half = train_views.views[0]
     assert half.dtype == np.float16 and half.shape == (len(images), 64, 8, 8)
     exact = np.concatenate([dynamic_runner(bottom)(paddle.to_tensor(np.stack([images[i][0] for i in range(j, j + 6)])))
                             for j in range(0, len(images), 6)])
     np.testing.assert_allclose(half.astype("float32"), exact, rtol=2e-3, atol=2e-3)
+
+
+def test_shared_caches_compute_higher_cuts_from_a_lower_one_without_the_images(workspace, shared_dir, monkeypatch):
+    """Within shared caches, once the activations below stage 3 exist, the
+    activations below stage 4 and the features come from them (no second
+    pass over the images), equal to what the images give."""
+    from paddle_tl.config import load_config
+    from paddle_tl.data.datasets import build_dataset
+    from paddle_tl.data.transforms import Preprocess, eval_transform
+    from paddle_tl.models.heads import build_network
+    from paddle_tl.models.weights import load_pretrained
+
+    spec = get_spec("mobilenet_v1")
+    network = build_network(spec, 3, {"scale": 0.25}, {"type": "linear"})
+    load_pretrained(network, str(shared_dir / "weights" / "mobilenet_v1_x0.25_imagenet.pdparams"), spec.head)
+    eval_tf = eval_transform(Preprocess.from_spec(spec, 64))
+    images = build_dataset(load_config(None, [f"DataLoader.Train.dataset.root={workspace['train']}"]
+                                       ).DataLoader.Train.dataset, "train", eval_tf)
+    loader_cfg = load_config(None, ["DataLoader.Eval.num_workers=0"]).DataLoader.Eval
+
+    def features():
+        return feature_cache.cached_datasets(network, spec, 64, images, {}, eval_tf, eval_tf, 1, loader_cfg, 0,
+                                             "cpu")[0].views[0]
+
+    def activations(boundary):
+        return feature_cache.cached_activations(network, spec, boundary, 64, images, {}, eval_tf, eval_tf, 1,
+                                                loader_cfg, 0, "cpu", dtype="float32")[0].views[0]
+
+    from_images = features(), activations(4)
+    with feature_cache.shared_caches():
+        activations(3)
+
+        def no_images(*args, **kwargs):
+            raise AssertionError("a second pass over the images")
+
+        monkeypatch.setattr(feature_cache, "fastest_runner", no_images)
+        derived = features(), activations(4)
+    for direct, computed in zip(from_images, derived):
+        np.testing.assert_allclose(computed, direct, rtol=1e-4, atol=1e-4)
