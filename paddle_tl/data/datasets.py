@@ -183,6 +183,24 @@ def split_validation(dataset, fraction, seed, transform):
     return train, val
 
 
+def subsample(dataset, per_class, seed):
+    """At most `per_class` images of every class (seeded, in the dataset's
+    order), as a dataset that knows which rows of `dataset` it holds
+    (`parent`, `indices`): caches of the parent serve it too."""
+    rng = np.random.RandomState(seed)
+    labels = np.array([label for _, label in dataset.samples])
+    keep = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        keep[rng.permutation(members)[:per_class]] = True
+    if keep.all():
+        return dataset
+    subset = ClassificationDataset([s for s, k in zip(dataset.samples, keep) if k], dataset.class_names,
+                                   dataset.transform)
+    subset.parent, subset.indices = dataset, np.flatnonzero(keep)
+    return subset
+
+
 UNLABELED = -1  # the label of a target-domain image
 
 

@@ -6,7 +6,8 @@ Why measure: the four-quadrant rule (transfer/plan.py) is a good prior, but
 its thresholds (500 images per class, separability 0.6) are guesses, and it
 never sees what fine-tuning the top stages would gain on this data. The
 rule orders the candidates (fine-tuning first on large data, the linear
-probe first on small data), and the budget decides how many are measured.
+probe first on small data), and the budget decides how many are measured;
+the winner then trains for Global.epochs on all the training images.
 Measuring is affordable because the candidates and the run after them
 share one pass of the frozen layers over the images (feature_cache's
 shared caches): after it, an epoch of a linear probe or of top-stage
@@ -18,7 +19,6 @@ what to try, in which order, for how long, and what won.
 """
 
 import dataclasses
-import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -30,7 +30,12 @@ from paddle_tl.transfer.plan import SMALL_PER_CLASS
 # Epochs each candidate trains (fewer when Global.epochs is smaller): enough
 # for the linear probe to settle and for LP-FT to probe and then fine-tune.
 TRIAL_EPOCHS = 4
-# Measuring stops once it has used this share of the budget; the rest trains the winner.
+# Candidates train on at most this many images of each class (seeded): on a
+# few thousand images, measuring four recipes on all of them would cost more
+# than training the winner; the validation split that scores them is whole.
+TRIAL_IMAGES_PER_CLASS = 200
+# No candidate starts that, at the pace of the one before it, would end past
+# this share of the budget; the rest is for training the winner.
 MEASURING_SHARE = 0.5
 
 
@@ -96,10 +101,10 @@ def measure(cfg, trial, to_measure, started=None):
     budget = cfg.Transfer.auto_budget_minutes * 60
     started = time.time() if started is None else started
     epochs = min(TRIAL_EPOCHS, cfg.Global.epochs)
-    rows = []
+    rows, last = [], 0.0
     for candidate in to_measure:
         spent = time.time() - started
-        if rows and spent > MEASURING_SHARE * budget:
+        if rows and spent + last > MEASURING_SHARE * budget:
             rows.append({"name": candidate.name, "what": candidate.what, "skipped": "budget"})
             continue
         print(f"auto: measuring {candidate.name} ({candidate.what}) for {epochs} epochs on the validation split")
@@ -110,8 +115,9 @@ def measure(cfg, trial, to_measure, started=None):
         except ConfigError as exc:  # a recipe this architecture cannot run (an MLP head on a conv head, say)
             rows.append({"name": candidate.name, "what": candidate.what, "skipped": str(exc)})
             continue
+        last = time.time() - t0
         rows.append({"name": candidate.name, "what": candidate.what, "overrides": list(candidate.overrides),
-                     "val_top1": val_top1, "val_loss": val_loss, "seconds": round(time.time() - t0, 2),
+                     "val_top1": val_top1, "val_loss": val_loss, "seconds": round(last, 2),
                      "epoch_seconds": round(epoch_seconds, 3)})
         print(f"auto: {candidate.name}: validation top-1 {val_top1:.4f} (loss {val_loss:.4f}), "
               f"{rows[-1]['seconds']:.0f} s")
@@ -122,35 +128,19 @@ def measure(cfg, trial, to_measure, started=None):
     # The best validation top-1; a tie goes to the lower loss, then to the earlier (the rule's preference).
     best = min(measured, key=lambda row: (-row["val_top1"], row["val_loss"], measured.index(row)))
     spent = time.time() - started
-    final_epochs = _epochs_left(cfg.Global.epochs, budget - spent, best["epoch_seconds"])
-    winner = configured(cfg, (*best["overrides"], f"Global.epochs={final_epochs}"))
+    winner = configured(cfg, best["overrides"])
     reason = (f"measured {len(measured)} candidates on the validation split in {spent:.0f} s; {best['name']} "
               f"({best['what']}) scored best, validation top-1 {best['val_top1']:.4f}")
-    if final_epochs < cfg.Global.epochs:
-        reason += (f"; {final_epochs} of Global.epochs={cfg.Global.epochs} epochs fit the "
-                   f"{cfg.Transfer.auto_budget_minutes:g}-minute budget left")
     print(f"auto: {reason}")
-    record = {"candidates": rows, "chosen": best["name"], "reason": reason, "seconds": round(spent, 2),
-              "trial_epochs": epochs, "epochs": final_epochs, "global_epochs": cfg.Global.epochs,
-              "budget_minutes": cfg.Transfer.auto_budget_minutes}
-    return winner, record
-
-
-def _epochs_left(epochs, seconds_left, epoch_seconds):
-    """Global.epochs, or as many as the budget left holds at the measured
-    pace (one at least)."""
-    if epoch_seconds <= 0:
-        return epochs
-    return max(1, min(epochs, math.floor(seconds_left / epoch_seconds)))
+    return winner, {"candidates": rows, "chosen": best["name"], "reason": reason, "seconds": round(spent, 2),
+                    "trial_epochs": epochs, "budget_minutes": cfg.Transfer.auto_budget_minutes}
 
 
 def restore(record, cfg):
     """The winner's config from a record: a resumed run trains what was
-    chosen, without measuring again, for the epochs chosen then (or for a
-    Global.epochs changed since, to train further)."""
+    chosen, without measuring again."""
     best = next(row for row in record["candidates"] if row["name"] == record["chosen"])
-    epochs = record["epochs"] if cfg.Global.epochs == record["global_epochs"] else cfg.Global.epochs
-    return configured(cfg, (*best["overrides"], f"Global.epochs={epochs}"))
+    return configured(cfg, best["overrides"])
 
 
 def chosen_plan(plan, record):

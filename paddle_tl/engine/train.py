@@ -16,7 +16,8 @@ from typing import Optional
 from paddle_tl.calibration import calibrate
 from paddle_tl.combinations import Facts, check_combinations
 from paddle_tl.data.check import duplicates_across_splits, duplicates_problem
-from paddle_tl.data.datasets import build_dataset, build_target_dataset, imbalance_ratio, split_validation
+from paddle_tl.data.datasets import (build_dataset, build_target_dataset, imbalance_ratio, split_validation,
+                                     subsample)
 from paddle_tl.data.loaders import make_loader, map_batches
 from paddle_tl.data.transforms import Preprocess, eval_transform, train_transform
 from paddle_tl.engine import auto
@@ -228,13 +229,15 @@ def _cache_below(cfg, run, data, boundary):
 
 
 def _trial(cfg, run, data):
-    """Train `cfg` for its Global.epochs without a run folder, choosing and
+    """Train `cfg` for its Global.epochs without a run folder, on at most
+    auto.TRIAL_IMAGES_PER_CLASS training images of each class, choosing and
     scoring on the validation split alone (it stands in for Eval, which a
     trial never sees); (validation top-1 and loss of its best epoch, seconds
     per epoch)."""
     seed_everything(cfg.Global.seed)
     trial = dataclasses.replace(run, is_main=False, resume=None)
-    trial_data = dataclasses.replace(data, eval=data.val, val=None, duplicates=[])
+    trial_data = dataclasses.replace(data, train=subsample(data.train, auto.TRIAL_IMAGES_PER_CLASS, cfg.Global.seed),
+                                     eval=data.val, val=None, duplicates=[])
     net = load_network(cfg, trial, trial_data)
     plan = plan_strategy(cfg, trial, net, trial_data)
     state = start_state(cfg, trial, net, plan, trial_data)

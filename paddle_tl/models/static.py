@@ -141,7 +141,10 @@ def save_static(network, input_size, out_dir):
     for name in MODEL_FILES:
         # a stale model file from an older export would make the folder ambiguous
         (out_dir / name).unlink(missing_ok=True)
-    input_spec = [paddle.static.InputSpec([None, 3, input_size, input_size], "float32", INPUT_NAME)]
+    # An int is an image size; a tuple is the shape of one input of another
+    # kind (stored activations, for the layers after a cut).
+    shape = [3, input_size, input_size] if isinstance(input_size, int) else list(input_size)
+    input_spec = [paddle.static.InputSpec([None, *shape], "float32", INPUT_NAME)]
     paddle.jit.save(network, str(out_dir / PREFIX), input_spec=input_spec)
     written = [name for name in MODEL_FILES if (out_dir / name).is_file()]
     if not written or not (out_dir / PARAMS_FILE).is_file():

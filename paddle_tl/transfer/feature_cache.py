@@ -121,7 +121,7 @@ def cached_datasets(network, spec, input_size, train_set, plain_sets, eval_tf, t
     views carry the teacher's logits of the same images; the plain sets
     (evaluation) do not need them."""
     stages = len(spec.stages)
-    cut = _Cut("features", stages, _body_digest(network, spec), "float32",
+    cut = _Cut("features", stages, _body_digest(network, spec), "float32", device,
                lambda: feature_extractor(network, spec, input_size, loader_cfg.batch_size, device),
                lambda lower: _between(network, spec, lower, stages))
     train_data, plain = _cache(cut, train_set, plain_sets, eval_tf, train_tf, views, loader_cfg, seed, teacher)
@@ -141,7 +141,7 @@ def cached_activations(network, spec, boundary, input_size, train_set, plain_set
     `plain_sets` in the evaluation view]), stored as `dtype`; with
     `teacher`, as cached_datasets."""
     bottom = split(network, spec, boundary)[0]
-    cut = _Cut("activations", boundary, _body_digest(network, spec), dtype,
+    cut = _Cut("activations", boundary, _body_digest(network, spec), dtype, device,
                lambda: _extractor(bottom, input_size, loader_cfg.batch_size, device, dtype),
                lambda lower: _between(network, spec, lower, boundary))
     return _cache(cut, train_set, plain_sets, eval_tf, train_tf, views, loader_cfg, seed, teacher)
@@ -154,6 +154,7 @@ class _Cut:
     boundary: int  # the stages below the cut (all of them for features)
     body: str  # fingerprint of the body's weights, while shared caches are on (else None)
     dtype: str
+    device: str
     from_images: Callable  # () -> a context yielding extract(dataset, transform, workers, desc[, teacher])
     from_lower: Callable  # (lower boundary) -> the layers from that boundary to this cut, or None
 
@@ -189,8 +190,12 @@ def _cache(cut, train_set, plain_sets, eval_tf, train_tf, views, loader_cfg, see
     arrays, logits, from_images = [], {}, []
     for index, (name, dataset, transform, view) in enumerate(jobs):
         shared = teacher is None or view is None
-        key = (cut.body, id(dataset), len(dataset), id(transform), view, seed if view else None)
-        arrays.append(_from_shared(cut, key, loader_cfg.batch_size, f"{cut.what}: {name}") if shared else None)
+        key = _key(cut, dataset, transform, view, seed)
+        # A subsample (datasets.subsample) is served by its parent's rows too.
+        sources = [(key, None)] + ([(_key(cut, dataset.parent, transform, view, seed), dataset.indices)]
+                                   if hasattr(dataset, "parent") else [])
+        arrays.append(_from_shared(cut, key, sources, loader_cfg.batch_size, f"{cut.what}: {name}")
+                      if shared else None)
         if arrays[-1] is None:
             from_images.append((index, key, shared))
     if from_images:
@@ -214,18 +219,30 @@ def _cache(cut, train_set, plain_sets, eval_tf, train_tf, views, loader_cfg, see
     return train, plain
 
 
-def _from_shared(cut, key, batch_size, desc):
-    """The cut's outputs for `key` from the shared caches: stored, or
-    computed from the nearest lower cut stored; None when neither."""
+def _key(cut, dataset, transform, view, seed):
+    return cut.body, id(dataset), len(dataset), id(transform), view, seed if view else None
+
+
+def _from_shared(cut, key, sources, batch_size, desc):
+    """The cut's outputs for `key` from the shared caches, stored under `key`
+    too: from the first of `sources` [(key, rows or None for all)] stored at
+    this cut, else computed from the nearest lower cut stored; None when
+    neither."""
     if _shared is None:
         return None
-    if (cut.boundary, *key) in _shared:
-        return _shared[(cut.boundary, *key)].astype(cut.dtype, copy=False)
-    for lower in range(cut.boundary - 1, 0, -1):
-        if (lower, *key) in _shared and (between := cut.from_lower(lower)) is not None:
-            outputs = _run_layers(between, _shared[(lower, *key)], batch_size, f"{desc} (from stage {lower})")
-            _shared[(cut.boundary, *key)] = outputs.astype(cut.dtype)
+    for source, rows in sources:
+        if (cut.boundary, *source) in _shared:
+            stored = _shared[(cut.boundary, *source)]
+            _shared[(cut.boundary, *key)] = (stored if rows is None else stored[rows]).astype(cut.dtype, copy=False)
             return _shared[(cut.boundary, *key)]
+    for lower in range(cut.boundary - 1, 0, -1):
+        for source, rows in sources:
+            if (lower, *source) in _shared and (between := cut.from_lower(lower)) is not None:
+                inputs = _shared[(lower, *source)]
+                _shared[(cut.boundary, *key)] = _run_layers(
+                    between, inputs if rows is None else inputs[rows], batch_size, f"{desc} (from stage {lower})",
+                    cut.device).astype(cut.dtype)
+                return _shared[(cut.boundary, *key)]
     return None
 
 
@@ -238,15 +255,12 @@ def _between(network, spec, lower, upper):
     return paddle.nn.Sequential(*[layer for stage, layer in forward_steps(network, spec) if lower <= stage < upper])
 
 
-def _run_layers(layers, inputs, batch_size, desc):
-    """`layers` (eval mode, no gradients) over stored outputs, in batches."""
-    layers.eval()
-    outputs = []
-    with paddle.no_grad():
-        for start in progress(range(0, len(inputs), batch_size), desc, unit="batch"):
-            batch = paddle.to_tensor(inputs[start:start + batch_size].astype("float32"))
-            outputs.append(layers(batch).numpy())
-    return np.concatenate(outputs)
+def _run_layers(layers, inputs, batch_size, desc, device):
+    """`layers` over stored outputs, in batches, as models.static.fastest_runner
+    runs them (on CPU a static export run by Paddle Inference)."""
+    with fastest_runner(layers, tuple(inputs.shape[1:]), batch_size, device) as run:
+        return np.concatenate([run(paddle.to_tensor(inputs[start:start + batch_size].astype("float32")))
+                               for start in progress(range(0, len(inputs), batch_size), desc, unit="batch")])
 
 
 def _body_digest(network, spec):

@@ -502,3 +502,14 @@ def test_validation_split_is_stratified_disjoint_and_reproducible():
 def test_validation_split_keeps_one_image_per_class_to_train_on():
     train, val = split_validation(_labelled([2, 2]), 0.9, seed=0, transform=None)
     assert train.class_counts() == [1, 1] and val.class_counts() == [1, 1]
+
+
+def test_subsample_keeps_at_most_per_class_seeded_and_knows_its_rows():
+    from paddle_tl.data.datasets import ClassificationDataset, subsample
+    samples = [(f"{i}.png", i % 3 if i < 30 else 0) for i in range(40)]  # class 0: 20, 1 and 2: 10 each
+    dataset = ClassificationDataset(samples, ["a", "b", "c"], None)
+    part = subsample(dataset, 12, seed=0)
+    assert sorted(part.class_counts()) == [10, 10, 12]
+    assert [dataset.samples[i] for i in part.indices] == part.samples and part.parent is dataset
+    assert subsample(dataset, 12, seed=0).samples == part.samples != subsample(dataset, 12, seed=1).samples
+    assert subsample(dataset, 20, seed=0) is dataset  # nothing to drop

@@ -4,6 +4,7 @@ the top stages train on their output, as they would on the images."""
 import contextlib
 
 import numpy as np
+import pytest
 
 from paddle_tl.engine import fit
 from paddle_tl.engine.train import train
@@ -127,7 +128,32 @@ def test_shared_caches_compute_higher_cuts_from_a_lower_one_without_the_images(w
         def no_images(*args, **kwargs):
             raise AssertionError("a second pass over the images")
 
-        monkeypatch.setattr(feature_cache, "fastest_runner", no_images)
+        monkeypatch.setattr(feature_cache, "_extractor", no_images)
         derived = features(), activations(4)
     for direct, computed in zip(from_images, derived):
         np.testing.assert_allclose(computed, direct, rtol=1e-4, atol=1e-4)
+
+
+def test_a_subsample_is_served_by_its_parents_rows(workspace, shared_dir, monkeypatch):
+    from paddle_tl.config import load_config
+    from paddle_tl.data.datasets import build_dataset, subsample
+    from paddle_tl.data.transforms import Preprocess, eval_transform
+    from paddle_tl.models.heads import build_network
+
+    spec = get_spec("mobilenet_v1")
+    network = build_network(spec, 3, {"scale": 0.25}, {"type": "linear"})
+    eval_tf = eval_transform(Preprocess.from_spec(spec, 64))
+    images = build_dataset(load_config(None, [f"DataLoader.Train.dataset.root={workspace['train']}"]
+                                       ).DataLoader.Train.dataset, "train", eval_tf)
+    part = subsample(images, 4, seed=0)
+    loader_cfg = load_config(None, ["DataLoader.Eval.num_workers=0"]).DataLoader.Eval
+
+    def activations(dataset, boundary):
+        return feature_cache.cached_activations(network, spec, boundary, 64, dataset, {}, eval_tf, eval_tf, 1,
+                                                loader_cfg, 0, "cpu", dtype="float32")[0].views[0]
+
+    with feature_cache.shared_caches():
+        whole = activations(images, 3)
+        monkeypatch.setattr(feature_cache, "_extractor", lambda *args: pytest.fail("a pass over the images"))
+        np.testing.assert_array_equal(activations(part, 3), whole[part.indices])
+        np.testing.assert_allclose(activations(part, 4), activations(images, 4)[part.indices], rtol=1e-5, atol=1e-5)
