@@ -191,7 +191,8 @@ def choose_auto(cfg, run, data):
         record = json.loads(chosen.read_text())
         print(f"auto: resuming with {record['chosen']}, chosen before ({chosen})")
         return auto.restore(record, cfg), record
-    why_not = auto.why_not_measured(cfg, run.processes, data.val is not None, cfg.Arch.pretrained is not False)
+    why_not = "resuming a run that measured nothing (no auto.json)" if run.resume is not None else \
+        auto.why_not_measured(cfg, run.processes, data.val is not None, cfg.Arch.pretrained is not False)
     if why_not:
         print(f"auto: the four-quadrant rule alone decides ({why_not})")
         return cfg, None
