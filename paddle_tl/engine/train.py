@@ -237,8 +237,11 @@ def _trial(cfg, run, data):
     per epoch)."""
     seed_everything(cfg.Global.seed)
     trial = dataclasses.replace(run, is_main=False, resume=None)
-    trial_data = dataclasses.replace(data, train=subsample(data.train, auto.TRIAL_IMAGES_PER_CLASS, cfg.Global.seed),
-                                     eval=data.val, val=None, duplicates=[])
+    images = subsample(data.train, auto.TRIAL_IMAGES_PER_CLASS, cfg.Global.seed)
+    # Capping every class changes the balance the loss's class weights answer.
+    weights = class_weights(cfg.Loss, images.class_counts(), data.num_classes)
+    trial_data = dataclasses.replace(data, train=images, eval=data.val, val=None, duplicates=[],
+                                     class_weights=weights)
     net = load_network(cfg, trial, trial_data)
     plan = plan_strategy(cfg, trial, net, trial_data)
     state = start_state(cfg, trial, net, plan, trial_data)
