@@ -134,3 +134,26 @@ def test_auto_measures_records_and_resumes_its_choice(workspace, tmp_path, share
     resumed = train(make_cfg(workspace, tmp_path / "run", *common, f"Global.resume={tmp_path / 'run'}"))
     assert resumed["epochs_run"] == 3 and resumed["strategy"]["strategy"] == strategy["strategy"]
     assert resumed["strategy"]["candidates"] == rows
+
+
+@pytest.mark.slow
+def test_trials_train_on_capped_classes_with_weights_for_those_counts(workspace, tmp_path, shared_dir, monkeypatch,
+                                                                     colour_folder):
+    """Imbalanced data (10, 10 and 2 images: a class-weighted loss for the
+    run); capped at 2 images a class the trials are balanced, so their loss
+    is unweighted."""
+    from paddle_tl.engine import train as train_module
+    root = colour_folder(tmp_path / "imbalanced", 10, 3)
+    for extra in sorted((root / "blue").iterdir())[2:]:
+        extra.unlink()
+    monkeypatch.setattr(auto, "TRIAL_IMAGES_PER_CLASS", 2)
+    losses = []
+    build_loss = train_module.build_loss
+    monkeypatch.setattr(train_module, "build_loss", lambda cfg, weights: losses.append(weights) or build_loss(
+        cfg, weights))
+    weights = shared_dir / "weights" / "mobilenet_v1_x0.25_imagenet.pdparams"
+    metrics = train(make_cfg(workspace, tmp_path / "run", "Transfer.strategy=auto", f"Arch.pretrained={weights}",
+                             "Global.epochs=1", f"DataLoader.Train.dataset.root={root}",
+                             "DataLoader.Train.val_fraction=0.2"))
+    assert metrics["class_weights"] is not None  # the run's loss is weighted
+    assert losses[:-1] == [None] * 4 and losses[-1] == metrics["class_weights"]  # four trials, then the run
