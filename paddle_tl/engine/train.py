@@ -190,7 +190,7 @@ def choose_auto(cfg, run, data):
     if run.resume is not None and chosen.is_file():
         record = json.loads(chosen.read_text())
         print(f"auto: resuming with {record['chosen']}, chosen before ({chosen})")
-        return auto.restore(record, cfg), record
+        return _resolved(run, auto.restore(record, cfg)), record
     why_not = "resuming a run that measured nothing (no auto.json)" if run.resume is not None else \
         auto.why_not_measured(cfg, run.processes, data.val is not None, cfg.Arch.pretrained is not False)
     if why_not:
@@ -203,7 +203,15 @@ def choose_auto(cfg, run, data):
         winner, record = auto.measure(cfg, lambda variant: _trial(variant, run, data), candidates, started)
     if run.is_main:
         write_json(chosen, record)
-    return winner, record
+    return _resolved(run, winner), record
+
+
+def _resolved(run, winner):
+    """config.yaml is the resolved config: what trained (the winner's head
+    among it), from which eval, export and the report rebuild the network."""
+    if run.is_main:
+        winner.save(run.folder / "config.yaml")
+    return winner
 
 
 # The run folder's record of what auto measured and chose.

@@ -157,3 +157,23 @@ def test_trials_train_on_capped_classes_with_weights_for_those_counts(workspace,
                              "DataLoader.Train.val_fraction=0.2"))
     assert metrics["class_weights"] is not None  # the run's loss is weighted
     assert losses[:-1] == [None] * 4 and losses[-1] == metrics["class_weights"]  # four trials, then the run
+
+
+@pytest.mark.slow
+def test_a_winner_with_an_mlp_head_is_what_config_yaml_eval_and_export_see(workspace, tmp_path, shared_dir,
+                                                                          monkeypatch):
+    import yaml
+
+    from paddle_tl.cli import main
+    only_mlp = [candidate for candidate in auto.candidates(load_config(None, []), 5, [40, 40])
+                if candidate.name == "mlp_head"]
+    monkeypatch.setattr(auto, "candidates", lambda *args: only_mlp)
+    weights = shared_dir / "weights" / "mobilenet_v1_x0.25_imagenet.pdparams"
+    run = tmp_path / "run"
+    metrics = train(make_cfg(workspace, run, "Transfer.strategy=auto", f"Arch.pretrained={weights}",
+                             "Global.epochs=1"))
+    assert metrics["strategy"]["requested"] == "auto" and metrics["strategy"]["strategy"] == "linear_probe"
+    written = yaml.safe_load((run / "config.yaml").read_text())
+    assert written["Arch"]["head"]["type"] == "mlp" and written["Transfer"]["strategy"] == "linear_probe"
+    assert (run / "report" / "index.html").is_file()
+    assert main(["eval", str(run)]) == 0 and main(["export", str(run), "--output", str(tmp_path / "inf")]) == 0
