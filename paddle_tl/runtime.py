@@ -71,17 +71,17 @@ def seed_everything(seed):
 @contextlib.contextmanager
 def rng_kept():
     """Within the context, seed and draw freely; after it, every generator
-    (python, numpy, paddle's CPU one) is where it was, so that work done
-    before training (caching views) leaves training's draws as they would
-    have been without it."""
+    (python, numpy, paddle's for the current device) is where it was, so
+    that work done beside training (caching views, building a teacher)
+    leaves training's draws as they would have been without it."""
     paddle = import_paddle()
-    python, numpy, generator = random.getstate(), np.random.get_state(), paddle.get_rng_state("cpu")
+    python, numpy, generator = random.getstate(), np.random.get_state(), paddle.get_rng_state()
     try:
         yield
     finally:
         random.setstate(python)
         np.random.set_state(numpy)
-        paddle.set_rng_state(generator, "cpu")
+        paddle.set_rng_state(generator)
 
 
 def progress(iterable, desc, total=None, unit="it", min_total=0, leave=True, stream=None):

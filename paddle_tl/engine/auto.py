@@ -96,8 +96,7 @@ def measure(cfg, trial, to_measure, started=None):
     """Measure the candidates `to_measure` (in order) within the budget,
     counted from `started` (now by default); returns (the winner's config,
     the record for metrics.json). `trial(cfg)` trains a config for its
-    Global.epochs and returns (validation top-1, validation loss, seconds
-    per epoch)."""
+    Global.epochs and returns (validation top-1, validation loss)."""
     budget = cfg.Transfer.auto_budget_minutes * 60
     started = time.time() if started is None else started
     epochs = min(TRIAL_EPOCHS, cfg.Global.epochs)
@@ -111,14 +110,13 @@ def measure(cfg, trial, to_measure, started=None):
         try:
             variant = configured(cfg, (*candidate.overrides, f"Global.epochs={epochs}"))
             t0 = time.time()
-            val_top1, val_loss, epoch_seconds = trial(variant)
+            val_top1, val_loss = trial(variant)
         except ConfigError as exc:  # a recipe this architecture cannot run (an MLP head on a conv head, say)
             rows.append({"name": candidate.name, "what": candidate.what, "skipped": str(exc)})
             continue
         last = time.time() - t0
         rows.append({"name": candidate.name, "what": candidate.what, "overrides": list(candidate.overrides),
-                     "val_top1": val_top1, "val_loss": val_loss, "seconds": round(last, 2),
-                     "epoch_seconds": round(epoch_seconds, 3)})
+                     "val_top1": val_top1, "val_loss": val_loss, "seconds": round(last, 2)})
         print(f"auto: {candidate.name}: validation top-1 {val_top1:.4f} (loss {val_loss:.4f}), "
               f"{rows[-1]['seconds']:.0f} s")
     measured = [row for row in rows if "val_top1" in row]

@@ -72,10 +72,9 @@ def choose_fit_mode(cfg, plan, network, spec, processes, images):
     boundary = plan.always_frozen
     cut = "features" if boundary == plan.num_stages else "activations"
     if cut == "features":
-        not_cached = _why_not_cached(cfg, plan, processes) or _why_no_feature_head(network, spec)
+        not_cached = _why_not_cached(cfg, boundary, processes) or _why_no_feature_head(network, spec)
     else:
-        not_cached = _why_not_cached(cfg, plan, processes) or why_not_split(network, spec, boundary) or \
-            why_not_in_memory(cfg, network, spec, boundary, images)
+        not_cached = why_not_cached_below(cfg, network, spec, boundary, processes, images)
     if not_cached:
         return "images", f"{cut} not cached: {not_cached}"
     if cut == "features":
@@ -91,9 +90,17 @@ def _why_no_feature_head(network, spec):
     return None
 
 
-def _why_not_cached(cfg, plan, processes):
+def why_not_cached_below(cfg, network, spec, boundary, processes, images):
+    """Why the activations below stage `boundary` of `images` (training,
+    others) would not be cached for this config, or None."""
+    return _why_not_cached(cfg, boundary, processes) or why_not_split(network, spec, boundary) or \
+        _why_not_in_memory(cfg, network, spec, boundary, images)
+
+
+def _why_not_cached(cfg, frozen, processes):
+    """Why no cache at all, with `frozen` stages never training, or None."""
     augment = cfg.DataLoader.Train.augment
-    if plan.always_frozen == 0:
+    if frozen == 0:
         return "every stage of the body trains"
     if not cfg.Transfer.cache_features:
         return "turned off (Transfer.cache_features=false)"
@@ -101,7 +108,7 @@ def _why_not_cached(cfg, plan, processes):
         return "mixup/CutMix (DataLoader.Train.augment) mix the images themselves"
     if processes > 1:
         return "data-parallel training"
-    if plan.bn != "freeze":
+    if cfg.Transfer.bn != "freeze":
         return "Transfer.bn=train keeps updating BatchNorm statistics"
     return None
 
@@ -111,9 +118,7 @@ def _why_not_cached(cfg, plan, processes):
 MEMORY_SHARE = 0.5
 
 
-def why_not_in_memory(cfg, network, spec, boundary, images):
-    """Why the activations of `images` (training, others) at `boundary`
-    would not fit in memory, or None."""
+def _why_not_in_memory(cfg, network, spec, boundary, images):
     shape = activation_shape(split(network, spec, boundary)[0], cfg.Arch.input_size or spec.input_size)
     train, plain = images
     needed = activation_bytes(shape, train * cfg.Transfer.cache_views + plain, 2)  # float16
@@ -187,19 +192,14 @@ def _cached_features(cfg, reason, network, spec, pre, data, state, plan, loss, m
     views = cfg.Transfer.cache_views
     print(f"frozen body: computing its features once, then training the head on them "
           f"({views} view(s) per training image: the plain one + {views - 1} augmented)")
-    plain_sets = {"eval": data.eval, **({"validation": data.val} if data.val is not None else {})}
-    loader_cfg = cfg.DataLoader.Eval
-    with _teacher(teacher_network, loader_cfg.batch_size, device) as teacher:
-        train_data, (eval_data, *val_data), head, feature_size = cached_datasets(
-            network, spec, pre.input_size, data.train, plain_sets, data.eval_tf, data.train_tf, views,
-            loader_cfg, cfg.Global.seed, device, teacher)
-    return Fit("cached_features", reason, head, train_data, eval_data,
-               paddle.static.InputSpec([None, feature_size], "float32", "features"), loss, metric,
-               workers=(0, 0),  # in-memory arrays
-               val_data=val_data[0] if val_data else None, val_network=head,
-               scorer=lambda network: HeadOnly(feature_head(network, spec)),
-               callbacks=[ViewSwitcher(train_data, state)], record={"cache_views": views},
-               label_specs=_label_specs(data, teacher_network))
+    with _teacher(teacher_network, cfg.DataLoader.Eval.batch_size, device) as teacher:
+        train_data, plain, head, feature_size = cached_datasets(
+            network, spec, pre.input_size, data.train, _plain_sets(data), data.eval_tf, data.train_tf, views,
+            cfg.DataLoader.Eval, cfg.Global.seed, device, teacher)
+    return _on_cached("cached_features", reason, head, train_data, plain,
+                      paddle.static.InputSpec([None, feature_size], "float32", "features"), loss, metric, state,
+                      _label_specs(data, teacher_network), scorer=lambda network: HeadOnly(feature_head(network, spec)),
+                      record={"cache_views": views})
 
 
 def _size(count):
@@ -209,25 +209,36 @@ def _size(count):
 def _cached_activations(cfg, reason, network, spec, pre, data, state, plan, loss, metric, device,
                         teacher_network=None):
     views, boundary = cfg.Transfer.cache_views, plan.always_frozen
-    top = split(network, spec, boundary)[1]
     print(f"frozen bottom {boundary} stages: computing their output once, then training the top stages on it "
           f"({views} view(s) per training image: the plain one + {views - 1} augmented; stored as "
           f"{ACTIVATION_DTYPE})")
-    plain_sets = {"eval": data.eval, **({"validation": data.val} if data.val is not None else {})}
-    loader_cfg = cfg.DataLoader.Eval
-    with _teacher(teacher_network, loader_cfg.batch_size, device) as teacher:
-        train_data, (eval_data, *val_data) = cached_activations(
-            network, spec, boundary, pre.input_size, data.train, plain_sets, data.eval_tf, data.train_tf, views,
-            loader_cfg, cfg.Global.seed, device, dtype=ACTIVATION_DTYPE, teacher=teacher)
+    with _teacher(teacher_network, cfg.DataLoader.Eval.batch_size, device) as teacher:
+        train_data, plain = cached_activations(
+            network, spec, boundary, pre.input_size, data.train, _plain_sets(data), data.eval_tf, data.train_tf,
+            views, cfg.DataLoader.Eval, cfg.Global.seed, device, dtype=ACTIVATION_DTYPE, teacher=teacher)
     shape = list(train_data.views[0].shape[1:])
-    return Fit("cached_activations", reason, top, train_data, eval_data,
-               paddle.static.InputSpec([None, *shape], "float32", "activations"), loss, metric,
+    return _on_cached("cached_activations", reason, split(network, spec, boundary)[1], train_data, plain,
+                      paddle.static.InputSpec([None, *shape], "float32", "activations"), loss, metric, state,
+                      _label_specs(data, teacher_network), scorer=lambda network: split(network, spec, boundary)[1],
+                      record={"cache_views": views, "boundary": boundary, "shape": shape, "dtype": ACTIVATION_DTYPE})
+
+
+def _plain_sets(data):
+    """The splits a cache holds in the evaluation view: Eval, and the
+    validation split where there is one."""
+    return {"eval": data.eval, **({"validation": data.val} if data.val is not None else {})}
+
+
+def _on_cached(mode, reason, network, train_data, plain, input_spec, loss, metric, state, label_specs, scorer,
+               record):
+    """The Fit of a cached mode: `network` (the part after the cut) trains on
+    the stored training views, one view an epoch, and scores the stored
+    Eval (and validation) outputs `plain`."""
+    eval_data, *val_data = plain
+    return Fit(mode, reason, network, train_data, eval_data, input_spec, loss, metric,
                workers=(0, 0),  # in-memory arrays
-               val_data=val_data[0] if val_data else None, val_network=top,
-               scorer=lambda network: split(network, spec, boundary)[1],
-               callbacks=[ViewSwitcher(train_data, state)],
-               record={"cache_views": views, "boundary": boundary, "shape": shape, "dtype": ACTIVATION_DTYPE},
-               label_specs=_label_specs(data, teacher_network))
+               val_data=val_data[0] if val_data else None, val_network=network, scorer=scorer,
+               callbacks=[ViewSwitcher(train_data, state)], record=record, label_specs=label_specs)
 
 
 def _domain_pairs(cfg, reason, network, spec, pre, data, state, plan, loss, metric, device):

@@ -16,8 +16,7 @@ from typing import Optional
 from paddle_tl.calibration import calibrate
 from paddle_tl.combinations import Facts, check_combinations
 from paddle_tl.data.check import duplicates_across_splits, duplicates_problem
-from paddle_tl.data.datasets import (build_dataset, build_target_dataset, imbalance_ratio, split_validation,
-                                     subsample)
+from paddle_tl.data.datasets import build_dataset, build_target_dataset, imbalance_ratio, split_validation, subsample
 from paddle_tl.data.loaders import make_loader, map_batches
 from paddle_tl.data.transforms import Preprocess, eval_transform, train_transform
 from paddle_tl.engine import auto
@@ -25,7 +24,7 @@ from paddle_tl.engine.callbacks import (Checkpointer, EpochRecorder, EvalSchedul
                                         ValidationScore, VisualDLLogger, metric_names)
 from paddle_tl.engine.checkpoint import load_state, load_weights, resolve_resume, restore_optimizer
 from paddle_tl.engine.ema import WeightAverage
-from paddle_tl.engine.fit import choose_fit_mode, prepare_fit, why_not_in_memory
+from paddle_tl.engine.fit import choose_fit_mode, prepare_fit, why_not_cached_below
 from paddle_tl.engine.losses import build_loss, class_weights
 from paddle_tl.engine.model import GuardedModel
 from paddle_tl.engine.optim import build_optimizer
@@ -36,7 +35,6 @@ from paddle_tl.errors import ConfigError, OutOfMemoryError
 from paddle_tl.files import write_json
 from paddle_tl.models.features import feature_head
 from paddle_tl.models.heads import build_network
-from paddle_tl.models.split import why_not_split
 from paddle_tl.models.static import dynamic_runner
 from paddle_tl.models.weights import load_pretrained
 from paddle_tl.models.zoo import get_spec
@@ -223,26 +221,26 @@ def _cache_below(cfg, run, data, boundary):
     the candidates and the run will use, into the shared caches: one pass
     over the images, from which every candidate's cut (its own boundary or
     the features) is computed (transfer/feature_cache.py). Skipped, and each
-    candidate caches for itself, where this run would not cache at all."""
-    transfer, augment = cfg.Transfer, cfg.DataLoader.Train.augment
-    if not transfer.cache_features or transfer.bn != "freeze" or augment.mixup or augment.cutmix or run.teacher:
+    candidate caches for itself, where the run would not cache there (the
+    fit chooser's own test), or with a teacher (whose training views are
+    computed beside its logits, never shared)."""
+    if run.teacher:
         return
     net = load_network(cfg, dataclasses.replace(run, is_main=False), data)
     images = (len(data.train), len(data.eval) + len(data.val))
-    if why_not_split(net.layer, net.spec, boundary) or why_not_in_memory(cfg, net.layer, net.spec, boundary, images):
+    if why_not_cached_below(cfg, net.layer, net.spec, boundary, run.processes, images):
         return
     print(f"auto: computing the bottom {boundary} stages' output once for every candidate")
     cached_activations(net.layer, net.spec, boundary, data.pre.input_size, data.train,
-                       {"eval": data.eval, "validation": data.val}, data.eval_tf, data.train_tf, transfer.cache_views,
-                       cfg.DataLoader.Eval, cfg.Global.seed, run.device)
+                       {"eval": data.eval, "validation": data.val}, data.eval_tf, data.train_tf,
+                       cfg.Transfer.cache_views, cfg.DataLoader.Eval, cfg.Global.seed, run.device)
 
 
 def _trial(cfg, run, data):
     """Train `cfg` for its Global.epochs without a run folder, on at most
     auto.TRIAL_IMAGES_PER_CLASS training images of each class, choosing and
     scoring on the validation split alone (it stands in for Eval, which a
-    trial never sees); (validation top-1 and loss of its best epoch, seconds
-    per epoch)."""
+    trial never sees); (validation top-1 and loss of its best epoch)."""
     seed_everything(cfg.Global.seed)
     trial = dataclasses.replace(run, is_main=False, resume=None)
     images = subsample(data.train, auto.TRIAL_IMAGES_PER_CLASS, cfg.Global.seed)
@@ -255,10 +253,9 @@ def _trial(cfg, run, data):
     state = start_state(cfg, trial, net, plan, trial_data)
     fit = choose_fit(cfg, trial, net, plan, trial_data, state)
     trainer = prepare_trainer(cfg, trial, net, plan, fit, trial_data, state)
-    started = time.time()
     fit_epochs(cfg, trial, trainer, state)
     best = next(row for row in state.history if row["epoch"] == state.best_epoch)
-    return best["eval_top1"], best["eval_loss"], (time.time() - started) / state.epochs_done
+    return best["eval_top1"], best["eval_loss"]
 
 
 def plan_strategy(cfg, run, net, data, auto_record=None):

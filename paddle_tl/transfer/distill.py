@@ -11,9 +11,10 @@ weights).
 The teacher's logits travel to the loss as a label, beside the class label,
 and always belong to the very image the student sees:
 
-- cached features (engine/fit.py): the teacher runs in the same pass as the
-  frozen body, over the same batches of the same seeded views, so its logits
-  are computed once per view (feature_cache.cached_datasets), not every epoch.
+- cached features or activations (engine/fit.py): the teacher runs in the
+  same pass as the frozen layers, over the same batches of the same seeded
+  views, so its logits are computed once per view (transfer/feature_cache.py),
+  not every epoch.
 - images: augmentation draws a new view of every image every epoch, so the
   teacher runs beside the student in each training step (WithTeacher), on
   that step's batch: once per view here too. Precomputed plain-view logits
@@ -27,7 +28,6 @@ the student's alone.
 
 import contextlib
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +37,7 @@ from paddle_tl.engine.checkpoint import STATE_SUFFIX
 from paddle_tl.engine.run_folder import rebuild_model
 from paddle_tl.errors import ConfigError
 from paddle_tl.models.static import fastest_runner
-from paddle_tl.runtime import import_paddle
+from paddle_tl.runtime import import_paddle, rng_kept
 from paddle_tl.transfer.freezing import running_statistics
 
 paddle = import_paddle()
@@ -84,20 +84,6 @@ def find_teacher(distill_cfg):
     return Teacher(folder, record, json.loads(metrics_file.read_text()).get("best_top1"))
 
 
-@contextlib.contextmanager
-def rng_untouched():
-    """Building the teacher initialises a network before its weights load,
-    which draws from the random generators; put them back so the student
-    trains on the same draws as without a teacher."""
-    states = random.getstate(), np.random.get_state(), paddle.get_rng_state()
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        paddle.set_rng_state(states[2])
-
-
 @dataclass
 class TeacherNetwork:
     """The teacher built, and how the student's batches reach it."""
@@ -109,7 +95,10 @@ class TeacherNetwork:
 
 def build_teacher(teacher, student_pre):
     """The teacher's network with its best_model weights, in eval mode."""
-    with rng_untouched():
+    # Building it initialises a network before its weights load, which draws
+    # from the random generators: the student trains on the same draws as
+    # without a teacher.
+    with rng_kept():
         network, _, teacher_pre, _ = rebuild_model(teacher.record, teacher.prefix)
     statistics = {id(p) for p in running_statistics(network)}  # counted as the student's are (freezing.py)
     count = sum(int(p.size) for p in network.parameters() if id(p) not in statistics)

@@ -33,7 +33,7 @@ from paddle_tl.models.features import feature_head, feature_size, headless
 from paddle_tl.models.split import forward_steps, split, why_not_split
 from paddle_tl.models.static import fastest_runner
 from paddle_tl.models.zoo import match_prefix
-from paddle_tl.runtime import import_paddle, progress, rng_kept, seed_everything
+from paddle_tl.runtime import import_paddle, rng_kept, seed_everything
 
 paddle = import_paddle()
 
@@ -258,9 +258,9 @@ def _between(network, spec, lower, upper):
 def _run_layers(layers, inputs, batch_size, desc, device):
     """`layers` over stored outputs, in batches, as models.static.fastest_runner
     runs them (on CPU a static export run by Paddle Inference)."""
+    stored = FeatureViews([inputs], np.zeros(len(inputs), dtype="int64"))  # read as float32; labels unused
     with fastest_runner(layers, tuple(inputs.shape[1:]), batch_size, device) as run:
-        return np.concatenate([run(paddle.to_tensor(inputs[start:start + batch_size].astype("float32")))
-                               for start in progress(range(0, len(inputs), batch_size), desc, unit="batch")])
+        return map_batches(run, make_loader(stored, batch_size, shuffle=False, num_workers=0), desc)[0]
 
 
 def _body_digest(network, spec):

@@ -32,7 +32,7 @@ def _trial(scores, clock, seconds=10.0, refuse=()):
         if name in refuse:
             raise ConfigError(f"Arch.head: {name} cannot run here")
         clock.now += seconds
-        return scores[name], 1 - scores[name], seconds / cfg.Global.epochs
+        return scores[name], 1 - scores[name]
     return trial
 
 
@@ -63,8 +63,8 @@ def test_large_data_measures_fine_tuning_first_and_ties_go_to_the_lower_loss(mon
     trial = _trial(scores, clock)
 
     def lower_loss_for_mlp(variant):
-        top1, loss, pace = trial(variant)
-        return top1, loss - (0.1 if variant.Arch.head.type == "mlp" else 0), pace
+        top1, loss = trial(variant)
+        return top1, loss - (0.1 if variant.Arch.head.type == "mlp" else 0)
 
     _, record = auto.measure(cfg, lower_loss_for_mlp, auto.candidates(cfg, 5, [600, 700]))
     assert [row["name"] for row in record["candidates"]] == ["lp_ft_top", "lp_ft_two", "linear_probe", "mlp_head"]
