@@ -7,7 +7,9 @@ its thresholds (500 images per class, separability 0.6) are guesses, and it
 never sees what fine-tuning the top stages would gain on this data. The
 rule orders the candidates (fine-tuning first on large data, the linear
 probe first on small data), and the budget decides how many are measured;
-the winner then trains for Global.epochs on all the training images.
+the winner then trains on all the training images for what is left of the
+budget: Global.epochs, or fewer where their pace, measured in its trial,
+says they would not fit.
 Measuring is affordable because the candidates and the run after them
 share one pass of the frozen layers over the images (feature_cache's
 shared caches): after it, an epoch of a linear probe or of top-stage
@@ -92,11 +94,21 @@ def why_not_measured(cfg, processes, has_validation, pretrained):
     return None
 
 
+@dataclass
+class Trial:
+    """What a candidate's brief training measured."""
+    val_top1: float
+    val_loss: float
+    # one epoch of the run itself (every training image trained on, every
+    # scored split scored) at the pace the trial went
+    epoch_seconds: float
+
+
 def measure(cfg, trial, to_measure, started=None):
     """Measure the candidates `to_measure` (in order) within the budget,
     counted from `started` (now by default); returns (the winner's config,
     the record for metrics.json). `trial(cfg)` trains a config for its
-    Global.epochs and returns (validation top-1, validation loss)."""
+    Global.epochs and returns a Trial."""
     budget = cfg.Transfer.auto_budget_minutes * 60
     started = time.time() if started is None else started
     epochs = min(TRIAL_EPOCHS, cfg.Global.epochs)
@@ -110,14 +122,15 @@ def measure(cfg, trial, to_measure, started=None):
         try:
             variant = configured(cfg, (*candidate.overrides, f"Global.epochs={epochs}"))
             t0 = time.time()
-            val_top1, val_loss = trial(variant)
+            measured = trial(variant)
         except ConfigError as exc:  # a recipe this architecture cannot run (an MLP head on a conv head, say)
             rows.append({"name": candidate.name, "what": candidate.what, "skipped": str(exc)})
             continue
         last = time.time() - t0
         rows.append({"name": candidate.name, "what": candidate.what, "overrides": list(candidate.overrides),
-                     "val_top1": val_top1, "val_loss": val_loss, "seconds": round(last, 2)})
-        print(f"auto: {candidate.name}: validation top-1 {val_top1:.4f} (loss {val_loss:.4f}), "
+                     "val_top1": measured.val_top1, "val_loss": measured.val_loss, "seconds": round(last, 2),
+                     "epoch_seconds": round(measured.epoch_seconds, 2)})
+        print(f"auto: {candidate.name}: validation top-1 {measured.val_top1:.4f} (loss {measured.val_loss:.4f}), "
               f"{rows[-1]['seconds']:.0f} s")
     measured = [row for row in rows if "val_top1" in row]
     if not measured:
@@ -126,19 +139,30 @@ def measure(cfg, trial, to_measure, started=None):
     # The best validation top-1; a tie goes to the lower loss, then to the earlier (the rule's preference).
     best = min(measured, key=lambda row: (-row["val_top1"], row["val_loss"], measured.index(row)))
     spent = time.time() - started
-    winner = configured(cfg, best["overrides"])
+    run_epochs, why = epochs_left(cfg.Global.epochs, budget - spent, best["epoch_seconds"])
+    overrides = [*best["overrides"], *([f"Global.epochs={run_epochs}"] if run_epochs < cfg.Global.epochs else [])]
     reason = (f"measured {len(measured)} candidates on the validation split in {spent:.0f} s; {best['name']} "
-              f"({best['what']}) scored best, validation top-1 {best['val_top1']:.4f}")
+              f"({best['what']}) scored best, validation top-1 {best['val_top1']:.4f}; it trains {why}")
     print(f"auto: {reason}")
-    return winner, {"candidates": rows, "chosen": best["name"], "reason": reason, "seconds": round(spent, 2),
-                    "trial_epochs": epochs, "budget_minutes": cfg.Transfer.auto_budget_minutes}
+    return configured(cfg, overrides), {
+        "candidates": rows, "chosen": best["name"], "overrides": overrides, "epochs": run_epochs, "reason": reason,
+        "seconds": round(spent, 2), "trial_epochs": epochs, "budget_minutes": cfg.Transfer.auto_budget_minutes}
+
+
+def epochs_left(epochs, seconds_left, epoch_seconds):
+    """(how many of the run's `epochs` the winner trains, and why): all that
+    fit in the budget's `seconds_left` at `epoch_seconds` each, at least one."""
+    pace = f"about {epoch_seconds:.0f} s an epoch, {max(0, seconds_left):.0f} s of the budget left"
+    fit = int(max(0, seconds_left) // epoch_seconds) if epoch_seconds > 0 else epochs
+    if fit >= epochs:
+        return epochs, f"Global.epochs={epochs} ({pace})"
+    return max(1, fit), f"{max(1, fit)} of Global.epochs={epochs}, all that fit ({pace})"
 
 
 def restore(record, cfg):
     """The winner's config from a record: a resumed run trains what was
-    chosen, without measuring again."""
-    best = next(row for row in record["candidates"] if row["name"] == record["chosen"])
-    return configured(cfg, best["overrides"])
+    chosen, for as many epochs, without measuring again."""
+    return configured(cfg, record["overrides"])
 
 
 def chosen_plan(plan, record):

@@ -28,8 +28,8 @@ from paddle_tl.models.split import activation_bytes, activation_shape, split, wh
 from paddle_tl.runtime import available_memory, import_paddle
 from paddle_tl.transfer.distill import DistillationLoss, LabelAccuracy, WithTeacher, build_teacher, teacher_runner
 from paddle_tl.transfer.domain import DomainSchedule, LabeledAccuracy, pair_collate, setup_domain_adaptation
-from paddle_tl.transfer.feature_cache import (ACTIVATION_DTYPE, HeadOnly, ViewSwitcher, cached_activations,
-                                              cached_datasets)
+from paddle_tl.transfer.feature_cache import (ACTIVATION_DTYPE, HeadOnly, ProbeFirst, TopOrHead, ViewSwitcher,
+                                              cached_activations, cached_datasets)
 
 paddle = import_paddle()
 
@@ -217,10 +217,33 @@ def _cached_activations(cfg, reason, network, spec, pre, data, state, plan, loss
             network, spec, boundary, pre.input_size, data.train, _plain_sets(data), data.eval_tf, data.train_tf,
             views, cfg.DataLoader.Eval, cfg.Global.seed, device, dtype=ACTIVATION_DTYPE, teacher=teacher)
     shape = list(train_data.views[0].shape[1:])
-    return _on_cached("cached_activations", reason, split(network, spec, boundary)[1], train_data, plain,
+    top, scorer = split(network, spec, boundary)[1], lambda network: split(network, spec, boundary)[1]
+    record = {"cache_views": views, "boundary": boundary, "shape": shape, "dtype": ACTIVATION_DTYPE,
+              "probe_on_features": _probes_first(plan, network, spec, teacher_network)}
+    if record["probe_on_features"]:
+        print("the epochs that train the head alone train it on the features, computed once from these activations")
+        features, plain_features, _, _ = cached_datasets(
+            network, spec, pre.input_size, data.train, _plain_sets(data), data.eval_tf, data.train_tf, views,
+            cfg.DataLoader.Eval, cfg.Global.seed, device)
+        probing = lambda: state.frozen_stages == plan.num_stages  # noqa: E731
+        train_data = ProbeFirst(train_data, features, probing)
+        plain = [ProbeFirst(*outputs, probing) for outputs in zip(plain, plain_features)]
+        top = TopOrHead(top, feature_head(network, spec))
+        # what the splits hold when a run ends depends on whether it ended probing
+        scorer = lambda network: TopOrHead(split(network, spec, boundary)[1], feature_head(network, spec))  # noqa
+    return _on_cached("cached_activations", reason, top, train_data, plain,
                       paddle.static.InputSpec([None, *shape], "float32", "activations"), loss, metric, state,
-                      _label_specs(data, teacher_network), scorer=lambda network: split(network, spec, boundary)[1],
-                      record={"cache_views": views, "boundary": boundary, "shape": shape, "dtype": ACTIVATION_DTYPE})
+                      _label_specs(data, teacher_network), scorer=scorer, record=record)
+
+
+def _probes_first(plan, network, spec, teacher_network):
+    """Whether the run's first epochs train the head alone on top of cached
+    activations, and can do so on features computed from them: the features
+    of a training view come from the shared caches (transfer/feature_cache.py)
+    when the activations do, which a teacher's views do not (they are
+    computed beside its logits)."""
+    return plan.unfreezes and plan.frozen_stages_at(0) == plan.num_stages and teacher_network is None and \
+        feature_head(network, spec) is not None
 
 
 def _plain_sets(data):

@@ -157,7 +157,7 @@ class Network:
     layer: object  # the paddle network
     pretrained: bool
     l2sp: Optional[L2SP] = None  # the body's anchors at its pretrained weights (Transfer.l2sp_alpha)
-    counts: Optional[dict] = None  # trainable and frozen parameters at the start
+    counts: Optional[dict] = None  # trainable and frozen parameters when the most trained (gradual, lp_ft: later)
 
 
 def load_network(cfg, run, data):
@@ -240,7 +240,8 @@ def _trial(cfg, run, data):
     """Train `cfg` for its Global.epochs without a run folder, on at most
     auto.TRIAL_IMAGES_PER_CLASS training images of each class, choosing and
     scoring on the validation split alone (it stands in for Eval, which a
-    trial never sees); (validation top-1 and loss of its best epoch)."""
+    trial never sees); an auto.Trial: validation top-1 and loss of its best
+    epoch, and the seconds an epoch of the run would take at its pace."""
     seed_everything(cfg.Global.seed)
     trial = dataclasses.replace(run, is_main=False, resume=None)
     images = subsample(data.train, auto.TRIAL_IMAGES_PER_CLASS, cfg.Global.seed)
@@ -253,9 +254,17 @@ def _trial(cfg, run, data):
     state = start_state(cfg, trial, net, plan, trial_data)
     fit = choose_fit(cfg, trial, net, plan, trial_data, state)
     trainer = prepare_trainer(cfg, trial, net, plan, fit, trial_data, state)
+    fitting = time.time()
     fit_epochs(cfg, trial, trainer, state)
+    fitting = time.time() - fitting
     best = next(row for row in state.history if row["epoch"] == state.best_epoch)
-    return best["eval_top1"], best["eval_loss"]
+    # The run trains on every image and scores the validation and Eval splits
+    # each epoch; the trial trained on `images` and scored the validation split.
+    training = sum(row["train_seconds"] for row in state.history)
+    per_image = training / len(images), (fitting - training) / len(data.val)
+    epoch_seconds = (per_image[0] * len(data.train) + per_image[1] * (len(data.val) + len(data.eval))) \
+        / len(state.history)
+    return auto.Trial(best["eval_top1"], best["eval_loss"], epoch_seconds)
 
 
 def plan_strategy(cfg, run, net, data, auto_record=None):
@@ -384,7 +393,7 @@ def prepare_trainer(cfg, run, net, plan, fit, data, state):
         callbacks += [VisualDLLogger(run.folder / "vdl", state, names, g.log_interval, len(train_loader)),
                       Checkpointer(run.folder, net.layer, optimizer, state, fit.extra_layers, average)]
     if plan.unfreezes:
-        callbacks.append(GradualUnfreezer(net.layer, net.spec, plan, state))
+        callbacks.append(GradualUnfreezer(net.layer, net.spec, plan, state, net.counts))
     callbacks += fit.callbacks
     if run.processes > 1 or balanced_labels is not None:
         callbacks.append(SamplerEpoch(train_loader.batch_sampler, state))
@@ -491,7 +500,8 @@ def record_run(cfg, run, net, plan, data, fit, trainer, state, train_seconds, ca
         "ema_decay": g.ema_decay or None,
         "tta": {"epoch_evaluation": "none", "eval_export_infer": loaders.Eval.tta},
         "strategy": dict(plan.to_dict(), cached_features=fit.mode == "cached_features",
-                         cached_activations={key: fit.record[key] for key in ("boundary", "shape", "dtype")}
+                         cached_activations={key: fit.record[key] for key in
+                                             ("boundary", "shape", "dtype", "probe_on_features")}
                          if fit.mode == "cached_activations" else None,
                          cache_views=fit.record.get("cache_views", 0)),
         **net.counts,

@@ -70,6 +70,45 @@ class HeadOnly(paddle.nn.Layer):
         return self.head(features)
 
 
+class ProbeFirst(paddle.io.Dataset):
+    """Cached activations that also serve the features computed from them:
+    while `probing()` (every stage frozen: LP-FT's linear probe, gradual's
+    first epochs) an item's input is the features, which the head alone
+    needs, so those epochs cost what a cached linear probe costs instead of
+    running the frozen top stages every step."""
+
+    def __init__(self, activations, features, probing):
+        super().__init__()
+        self.activations, self.features, self.probing = activations, features, probing
+
+    @property
+    def epoch(self):
+        return self.activations.epoch
+
+    @epoch.setter
+    def epoch(self, value):  # ViewSwitcher's: both read the same view
+        self.activations.epoch = self.features.epoch = value
+
+    def __getitem__(self, index):
+        return (self.features if self.probing() else self.activations)[index]
+
+    def __len__(self):
+        return len(self.activations)
+
+
+class TopOrHead(paddle.nn.Layer):
+    """The network's part above a cut, fed with its activations, or its head
+    alone (shared parameters), fed with features (ProbeFirst's two inputs:
+    features are one vector an image)."""
+
+    def __init__(self, top, head):
+        super().__init__()
+        self.top, self.head = top, head
+
+    def forward(self, inputs):
+        return self.head(inputs) if inputs.ndim == 2 else self.top(inputs)
+
+
 class ViewSwitcher(paddle.callbacks.Callback):
     def __init__(self, dataset, state):
         super().__init__()

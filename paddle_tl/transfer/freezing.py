@@ -137,11 +137,12 @@ def add_l2sp(model, spec, alpha, loss_scale=None):
 
 
 class GradualUnfreezer(paddle.callbacks.Callback):
-    """Applies the plan's frozen stages at the start of every epoch."""
+    """Applies the plan's frozen stages at the start of every epoch; `counts`
+    (set_frozen_stages') keeps the most parameters that trained at once."""
 
-    def __init__(self, network, spec, plan, state):
+    def __init__(self, network, spec, plan, state, counts):
         super().__init__()
-        self.network, self.spec, self.plan, self.state = network, spec, plan, state
+        self.network, self.spec, self.plan, self.state, self.counts = network, spec, plan, state, counts
 
     def on_epoch_begin(self, epoch, logs=None):
         run_epoch = self.state.run_epoch(epoch)
@@ -151,3 +152,5 @@ class GradualUnfreezer(paddle.callbacks.Callback):
             print(f"epoch {run_epoch + 1}: {frozen}/{self.plan.num_stages} stages frozen, "
                   f"{counts['trainable_params']:,} trainable parameters")
             self.state.frozen_stages = frozen
+            if counts["trainable_params"] > self.counts["trainable_params"]:
+                self.counts.update(counts)

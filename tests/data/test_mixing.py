@@ -9,7 +9,7 @@ from PIL import Image
 
 from paddle_tl.config import load_config
 from paddle_tl.data.mixing import MixedAccuracy, MixedLoss, mixing_collate
-from paddle_tl.data.transforms import Preprocess, _TRIVIAL, augmentation_off, train_transform, trivial_augment
+from paddle_tl.data.transforms import _TRIVIAL, Preprocess, augmentation_off, train_transform, trivial_augment
 from paddle_tl.engine.losses import CrossEntropy
 from paddle_tl.runtime import import_paddle
 
@@ -98,8 +98,8 @@ def test_mixing_alphas_are_checked_and_mixing_trains_on_images(workspace, tmp_pa
     from paddle_tl.errors import ConfigError
     with pytest.raises(ConfigError, match=r"DataLoader.Train.augment.mixup: must be >= 0"):
         load_config(None, ["DataLoader.Train.augment.mixup=-1"])
-    from tests.engine.test_train import make_cfg
     from paddle_tl.engine.train import train
+    from tests.engine.test_train import make_cfg
     metrics = train(make_cfg(workspace, tmp_path / "run", "Transfer.strategy=linear_probe", "Global.epochs=1",
                              "DataLoader.Train.augment.mixup=0.4", "DataLoader.Train.augment.cutmix=1.0"))
     assert not metrics["strategy"]["cached_features"]  # mixing needs the images

@@ -22,9 +22,10 @@ class Clock:
         return self.now
 
 
-def _trial(scores, clock, seconds=10.0, refuse=()):
-    """A trial that `takes` `seconds` and scores what `scores` says for the
-    candidate the config describes."""
+def _trial(scores, clock, seconds=10.0, refuse=(), epoch_seconds=1.0):
+    """A trial that `takes` `seconds`, scores what `scores` says for the
+    candidate the config describes, and finds the run's epochs would take
+    `epoch_seconds`."""
     def trial(cfg):
         name = {("linear_probe", "linear"): "linear_probe", ("linear_probe", "mlp"): "mlp_head"}.get(
             (cfg.Transfer.strategy, cfg.Arch.head.type),
@@ -32,7 +33,7 @@ def _trial(scores, clock, seconds=10.0, refuse=()):
         if name in refuse:
             raise ConfigError(f"Arch.head: {name} cannot run here")
         clock.now += seconds
-        return scores[name], 1 - scores[name]
+        return auto.Trial(scores[name], 1 - scores[name], epoch_seconds)
     return trial
 
 
@@ -63,8 +64,9 @@ def test_large_data_measures_fine_tuning_first_and_ties_go_to_the_lower_loss(mon
     trial = _trial(scores, clock)
 
     def lower_loss_for_mlp(variant):
-        top1, loss = trial(variant)
-        return top1, loss - (0.1 if variant.Arch.head.type == "mlp" else 0)
+        measured = trial(variant)
+        return auto.Trial(measured.val_top1, measured.val_loss - (0.1 if variant.Arch.head.type == "mlp" else 0),
+                          measured.epoch_seconds)
 
     _, record = auto.measure(cfg, lower_loss_for_mlp, auto.candidates(cfg, 5, [600, 700]))
     assert [row["name"] for row in record["candidates"]] == ["lp_ft_top", "lp_ft_two", "linear_probe", "mlp_head"]
@@ -74,7 +76,7 @@ def test_large_data_measures_fine_tuning_first_and_ties_go_to_the_lower_loss(mon
 def test_the_budget_stops_measuring_before_half_of_it_is_spent(monkeypatch):
     """A 10-minute budget, 140 s a trial: two candidates measured; a third,
     at the same pace, would end past half the budget (420 s > 300 s). The
-    winner then trains for Global.epochs."""
+    winner then trains for Global.epochs, which fit in the rest."""
     clock = Clock()
     monkeypatch.setattr(auto.time, "time", clock)
     cfg = load_config(None, ["Transfer.strategy=auto", "Global.epochs=30", "Transfer.auto_budget_minutes=10"])
@@ -86,6 +88,31 @@ def test_the_budget_stops_measuring_before_half_of_it_is_spent(monkeypatch):
     _, record = auto.measure(cfg, _trial(scores, clock, seconds=400), auto.candidates(cfg, 5, [40, 40]),
                              started=clock.now - 100)  # 100 s went to caching before the first trial
     assert [row.get("skipped") for row in record["candidates"]] == [None, "budget", "budget", "budget"]
+
+
+def test_the_winner_trains_the_epochs_that_fit_in_the_rest_of_the_budget(monkeypatch):
+    """Two 140 s trials leave 320 s of a 10-minute budget; the winner's
+    trial says an epoch of the run takes 40 s: it trains 8 of the 30 epochs
+    (its learning-rate schedule spans those 8), and a resumed run reads the
+    same from the record."""
+    clock = Clock()
+    monkeypatch.setattr(auto.time, "time", clock)
+    cfg = load_config(None, ["Transfer.strategy=auto", "Global.epochs=30", "Transfer.auto_budget_minutes=10"])
+    scores = {"linear_probe": 0.7, "mlp_head": 0.75, "lp_ft_top": 0.9, "lp_ft_two": 0.9}
+    winner, record = auto.measure(cfg, _trial(scores, clock, seconds=140, epoch_seconds=40),
+                                  auto.candidates(cfg, 5, [40, 40]))
+    assert winner.Global.epochs == 8 and record["epochs"] == 8 and winner.Arch.head.type == "mlp"
+    assert "it trains 8 of Global.epochs=30, all that fit (about 40 s an epoch, 320 s of the budget left)" in \
+        record["reason"]
+    resumed = auto.restore(json.loads(json.dumps(record)), cfg)
+    assert (resumed.Global.epochs, resumed.Arch.head.type) == (8, "mlp")
+
+
+def test_epochs_left():
+    assert auto.epochs_left(10, 500, 40)[0] == 10  # all fit
+    assert auto.epochs_left(10, 399, 40)[0] == 9
+    assert auto.epochs_left(10, -5, 40) == (1, "1 of Global.epochs=10, all that fit (about 40 s an epoch, "
+                                                "0 s of the budget left)")  # one epoch, even past the budget
 
 
 def test_a_candidate_the_architecture_cannot_run_is_skipped_with_its_reason(monkeypatch):

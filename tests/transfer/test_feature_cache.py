@@ -35,7 +35,8 @@ def test_top_stages_train_the_same_on_cached_activations_as_on_images(workspace,
     monkeypatch.setattr(feature_cache, "fastest_runner", _dynamic_runner)
     cached = train(make_cfg(workspace, tmp_path / "cached", *PARTIAL, *NO_AUGMENTATION))
     plain = train(make_cfg(workspace, tmp_path / "plain", *PARTIAL, *NO_AUGMENTATION, "Transfer.cache_features=false"))
-    assert cached["strategy"]["cached_activations"] == {"boundary": 3, "shape": [64, 8, 8], "dtype": dtype}
+    assert cached["strategy"]["cached_activations"] == {"boundary": 3, "shape": [64, 8, 8], "dtype": dtype,
+                                                      "probe_on_features": False}
     assert plain["strategy"]["cached_activations"] is None
     assert plain["history"][-1]["train_loss"] < plain["history"][0]["train_loss"]  # the top did learn
     a, b = _weights(tmp_path / "cached" / "latest.pdparams"), _weights(tmp_path / "plain" / "latest.pdparams")

