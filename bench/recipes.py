@@ -66,17 +66,18 @@ def main():
 
 
 def _print(rows):
-    print("\n| data | recipe | trained | Eval top-1 | val top-1 | wall s | trainable params | auto measured |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| data | recipe | trained | epochs | Eval top-1 | val top-1 | wall s | trainable params | auto measured |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for data, recipe, m, seconds in rows:
         strategy = m["strategy"]
         trained = strategy["strategy"] + (" (cached features)" if strategy["cached_features"] else "") + (
             f" (cached activations at stage {strategy['cached_activations']['boundary']})"
             if strategy["cached_activations"] else "")
-        measured = ", ".join(f"{c['name']} {c['val_top1']:.3f} in {c['seconds']:.0f} s" if "val_top1" in c else
+        measured = ", ".join(f"{c['name']} {c['val_top1']:.3f} ({c['epochs']} epochs, {c['seconds']:.0f} s)"
+                             if "val_top1" in c else
                              f"{c['name']} skipped" for c in strategy.get("candidates") or [])
         val = f"{m['val_top1']:.4f}" if m.get("val_top1") is not None else "–"
-        print(f"| {data} | {recipe} | {trained} | {m['best_top1']:.4f} | {val} | {seconds:.0f} | "
+        print(f"| {data} | {recipe} | {trained} | {m['epochs_run']} | {m['best_top1']:.4f} | {val} | {seconds:.0f} | "
               f"{m['trainable_params']:,} | {measured or '–'} |")
     sys.stdout.flush()
 

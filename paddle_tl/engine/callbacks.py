@@ -296,6 +296,40 @@ class Checkpointer(AfterEpoch):
                             self.extra_layers, self.average.state() if self.average else None)
 
 
+class EpochClock(Callback):
+    """Wall seconds of every epoch, its scoring included: from its start to
+    the next epoch's (or the end of training)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds, self._started = [], None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._lap()
+        self._started = perf_counter()
+
+    def on_train_end(self, logs=None):
+        self._lap()
+
+    def _lap(self):
+        if self._started is not None:
+            self.seconds.append(perf_counter() - self._started)
+            self._started = None
+
+
+class StopAfter(Callback):
+    """Ends the fit after `epochs` epochs (the last one's evaluation
+    included), short of the Global.epochs its schedule spans."""
+
+    def __init__(self, epochs):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 >= self.epochs:
+            self.model.stop_training = True
+
+
 class SamplerEpoch(Callback):
     """The batch samplers that draw from the number given to set_epoch
     (DistributedBatchSampler, BalancedBatchSampler): hapi never advances it;

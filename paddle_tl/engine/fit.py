@@ -273,7 +273,8 @@ def _domain_pairs(cfg, reason, network, spec, pre, data, state, plan, loss, metr
     return Fit("domain_pairs", reason, domain.network, domain.train_data, data.eval, _image_spec(pre), domain.loss,
                LabeledAccuracy(topk=metric.topk), collate=pair_collate,
                workers=(cfg.DataLoader.Train.num_workers, cfg.DataLoader.Eval.num_workers),
-               val_data=data.val, val_network=network, callbacks=[DomainSchedule(domain, state)], extra_layers=domain.extra_layers,
+               val_data=data.val, val_network=network, callbacks=[DomainSchedule(domain, state)],
+               extra_layers=domain.extra_layers,
                record={"method": domain.method, "weight": transfer.domain_weight,
                        "target_images": len(data.target),
                        "target_skipped_files": [path for path, _ in data.target.skipped]})

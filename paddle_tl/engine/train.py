@@ -7,8 +7,10 @@ a callback, a rule in combinations.py; not as branches in the recipe.
 
 import dataclasses
 import json
+import statistics
 import sys
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -20,8 +22,8 @@ from paddle_tl.data.datasets import build_dataset, build_target_dataset, imbalan
 from paddle_tl.data.loaders import make_loader, map_batches
 from paddle_tl.data.transforms import Preprocess, eval_transform, train_transform
 from paddle_tl.engine import auto
-from paddle_tl.engine.callbacks import (Checkpointer, EpochRecorder, EvalSchedule, RunState, SamplerEpoch,
-                                        ValidationScore, VisualDLLogger, metric_names)
+from paddle_tl.engine.callbacks import (Checkpointer, EpochClock, EpochRecorder, EvalSchedule, RunState, SamplerEpoch,
+                                        StopAfter, ValidationScore, VisualDLLogger, metric_names)
 from paddle_tl.engine.checkpoint import load_state, load_weights, resolve_resume, restore_optimizer
 from paddle_tl.engine.ema import WeightAverage
 from paddle_tl.engine.fit import choose_fit_mode, prepare_fit, why_not_cached_below
@@ -198,7 +200,8 @@ def choose_auto(cfg, run, data):
     started = time.time()
     with rng_kept():  # the run draws as it would have without the trials
         _cache_below(cfg, run, data, min(candidate.cut for candidate in candidates))
-        winner, record = auto.measure(cfg, lambda variant: _trial(variant, run, data), candidates, started)
+        winner, record = auto.measure(cfg, lambda variant, epochs: _trial(variant, run, data, epochs), candidates,
+                                      started)
     if run.is_main:
         write_json(chosen, record)
     return _resolved(run, winner), record
@@ -236,8 +239,9 @@ def _cache_below(cfg, run, data, boundary):
                        cfg.Transfer.cache_views, cfg.DataLoader.Eval, cfg.Global.seed, run.device)
 
 
-def _trial(cfg, run, data):
-    """Train `cfg` for its Global.epochs without a run folder, on at most
+def _trial(cfg, run, data, epochs):
+    """Train `cfg` for the first `epochs` of its Global.epochs (its schedule
+    spans them all) without a run folder, on at most
     auto.TRIAL_IMAGES_PER_CLASS training images of each class, choosing and
     scoring on the validation split alone (it stands in for Eval, which a
     trial never sees); an auto.Trial: validation top-1 and loss of its best
@@ -254,17 +258,20 @@ def _trial(cfg, run, data):
     state = start_state(cfg, trial, net, plan, trial_data)
     fit = choose_fit(cfg, trial, net, plan, trial_data, state)
     trainer = prepare_trainer(cfg, trial, net, plan, fit, trial_data, state)
-    fitting = time.time()
+    clock = EpochClock()
+    trainer.callbacks += [clock, StopAfter(epochs)]
     fit_epochs(cfg, trial, trainer, state)
-    fitting = time.time() - fitting
     best = next(row for row in state.history if row["epoch"] == state.best_epoch)
-    # The run trains on every image and scores the validation and Eval splits
-    # each epoch; the trial trained on `images` and scored the validation split.
-    training = sum(row["train_seconds"] for row in state.history)
-    per_image = training / len(images), (fitting - training) / len(data.val)
-    epoch_seconds = (per_image[0] * len(data.train) + per_image[1] * (len(data.val) + len(data.eval))) \
-        / len(state.history)
-    return auto.Trial(best["eval_top1"], best["eval_loss"], epoch_seconds)
+    # An epoch of the run trains on every image and scores the validation and
+    # Eval splits; the trial's trained on `images` and scored the validation
+    # split. Head-only epochs (LP-FT's probe) and the others go at their own pace.
+    paces = defaultdict(list)
+    for row, seconds in zip(state.history, clock.seconds):
+        paces[row["frozen_stages"] == plan.num_stages].append(
+            row["train_seconds"] * len(data.train) / len(images)
+            + (seconds - row["train_seconds"]) * (len(data.val) + len(data.eval)) / len(data.val))
+    head, tuned = (statistics.mean(paces[kind] or paces[not kind]) for kind in (True, False))
+    return auto.Trial(best["eval_top1"], best["eval_loss"], head, tuned)
 
 
 def plan_strategy(cfg, run, net, data, auto_record=None):

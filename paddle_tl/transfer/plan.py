@@ -100,8 +100,13 @@ def plan_transfer(transfer_cfg, num_stages, class_counts, pretrained, similarity
                         bn=transfer_cfg.bn, reason=reason, figures=figures,
                         unfreeze_every=transfer_cfg.unfreeze_every,
                         min_frozen_stages=never_unfrozen,
-                        lp_epochs=(transfer_cfg.lp_epochs or max(1, epochs // 2)) if strategy == "lp_ft" else 0,
+                        lp_epochs=probe_epochs(transfer_cfg, epochs) if strategy == "lp_ft" else 0,
                         l2sp_alpha=transfer_cfg.l2sp_alpha)
+
+
+def probe_epochs(transfer_cfg, epochs):
+    """LP-FT's linear-probe epochs: Transfer.lp_epochs, by default half the run's."""
+    return transfer_cfg.lp_epochs or max(1, epochs // 2)
 
 
 def _choose(figures, num_stages, pretrained):

@@ -2,6 +2,7 @@
 measured best chosen (also where the rule would have chosen otherwise),
 the budget, and a real run that records and resumes its choice."""
 
+import dataclasses
 import json
 
 import pytest
@@ -22,18 +23,18 @@ class Clock:
         return self.now
 
 
-def _trial(scores, clock, seconds=10.0, refuse=(), epoch_seconds=1.0):
+def _trial(scores, clock, seconds=10.0, refuse=(), epoch_seconds=1.0, head_epoch_seconds=None):
     """A trial that `takes` `seconds`, scores what `scores` says for the
     candidate the config describes, and finds the run's epochs would take
-    `epoch_seconds`."""
-    def trial(cfg):
+    `epoch_seconds` (`head_epoch_seconds` those that train the head alone)."""
+    def trial(cfg, epochs):
         name = {("linear_probe", "linear"): "linear_probe", ("linear_probe", "mlp"): "mlp_head"}.get(
             (cfg.Transfer.strategy, cfg.Arch.head.type),
             f"lp_ft_{'top' if cfg.Transfer.freeze_stages == 4 else 'two'}")
         if name in refuse:
             raise ConfigError(f"Arch.head: {name} cannot run here")
         clock.now += seconds
-        return auto.Trial(scores[name], 1 - scores[name], epoch_seconds)
+        return auto.Trial(scores[name], 1 - scores[name], head_epoch_seconds or epoch_seconds, epoch_seconds)
     return trial
 
 
@@ -50,7 +51,9 @@ def test_auto_trains_the_measured_best_where_the_rule_would_keep_the_features(mo
     winner, record = auto.measure(cfg, _trial(scores, clock), auto.candidates(cfg, 5, [40, 40]))
     assert [row["name"] for row in record["candidates"]] == ["linear_probe", "mlp_head", "lp_ft_top", "lp_ft_two"]
     assert [row["val_top1"] for row in record["candidates"]] == [0.80, 0.82, 0.91, 0.89]
-    assert record["chosen"] == "lp_ft_top" and record["trial_epochs"] == 4
+    assert record["chosen"] == "lp_ft_top"
+    # a head on features trains the run's epochs; LP-FT its probe (half of them), then 2 of fine-tuning
+    assert [row["epochs"] for row in record["candidates"]] == [10, 10, 7, 7]
     assert (winner.Transfer.strategy, winner.Transfer.freeze_stages, winner.Global.epochs) == ("lp_ft", 4, 10)
     assert "lp_ft_top (a linear probe, then the top stage fine-tuned) scored best, validation top-1 0.9100" in \
         record["reason"]
@@ -63,10 +66,10 @@ def test_large_data_measures_fine_tuning_first_and_ties_go_to_the_lower_loss(mon
     scores = {"linear_probe": 0.9, "mlp_head": 0.9, "lp_ft_top": 0.9, "lp_ft_two": 0.9}
     trial = _trial(scores, clock)
 
-    def lower_loss_for_mlp(variant):
-        measured = trial(variant)
-        return auto.Trial(measured.val_top1, measured.val_loss - (0.1 if variant.Arch.head.type == "mlp" else 0),
-                          measured.epoch_seconds)
+    def lower_loss_for_mlp(variant, epochs):
+        measured = trial(variant, epochs)
+        return dataclasses.replace(measured, val_loss=measured.val_loss - (0.1 if variant.Arch.head.type == "mlp"
+                                                                           else 0))
 
     _, record = auto.measure(cfg, lower_loss_for_mlp, auto.candidates(cfg, 5, [600, 700]))
     assert [row["name"] for row in record["candidates"]] == ["lp_ft_top", "lp_ft_two", "linear_probe", "mlp_head"]
@@ -108,11 +111,21 @@ def test_the_winner_trains_the_epochs_that_fit_in_the_rest_of_the_budget(monkeyp
     assert (resumed.Global.epochs, resumed.Arch.head.type) == (8, "mlp")
 
 
+def test_an_lp_ft_winner_counts_its_cheap_probe_epochs_apart():
+    """LP-FT probes for half its epochs at 2 s each and fine-tunes the rest
+    at 40 s: 14 epochs fit in 320 s (7 x 2 + 7 x 40 = 294; 15 would take 334)."""
+    winner = auto.configured(load_config(None, ["Global.epochs=30"]), ("Transfer.strategy=lp_ft",))
+    assert auto.epochs_left(winner, 320, 2, 40) == (14, "14 of Global.epochs=30, all that fit (about 2.0 s a probe "
+                                                        "epoch, 40 s a fine-tuning one, 320 s of the budget left)")
+    assert auto.epochs_left(winner, 2000, 2, 40)[0] == 30
+
+
 def test_epochs_left():
-    assert auto.epochs_left(10, 500, 40)[0] == 10  # all fit
-    assert auto.epochs_left(10, 399, 40)[0] == 9
-    assert auto.epochs_left(10, -5, 40) == (1, "1 of Global.epochs=10, all that fit (about 40 s an epoch, "
-                                                "0 s of the budget left)")  # one epoch, even past the budget
+    probe = load_config(None, ["Global.epochs=10", "Transfer.strategy=linear_probe"])
+    assert auto.epochs_left(probe, 500, 40, 40)[0] == 10  # all fit
+    assert auto.epochs_left(probe, 399, 40, 40)[0] == 9
+    assert auto.epochs_left(probe, -5, 40, 40) == (1, "1 of Global.epochs=10, all that fit (about 40 s an epoch, "
+                                                      "0 s of the budget left)")  # one epoch, even past the budget
 
 
 def test_a_candidate_the_architecture_cannot_run_is_skipped_with_its_reason(monkeypatch):
@@ -125,6 +138,15 @@ def test_a_candidate_the_architecture_cannot_run_is_skipped_with_its_reason(monk
     assert record["chosen"] == "lp_ft_top"
     with pytest.raises(ConfigError, match="no candidate could be measured: linear_probe: Arch.head"):
         auto.measure(cfg, _trial(scores, clock, refuse=set(scores)), auto.candidates(cfg, 5, [40, 40]))
+
+
+def test_trials_train_heads_as_the_run_would_and_cut_fine_tuning_short():
+    probe, mlp, lp_ft_top, _ = auto.candidates(load_config(None, ["Global.epochs=10"]), 5, [40, 40])
+    cfg = load_config(None, ["Global.epochs=10"])
+    assert probe.trial_epochs(cfg) == mlp.trial_epochs(cfg) == 10
+    assert lp_ft_top.trial_epochs(cfg) == 7  # 5 probing, 2 fine-tuning
+    assert lp_ft_top.trial_epochs(load_config(None, ["Global.epochs=10", "Transfer.lp_epochs=3"])) == 5
+    assert lp_ft_top.trial_epochs(load_config(None, ["Global.epochs=1"])) == 1  # the run only probes, so does its trial
 
 
 def test_a_head_the_user_chose_is_kept():
