@@ -9,15 +9,12 @@ on the validation split; Eval top-1 and training seconds.
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.seed_table import print_seed_table  # noqa: E402
-from paddle_tl.config import load_config  # noqa: E402
-from paddle_tl.engine import train as train_module  # noqa: E402
+from bench.seed_table import print_seed_table, train_over_seeds  # noqa: E402
 
 WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenet_v2_imagenet.pdparams"
 RECIPES = {"crop + flip (default)": [], "crop + flip + trivial": ["DataLoader.Train.augment.policy=trivial"]}
@@ -30,17 +27,10 @@ def main():
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--views", type=int, default=4)
     args = parser.parse_args()
-    train_module.write_report = lambda run_dir: run_dir  # the report is not measured
-    rows = {}  # recipe -> [(Eval top-1, train seconds)] per seed
-    with tempfile.TemporaryDirectory() as out:
-        for name, overrides in RECIPES.items():
-            for seed in args.seeds:
-                metrics = train_module.train(load_config(REPO / "configs" / "mobilenet_v2_imagefolder.yaml", [
-                    f"Global.output_dir={Path(out) / f'{len(rows)}-{seed}'}", f"Global.seed={seed}",
-                    f"Global.epochs={args.epochs}", f"Arch.pretrained={WEIGHTS}", "Transfer.strategy=linear_probe",
-                    f"Transfer.cache_views={args.views}", f"DataLoader.Train.dataset.root={args.root}/train",
-                    f"DataLoader.Eval.dataset.root={args.root}/val", *overrides]))
-                rows.setdefault(name, []).append((metrics["best_top1"], metrics["train_seconds"]))
+    rows = train_over_seeds(REPO / "configs" / "mobilenet_v2_imagefolder.yaml", RECIPES, args.seeds, [
+        f"Global.epochs={args.epochs}", f"Arch.pretrained={WEIGHTS}", "Transfer.strategy=linear_probe",
+        f"Transfer.cache_views={args.views}", f"DataLoader.Train.dataset.root={args.root}/train",
+        f"DataLoader.Eval.dataset.root={args.root}/val"])
     print_seed_table(f"MobileNetV2 linear probe on cached features, {args.views} views, {args.root}, seeds "
                      f"{args.seeds}, {args.epochs} epochs, best epoch chosen on the validation split", "augmentation",
                      rows, [("train s mean", ".0f")])
