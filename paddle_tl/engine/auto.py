@@ -55,8 +55,8 @@ class Candidate:
     head_only: bool = False  # trains a head on the frozen features (else LP-FT)
 
     def trial_epochs(self, cfg):
-        """The epochs of the run's its trial trains: all of them for a head
-        on features; LP-FT's probe, then TRIAL_FINE_TUNING_EPOCHS."""
+        """How many of the run's epochs its trial trains: all of them for a
+        head on features; LP-FT's probe, then TRIAL_FINE_TUNING_EPOCHS."""
         if self.head_only:
             return cfg.Global.epochs
         probe = min(cfg.Global.epochs, probe_epochs(cfg.Transfer, cfg.Global.epochs))
@@ -192,7 +192,10 @@ def _s(seconds):
 
 def restore(record, cfg):
     """The winner's config from a record: a resumed run trains what was
-    chosen, for as many epochs, without measuring again."""
+    chosen, for as many epochs, without measuring again. (A record written
+    before the winner's epochs were paced has the winner's row alone.)"""
+    if "overrides" not in record:
+        record = next(row for row in record["candidates"] if row["name"] == record["chosen"])
     return configured(cfg, record["overrides"])
 
 

@@ -109,6 +109,8 @@ def test_the_winner_trains_the_epochs_that_fit_in_the_rest_of_the_budget(monkeyp
         record["reason"]
     resumed = auto.restore(json.loads(json.dumps(record)), cfg)
     assert (resumed.Global.epochs, resumed.Arch.head.type) == (8, "mlp")
+    older = {key: value for key, value in record.items() if key not in ("overrides", "epochs")}
+    assert (auto.restore(older, cfg).Global.epochs, auto.restore(older, cfg).Arch.head.type) == (30, "mlp")
 
 
 def test_an_lp_ft_winner_counts_its_cheap_probe_epochs_apart():
