@@ -22,6 +22,8 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import numpy as np
+
 from paddle_tl.data.mixing import MIXED_LABEL_SPEC, MixedAccuracy, MixedLoss, mixing_collate
 from paddle_tl.models.features import feature_head
 from paddle_tl.models.split import activation_bytes, activation_shape, split, why_not_split
@@ -30,6 +32,7 @@ from paddle_tl.transfer.distill import DistillationLoss, LabelAccuracy, WithTeac
 from paddle_tl.transfer.domain import DomainSchedule, LabeledAccuracy, pair_collate, setup_domain_adaptation
 from paddle_tl.transfer.feature_cache import (ACTIVATION_DTYPE, HeadOnly, ProbeFirst, TopOrHead, ViewSwitcher,
                                               cached_activations, cached_datasets)
+from paddle_tl.transfer.logistic import solve_head
 
 paddle = import_paddle()
 
@@ -196,10 +199,33 @@ def _cached_features(cfg, reason, network, spec, pre, data, state, plan, loss, m
         train_data, plain, head, feature_size = cached_datasets(
             network, spec, pre.input_size, data.train, _plain_sets(data), data.eval_tf, data.train_tf, views,
             cfg.DataLoader.Eval, cfg.Global.seed, device, teacher)
+    record = {"cache_views": views}
+    _start_head(cfg, state, data, head.head, train_data, plain[1] if data.val is not None else None, record)
     return _on_cached("cached_features", reason, head, train_data, plain,
                       paddle.static.InputSpec([None, feature_size], "float32", "features"), loss, metric, state,
                       _label_specs(data, teacher_network), scorer=lambda network: HeadOnly(feature_head(network, spec)),
-                      record={"cache_views": views})
+                      record=record)
+
+
+def _start_head(cfg, state, data, head, features, val_features, record):
+    """A fresh run's Linear head, about to train on the cached `features`
+    (FeatureViews), starts as the logistic regression on them solved to
+    convergence (transfer/logistic.py), where `val_features` (a validation
+    split) can choose its L2 strength; metrics.json records it (`record`)."""
+    if cfg.Transfer.head_init != "logistic" or state.start_epoch or val_features is None or \
+            not isinstance(head, paddle.nn.Linear):
+        return
+    # Every cached view: the augmentation the epochs would train on.
+    train_x = np.concatenate([view.astype("float32") for view in features.views])
+    train_y = np.tile(np.asarray(features.labels).reshape(-1), len(features.views))
+    weight, bias, solved = solve_head(train_x, train_y, val_features.views[0].astype("float32"),
+                                      val_features.labels, head.weight.shape[1], data.class_weights)
+    head.weight.set_value(weight)
+    head.bias.set_value(bias)
+    record["head_init"] = solved
+    print(f"head: starts as the logistic regression on the cached features ({solved['samples']} samples), L2 "
+          f"strength {solved['strength']:g} chosen on the validation split (top-1 {solved['val_top1']:.4f}), "
+          f"{solved['seconds']:.1f} s")
 
 
 def _size(count):
@@ -225,6 +251,8 @@ def _cached_activations(cfg, reason, network, spec, pre, data, state, plan, loss
         features, plain_features, _, _ = cached_datasets(
             network, spec, pre.input_size, data.train, _plain_sets(data), data.eval_tf, data.train_tf, views,
             cfg.DataLoader.Eval, cfg.Global.seed, device)
+        _start_head(cfg, state, data, feature_head(network, spec), features,
+                    plain_features[1] if data.val is not None else None, record)
         probing = lambda: state.frozen_stages == plan.num_stages  # noqa: E731
         train_data = ProbeFirst(train_data, features, probing)
         plain = [ProbeFirst(*outputs, probing) for outputs in zip(plain, plain_features)]

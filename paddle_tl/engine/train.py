@@ -510,7 +510,7 @@ def record_run(cfg, run, net, plan, data, fit, trainer, state, train_seconds, ca
                          cached_activations={key: fit.record[key] for key in
                                              ("boundary", "shape", "dtype", "probe_on_features")}
                          if fit.mode == "cached_activations" else None,
-                         cache_views=fit.record.get("cache_views", 0)),
+                         cache_views=fit.record.get("cache_views", 0), head_init=fit.record.get("head_init")),
         **net.counts,
         "device": run.device, "amp": g.amp_level, "to_static": g.to_static,
         "num_workers": {"train": trainer.train_loader.num_workers, "eval": trainer.eval_loader.num_workers},
