@@ -121,9 +121,10 @@ class TransferConfig:
     # random augmentations), epoch e training on view e mod cache_views.
     cache_features: bool = True
     cache_views: int = 2
-    # logistic: a Linear head that first trains on cached features starts as
-    # the logistic regression on them solved to convergence, its L2 strength
-    # chosen on the validation split (transfer/logistic.py); random: as built
+    # logistic: a linear probe's Linear head (the body frozen, features
+    # cached) starts as the logistic regression on the cached features solved
+    # to convergence, its L2 strength chosen on the validation split
+    # (transfer/logistic.py); random: as built
     head_init: Literal["logistic", "random"] = "logistic"
     # Unsupervised domain adaptation toward the unlabeled DataLoader.Target
     # images: mmd (multi-kernel MMD between source and target features) or

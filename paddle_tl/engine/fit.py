@@ -208,10 +208,14 @@ def _cached_features(cfg, reason, network, spec, pre, data, state, plan, loss, m
 
 
 def _start_head(cfg, state, data, head, features, val_features, record):
-    """A fresh run's Linear head, about to train on the cached `features`
-    (FeatureViews), starts as the logistic regression on them solved to
-    convergence (transfer/logistic.py), where `val_features` (a validation
-    split) can choose its L2 strength; metrics.json records it (`record`)."""
+    """A fresh linear probe's Linear head, about to train on the cached
+    `features` (FeatureViews), starts as the logistic regression on them
+    solved to convergence (transfer/logistic.py), where `val_features` (a
+    validation split) can choose its L2 strength; metrics.json records it
+    (`record`). Only where the body never trains: a solved head can be large
+    (a weak penalty), and what it would do to stages unfrozen under it
+    (LP-FT, gradual) is not measured; in a test, at learning rate 0.05,
+    their gradients overflowed."""
     if cfg.Transfer.head_init != "logistic" or state.start_epoch or val_features is None or \
             not isinstance(head, paddle.nn.Linear):
         return
@@ -251,8 +255,6 @@ def _cached_activations(cfg, reason, network, spec, pre, data, state, plan, loss
         features, plain_features, _, _ = cached_datasets(
             network, spec, pre.input_size, data.train, _plain_sets(data), data.eval_tf, data.train_tf, views,
             cfg.DataLoader.Eval, cfg.Global.seed, device)
-        _start_head(cfg, state, data, feature_head(network, spec), features,
-                    plain_features[1] if data.val is not None else None, record)
         probing = lambda: state.frozen_stages == plan.num_stages  # noqa: E731
         train_data = ProbeFirst(train_data, features, probing)
         plain = [ProbeFirst(*outputs, probing) for outputs in zip(plain, plain_features)]

@@ -62,8 +62,7 @@ def test_the_linear_probe_phase_trains_the_head_on_features_computed_from_the_ac
     inputs = []
     forward = TopOrHead.forward
     monkeypatch.setattr(TopOrHead, "forward", lambda self, x: inputs.append(x.ndim) or forward(self, x))
-    # The head starts as built in both (the solved start needs the features, which only the fast path has).
-    common = ("Transfer.strategy=lp_ft", "Transfer.freeze_stages=3", "Global.epochs=1", "Transfer.head_init=random")
+    common = ("Transfer.strategy=lp_ft", "Transfer.freeze_stages=3", "Global.epochs=1")
     fast = train(make_cfg(workspace, tmp_path / "fast", *common))
     assert fast["strategy"]["cached_activations"]["probe_on_features"] is True
     assert inputs and set(inputs) == {2}  # training, validation and Eval alike
