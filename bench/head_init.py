@@ -16,12 +16,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.recipes import DATA  # noqa: E402
 from bench.seed_table import print_seed_table, train_over_seeds  # noqa: E402
 
-ROOT = REPO.parent / "shared" / "datasets" / "hymenoptera"
-DATA = {"ants": [f"DataLoader.Train.dataset.root={ROOT}/train", f"DataLoader.Eval.dataset.root={ROOT}/val"],
-        **{name: [f"DataLoader.{side}.dataset={{name: elpv, label_mode: {mode}}}" for side in ("Train", "Eval")]
-           for name, mode in (("elpv", "binary"), ("elpv4", "four_class"))}}
 RECIPES = {"random": ["Transfer.head_init=random"], "logistic": ["Transfer.head_init=logistic"]}
 
 

@@ -199,26 +199,25 @@ def _cached_features(cfg, reason, network, spec, pre, data, state, plan, loss, m
         train_data, plain, head, feature_size = cached_datasets(
             network, spec, pre.input_size, data.train, _plain_sets(data), data.eval_tf, data.train_tf, views,
             cfg.DataLoader.Eval, cfg.Global.seed, device, teacher)
-    record = {"cache_views": views}
-    _start_head(cfg, state, data, head.head, train_data, plain[1] if data.val is not None else None, record)
+    solved = _start_head(cfg, state, data, head.head, train_data, plain[1] if data.val is not None else None)
     return _on_cached("cached_features", reason, head, train_data, plain,
                       paddle.static.InputSpec([None, feature_size], "float32", "features"), loss, metric, state,
                       _label_specs(data, teacher_network), scorer=lambda network: HeadOnly(feature_head(network, spec)),
-                      record=record)
+                      record={"cache_views": views, "head_init": solved})
 
 
-def _start_head(cfg, state, data, head, features, val_features, record):
+def _start_head(cfg, state, data, head, features, val_features):
     """A fresh linear probe's Linear head, about to train on the cached
     `features` (FeatureViews), starts as the logistic regression on them
     solved to convergence (transfer/logistic.py), where `val_features` (a
-    validation split) can choose its L2 strength; metrics.json records it
-    (`record`). Only where the body never trains: a solved head can be large
-    (a weak penalty), and what it would do to stages unfrozen under it
-    (LP-FT, gradual) is not measured; in a test, at learning rate 0.05,
-    their gradients overflowed."""
+    validation split) can choose its L2 strength; returns the solve's record
+    for metrics.json (None where the head starts as built). Only where the
+    body never trains: a solved head can be large (a weak penalty), and what
+    it would do to stages unfrozen under it (LP-FT, gradual) is not
+    measured; in a test, at learning rate 0.05, their gradients overflowed."""
     if cfg.Transfer.head_init != "logistic" or state.start_epoch or val_features is None or \
             not isinstance(head, paddle.nn.Linear):
-        return
+        return None
     # Every cached view: the augmentation the epochs would train on.
     train_x = np.concatenate([view.astype("float32") for view in features.views])
     train_y = np.tile(np.asarray(features.labels).reshape(-1), len(features.views))
@@ -226,10 +225,10 @@ def _start_head(cfg, state, data, head, features, val_features, record):
                                       val_features.labels, head.weight.shape[1], data.class_weights)
     head.weight.set_value(weight)
     head.bias.set_value(bias)
-    record["head_init"] = solved
     print(f"head: starts as the logistic regression on the cached features ({solved['samples']} samples), L2 "
           f"strength {solved['strength']:g} chosen on the validation split (top-1 {solved['val_top1']:.4f}), "
           f"{solved['seconds']:.1f} s")
+    return solved
 
 
 def _size(count):

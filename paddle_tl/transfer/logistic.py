@@ -11,7 +11,6 @@ the validation split). Measured by bench/head_init.py
 (docs/strategies.md#cached-features).
 """
 
-import hashlib
 import time
 
 import numpy as np
@@ -26,11 +25,6 @@ paddle = import_paddle()
 STRENGTHS = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001, 0.0003, 0.0001)
 ITERATIONS = 100  # L-BFGS iterations per strength, at most
 
-# The last solve, by a digest of its inputs: auto's candidates and the run
-# after them start their heads from the same cached features, so the same
-# solution (deterministic) is computed once.
-_last = {}
-
 
 def solve_head(train_x, train_y, val_x, val_y, num_classes, class_weights=None):
     """(weight [features, classes], bias [classes], record): the multinomial
@@ -39,10 +33,6 @@ def solve_head(train_x, train_y, val_x, val_y, num_classes, class_weights=None):
     Linear layer's terms for the raw features. `class_weights` weight the
     cross-entropy as the training loss does."""
     started = time.time()
-    key = _digest(train_x, train_y, val_x, val_y, num_classes, class_weights)
-    if key in _last:
-        weight_raw, bias_raw, record = _last[key]
-        return weight_raw.copy(), bias_raw.copy(), dict(record, seconds=round(time.time() - started, 2))
     mean, spread = train_x.mean(axis=0), train_x.std(axis=0)
     # A feature that barely varies is not blown up: folded back, its weight
     # would multiply the float differences between runtimes (the cache's
@@ -79,22 +69,11 @@ def solve_head(train_x, train_y, val_x, val_y, num_classes, class_weights=None):
         # first: the lower validation loss would favour the most confident (least penalised) fit whenever
         # the split is separated perfectly.
         if best is None or val_top1 > best[1]:
-            best = (strength, val_top1, val_loss, w.numpy().copy(), b.numpy().copy())
-    strength, val_top1, _, w, b = best
+            best = (strength, val_top1, w.numpy().copy(), b.numpy().copy())
+    strength, val_top1, w, b = best
     # Standardising folded into the layer: (x - mean) / scale @ w + b == x @ w' + b'.
     weight_raw = (w / scale[:, None]).astype("float32")
     bias_raw = (b - (mean / scale) @ w).astype("float32")
     record = {"solver": "L-BFGS", "strength": strength, "val_top1": round(val_top1, 4), "tried": tried,
               "samples": int(train_x.shape[0]), "seconds": round(time.time() - started, 2)}
-    _last.clear()
-    _last[key] = (weight_raw, bias_raw, record)
-    return weight_raw.copy(), bias_raw.copy(), record
-
-
-def _digest(*inputs):
-    digest = hashlib.sha256()
-    for value in inputs:
-        array = np.ascontiguousarray(np.asarray([] if value is None else value))
-        digest.update(f"{array.dtype}{array.shape}".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
+    return weight_raw, bias_raw, record
