@@ -37,9 +37,9 @@ from paddle_tl.config import load_config  # noqa: E402
 from paddle_tl.data.transforms import eval_transform  # noqa: E402
 from paddle_tl.deploy import quantize  # noqa: E402
 from paddle_tl.deploy.export import export  # noqa: E402
-from paddle_tl.engine.run_folder import run_config  # noqa: E402
 from paddle_tl.engine.train import train  # noqa: E402
 from paddle_tl.predict.predictor import Predictor  # noqa: E402
+from paddle_tl.runs.run_folder import run_config  # noqa: E402
 from paddle_tl.runtime import import_paddle  # noqa: E402
 
 paddle = import_paddle()

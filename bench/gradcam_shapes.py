@@ -3,7 +3,7 @@ shapes on black): ImageNet mobilenet_v2 fine-tuned to tell ellipses,
 rectangles and triangles apart, then the share of each Eval image's heat
 map (its true class) that lies inside the shape, against the share of the
 image the shape covers. The CI test
-(tests/models/test_gradcam.py::test_heat_map_mass_lies_on_the_shape) is the
+(tests/trust/test_gradcam.py::test_heat_map_mass_lies_on_the_shape) is the
 seed-0 row at 224 px. Needs ../shared/weights beside the checkout.
 
     python bench/gradcam_shapes.py [--seeds 0 1 2] [--input_size 224] [--epochs 3]

@@ -34,10 +34,10 @@ from paddle_tl.config import load_config  # noqa: E402
 from paddle_tl.data.transforms import eval_transform  # noqa: E402
 from paddle_tl.deploy import quantize  # noqa: E402
 from paddle_tl.deploy.export import export  # noqa: E402
-from paddle_tl.engine.checkpoint import save_checkpoint  # noqa: E402
-from paddle_tl.engine.run_folder import run_config, trained_model  # noqa: E402
 from paddle_tl.models.zoo import build_model  # noqa: E402
 from paddle_tl.predict.predictor import OnnxModel, Predictor  # noqa: E402
+from paddle_tl.runs.checkpoint import save_checkpoint  # noqa: E402
+from paddle_tl.runs.run_folder import run_config, trained_model  # noqa: E402
 from paddle_tl.runtime import import_paddle  # noqa: E402
 
 paddle = import_paddle()

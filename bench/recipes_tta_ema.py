@@ -20,7 +20,7 @@ from bench.seed_table import print_seed_table  # noqa: E402
 from paddle_tl.config import load_config  # noqa: E402
 from paddle_tl.engine import train as train_module  # noqa: E402
 from paddle_tl.engine.evaluate import evaluate  # noqa: E402
-from paddle_tl.engine.run_folder import run_config  # noqa: E402
+from paddle_tl.runs.run_folder import run_config  # noqa: E402
 
 WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenet_v2_imagenet.pdparams"
 TRAININGS = {"raw weights": [], "ema 0.9": ["Global.ema_decay=0.9"], "ema 0.99": ["Global.ema_decay=0.99"]}

@@ -42,8 +42,8 @@ def random_model(folder):
     """An inference folder of mobilenet_v2 with random weights and two classes."""
     from paddle_tl.config import load_config
     from paddle_tl.deploy.export import export
-    from paddle_tl.engine.checkpoint import save_checkpoint
     from paddle_tl.models.zoo import build_model
+    from paddle_tl.runs.checkpoint import save_checkpoint
     from paddle_tl.runtime import import_paddle
 
     paddle = import_paddle()

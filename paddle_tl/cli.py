@@ -34,12 +34,12 @@ def _load(args, parser=None, extra=()):
         return load_config(args.config, [*args.override, *extra])
     if args.config is not None:
         parser.error("give either RUN_DIR or -c CONFIG, not both")
-    from paddle_tl.engine.run_folder import run_config
+    from paddle_tl.runs.run_folder import run_config
     return run_config(run_dir, [*args.override, *extra])
 
 
 def _eval_data(folder):
-    from paddle_tl.engine.run_folder import eval_data_overrides
+    from paddle_tl.runs.run_folder import eval_data_overrides
     return eval_data_overrides(folder) if folder is not None else []
 
 

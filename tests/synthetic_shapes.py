@@ -4,7 +4,7 @@ shapes on black (the labeled source) and the same kinds of shapes blended
 into random colour textures, |texture - mask|, as MNIST-M is made from
 MNIST (the target). A network trained on the source alone stays near chance
 on the target. The source alone also serves Grad-CAM's test
-(tests/models/test_gradcam.py, bench/gradcam_shapes.py): a trained network's
+(tests/trust/test_gradcam.py, bench/gradcam_shapes.py): a trained network's
 heat map should lie on the shape."""
 
 import numpy as np
@@ -94,8 +94,8 @@ def heat_on_shapes(run):
     image's light pixels, cropped as the network saw them."""
     from paddle_tl.data.datasets import build_dataset, load_rgb
     from paddle_tl.data.transforms import center_crop, eval_transform, resize_short
-    from paddle_tl.engine.run_folder import run_config, trained_model
-    from paddle_tl.models.gradcam import grad_cam
+    from paddle_tl.runs.run_folder import run_config, trained_model
+    from paddle_tl.trust.gradcam import grad_cam
 
     cfg = run_config(run)
     network, spec, pre, class_names = trained_model(cfg)

@@ -10,10 +10,10 @@ import yaml
 
 from paddle_tl.data.datasets import build_dataset
 from paddle_tl.data.transforms import eval_transform
-from paddle_tl.engine.run_folder import trained_model, trained_temperature
 from paddle_tl.errors import DataError, ExportError
 from paddle_tl.models.static import PARAMS_FILE, PREFIX, save_static
 from paddle_tl.predict.predictor import BACKENDS, FIXED_PREPROCESS, META_FILE, Predictor, import_onnx_package
+from paddle_tl.runs.run_folder import trained_model, trained_temperature
 from paddle_tl.runtime import import_paddle
 
 paddle = import_paddle()

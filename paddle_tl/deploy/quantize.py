@@ -26,11 +26,11 @@ import yaml
 from paddle_tl.data.datasets import build_dataset
 from paddle_tl.data.transforms import eval_transform
 from paddle_tl.deploy.export import inference_meta
-from paddle_tl.engine.run_folder import trained_model
 from paddle_tl.errors import ConfigError, DataError, ExportError
 from paddle_tl.metrics import classification_metrics
 from paddle_tl.models.static import PARAMS_FILE, PREFIX, StaticModel, save_static
 from paddle_tl.predict.predictor import META_FILE
+from paddle_tl.runs.run_folder import trained_model
 from paddle_tl.runtime import import_paddle
 
 paddle = import_paddle()

@@ -1,3 +1,3 @@
-"""Training and the run folder: `train()` builds the run from its parts and
-fits it with `paddle.Model` and callbacks; checkpoints, evaluation and the
-report read the run folder back."""
+"""Training: `train()` builds the run from its parts and fits it with
+`paddle.Model` and callbacks, writing the run folder (paddle_tl/runs/);
+evaluation and the report read a finished run back."""

@@ -16,10 +16,11 @@ from time import perf_counter
 from typing import Optional
 
 from paddle_tl.data.loaders import map_batches
-from paddle_tl.engine.checkpoint import save_checkpoint
 from paddle_tl.errors import NonFiniteError
 from paddle_tl.metrics import classification_metrics
 from paddle_tl.models.static import dynamic_runner
+from paddle_tl.runs import BEST_MODEL, LATEST
+from paddle_tl.runs.checkpoint import save_checkpoint
 from paddle_tl.runtime import import_paddle, seed_everything
 
 paddle = import_paddle()
@@ -290,9 +291,9 @@ class Checkpointer(AfterEpoch):
 
     def on_recorded(self, row, improved):
         if improved:
-            save_checkpoint(self.run_dir / "best_model", self.network, state=self.state.to_dict())
+            save_checkpoint(self.run_dir / BEST_MODEL, self.network, state=self.state.to_dict())
         with self.average.raw_weights() if self.average else nullcontext():
-            save_checkpoint(self.run_dir / "latest", self.network, self.optimizer, self.state.to_dict(),
+            save_checkpoint(self.run_dir / LATEST, self.network, self.optimizer, self.state.to_dict(),
                             self.extra_layers, self.average.state() if self.average else None)
 
 

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from paddle_tl.data.datasets import build_dataset
 from paddle_tl.data.loaders import make_loader, map_batches
 from paddle_tl.data.transforms import eval_transform
-from paddle_tl.engine.run_folder import trained_model, trained_temperature
 from paddle_tl.metrics import classification_metrics
 from paddle_tl.models.static import dynamic_runner
+from paddle_tl.runs.run_folder import trained_model, trained_temperature
 from paddle_tl.runtime import import_paddle, select_device
 from paddle_tl.tta import tta_input, with_tta
 

@@ -18,12 +18,13 @@ from paddle_tl.calibration import ECE_BINS, expected_calibration_error, reliabil
 from paddle_tl.data.datasets import load_rgb
 from paddle_tl.data.loaders import map_batches
 from paddle_tl.engine.evaluate import eval_split
-from paddle_tl.engine.run_folder import run_config, trained_temperature
 from paddle_tl.errors import ConfigError
 from paddle_tl.metrics import classification_metrics
-from paddle_tl.models.gradcam import grad_cam, overlay
 from paddle_tl.models.static import fastest_runner
 from paddle_tl.models.zoo import get_spec
+from paddle_tl.runs import CONFIG_FILE, METRICS_FILE
+from paddle_tl.runs.run_folder import run_config, trained_temperature
+from paddle_tl.trust.gradcam import grad_cam, overlay
 
 REPORT_DIR = "report"
 MAX_ERRORS = 16
@@ -37,10 +38,10 @@ def write_report(run_dir):
     errors.png, reliability.png, index.html) for a finished run; returns
     index.html's path."""
     run_dir = Path(run_dir)
-    if not (run_dir / "metrics.json").is_file():
+    if not (run_dir / METRICS_FILE).is_file():
         raise ConfigError(f"{run_dir} has no metrics.json: not the folder of a finished training run")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    config_file = run_dir / "config.yaml"
+    metrics = json.loads((run_dir / METRICS_FILE).read_text())
+    config_file = run_dir / CONFIG_FILE
     cfg = run_config(run_dir)  # best_model, rebuilt as it trained (its checkpoint's record)
     started = time.perf_counter()
     split = eval_split(cfg)
@@ -87,7 +88,7 @@ def predict_eval(cfg, split=None):
 
 
 def error_heat_maps(split, spec, indices, predicted):
-    """Grad-CAM maps ([len(indices), S, S], models/gradcam.py) of the
+    """Grad-CAM maps ([len(indices), S, S], trust/gradcam.py) of the
     predicted class over the Eval images at `indices`, as the network saw them."""
     if not len(indices):
         return []

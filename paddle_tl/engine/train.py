@@ -5,6 +5,7 @@ module its idea lives in). Features join as parts: a fit mode (engine/fit.py),
 a callback, a rule in combinations.py; not as branches in the recipe.
 """
 
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -24,15 +25,12 @@ from paddle_tl.data.transforms import Preprocess, eval_transform, train_transfor
 from paddle_tl.engine import auto
 from paddle_tl.engine.callbacks import (Checkpointer, EpochClock, EpochRecorder, EvalSchedule, RunState, SamplerEpoch,
                                         StopAfter, ValidationScore, VisualDLLogger, metric_names)
-from paddle_tl.engine.checkpoint import load_state, load_weights, resolve_resume, restore_optimizer
 from paddle_tl.engine.ema import WeightAverage
 from paddle_tl.engine.fit import choose_fit_mode, prepare_fit, why_not_cached_below
 from paddle_tl.engine.losses import build_loss, class_weights
 from paddle_tl.engine.model import GuardedModel
 from paddle_tl.engine.optim import build_optimizer
 from paddle_tl.engine.report import write_report
-from paddle_tl.engine.run_folder import (describe_model, prepare_output_dir, rebuild_model, record_temperature,
-                                         refusal_leaves_no_folder, require_free_space)
 from paddle_tl.errors import ConfigError, OutOfMemoryError
 from paddle_tl.files import write_json
 from paddle_tl.models.features import feature_head
@@ -40,6 +38,10 @@ from paddle_tl.models.heads import build_network
 from paddle_tl.models.static import dynamic_runner
 from paddle_tl.models.weights import load_pretrained
 from paddle_tl.models.zoo import get_spec
+from paddle_tl.runs import AUTO_RECORD, BEST_MODEL, CONFIG_FILE, METRICS_FILE, VDL_DIR
+from paddle_tl.runs.checkpoint import load_state, load_weights, resolve_resume, restore_optimizer
+from paddle_tl.runs.run_folder import (check_output_dir, describe_model, opened_run_folder, rebuild_model,
+                                       record_temperature, require_free_space)
 from paddle_tl.runtime import import_paddle, rng_kept, seed_everything, select_device
 from paddle_tl.transfer.distill import Teacher, find_teacher
 from paddle_tl.transfer.feature_cache import cached_activations, shared_caches
@@ -52,16 +54,17 @@ paddle = import_paddle()
 
 def train(cfg):
     """Run a fine-tuning as configured; returns the metrics written to metrics.json."""
-    run = start_run(cfg)  # device, processes, the run folder, seeds
-    data = load_data(cfg, run)  # datasets and classes; config.yaml; duplicate warning
+    run = start_run(cfg)  # device, processes, the settings checked against them, seeds
+    data = load_data(cfg, run)  # datasets and classes; duplicate warning
     started = time.time()  # training time includes auto's measuring and computing cached outputs
-    with shared_caches():  # auto's candidates and the run share one pass of frozen layers over the images
-        cfg, chosen = choose_auto(cfg, run, data)  # auto measures candidates on the validation split
-        net = load_network(cfg, run, data)  # the architecture for these classes, with its pretrained weights
-        plan = plan_strategy(cfg, run, net, data, chosen)  # which stages train when
-        state = start_state(cfg, run, net, plan, data)  # a fresh run, or one resumed from its checkpoint
-        fit = choose_fit(cfg, run, net, plan, data, state)  # what the loop trains on, and why
-    trainer = prepare_trainer(cfg, run, net, plan, fit, data, state)  # loaders, optimizer, paddle.Model
+    with open_run_folder(cfg, run):  # config.yaml; a refusal before the first epoch leaves the folder as it was
+        with shared_caches():  # auto's candidates and the run share one pass of frozen layers over the images
+            cfg, chosen = choose_auto(cfg, run, data)  # auto measures candidates on the validation split
+            net = load_network(cfg, run, data)  # the architecture for these classes, with its pretrained weights
+            plan = plan_strategy(cfg, run, net, data, chosen)  # which stages train when
+            state = start_state(cfg, run, net, plan, data)  # a fresh run, or one resumed from its checkpoint
+            fit = choose_fit(cfg, run, net, plan, data, state)  # what the loop trains on, and why
+        trainer = prepare_trainer(cfg, run, net, plan, fit, data, state)  # loaders, optimizer, paddle.Model
     fit_epochs(cfg, run, trainer, state)
     train_seconds = time.time() - started
     calibration = calibrate_best_model(cfg, run, net, fit, state)  # a temperature for its probabilities
@@ -74,27 +77,39 @@ class Run:
     device: str  # cpu or gpu
     processes: int  # data-parallel processes (paddle.distributed.launch)
     is_main: bool  # rank 0, which alone writes the run folder
-    folder: Path
+    folder: Path  # Global.output_dir, written once open_run_folder has opened it
     resume: Optional[Path]  # the checkpoint prefix resumed from
     teacher: Optional[Teacher] = None  # the finished run distilled from (Distill.teacher)
-    created: bool = False  # whether this run created its folder (a refusal before any work removes it again)
 
 
 def start_run(cfg):
     """Device and processes, the settings checked against them (before any
-    work), the run folder, and the seeds."""
+    work), and the seeds. The run folder is checked, not yet touched."""
     g = cfg.Global
     device = select_device(g.device)
     processes, rank = paddle.distributed.get_world_size(), paddle.distributed.get_rank()
     check_combinations(Facts(cfg, device=device, processes=processes, stages=len(get_spec(cfg.Arch.name).stages)))
     resume = resolve_resume(g.resume) if g.resume else None
     teacher = find_teacher(cfg.Distill)
-    created = not Path(g.output_dir).exists()
+    folder = check_output_dir(g.output_dir)
+    seed_everything(g.seed)
     # Under `paddle.distributed.launch` every process trains on its shard;
     # rank 0 alone writes the run folder.
-    folder = prepare_output_dir(g.output_dir, resuming=resume is not None) if rank == 0 else Path(g.output_dir)
-    seed_everything(g.seed)
-    return Run(device, processes, rank == 0, folder, resume, teacher, created and rank == 0)
+    return Run(device, processes, rank == 0, folder, resume, teacher)
+
+
+@contextlib.contextmanager
+def open_run_folder(cfg, run):
+    """The run folder opened once the data has been read (a run already
+    there moved aside), with config.yaml, the resolved config; a refusal
+    inside, before the first epoch, leaves the output folder as it was
+    (runs/run_folder.py opened_run_folder)."""
+    if not run.is_main:
+        yield
+        return
+    with opened_run_folder(run.folder, resuming=run.resume is not None):
+        cfg.save(run.folder / CONFIG_FILE)
+        yield
 
 
 @dataclass
@@ -114,9 +129,9 @@ class TrainingData:
 
 def load_data(cfg, run):
     """The Train, Eval (and Target) datasets with the architecture's
-    transforms. The resolved config (with the class count) goes to
-    config.yaml; copies of training images among the evaluation images are
-    warned about."""
+    transforms; the config resolved with the class count. Copies of
+    training images among the evaluation images are warned about. Nothing
+    is written yet: a refusal here leaves the output folder untouched."""
     loaders = cfg.DataLoader
     pre = Preprocess.from_spec(get_spec(cfg.Arch.name), cfg.Arch.input_size)
     train_tf, eval_tf = train_transform(pre, loaders.Train.augment), eval_transform(pre)
@@ -138,8 +153,7 @@ def load_data(cfg, run):
                           "classes in the training data")
     cfg.Arch.num_classes = num_classes
     if run.teacher is not None:
-        with refusal_leaves_no_folder(run.folder, run.created):
-            run.teacher.check_classes(class_names, num_classes)
+        run.teacher.check_classes(class_names, num_classes)
     counts = train_set.class_counts()
     weights = class_weights(cfg.Loss, counts, num_classes)
     if weights:
@@ -147,7 +161,6 @@ def load_data(cfg, run):
               f"(Loss.class_weights={cfg.Loss.class_weights})")
     duplicates = []
     if run.is_main:
-        cfg.save(run.folder / "config.yaml")
         duplicates = _warn_about_duplicates(all_train, eval_set)  # validation images are training images too
     return TrainingData(pre, train_tf, eval_tf, train_set, val_set, eval_set, target_set, class_names, num_classes,
                         weights, duplicates)
@@ -211,12 +224,8 @@ def _resolved(run, winner):
     """config.yaml is the resolved config: what trained (the winner's head
     among it), from which eval, export and the report rebuild the network."""
     if run.is_main:
-        winner.save(run.folder / "config.yaml")
+        winner.save(run.folder / CONFIG_FILE)
     return winner
-
-
-# The run folder's record of what auto measured and chose.
-AUTO_RECORD = "auto.json"
 
 
 def _cache_below(cfg, run, data, boundary):
@@ -397,7 +406,7 @@ def prepare_trainer(cfg, run, net, plan, fit, data, state):
         val_loader = make_loader(fit.val_data, loaders.Eval.batch_size, shuffle=False, num_workers=fit.workers[1])
         callbacks.append(ValidationScore(state, fit.val_network, val_loader, eval_schedule.evaluates))
     if run.is_main:  # after the recorder: they act on the epoch it books
-        callbacks += [VisualDLLogger(run.folder / "vdl", state, names, g.log_interval, len(train_loader)),
+        callbacks += [VisualDLLogger(run.folder / VDL_DIR, state, names, g.log_interval, len(train_loader)),
                       Checkpointer(run.folder, net.layer, optimizer, state, fit.extra_layers, average)]
     if plan.unfreezes:
         callbacks.append(GradualUnfreezer(net.layer, net.spec, plan, state, net.counts))
@@ -450,7 +459,7 @@ def calibrate_best_model(cfg, run, net, fit, state):
     of the head alone). Rank 0 only."""
     if not run.is_main:
         return None
-    prefix = run.folder / "best_model"
+    prefix = run.folder / BEST_MODEL
     network = rebuild_model(state.model, prefix)[0]
     # On cached features (activations) the splits are what the head (the top) alone scores.
     scorer = fit.scorer(network)
@@ -519,7 +528,7 @@ def record_run(cfg, run, net, plan, data, fit, trainer, state, train_seconds, ca
     }
     if not run.is_main:
         return metrics
-    write_json(run.folder / "metrics.json", metrics)
+    write_json(run.folder / METRICS_FILE, metrics)
     print(f"report: {write_report(run.folder)}")
     chosen = f"chosen on validation top-1 {best['val_top1']:.4f}" if chosen_on == "validation" else \
         "chosen on the Eval split itself"

@@ -369,13 +369,14 @@ def cam_network(model_dir, meta, run_dir=None):
     """(network, spec, preprocess) of the dynamic network an inference folder
     was exported from, for Grad-CAM: rebuilt from its checkpoint's record
     (inference.yml's exported_from, or RUN_DIR/best_model)."""
-    from paddle_tl.engine.checkpoint import STATE_SUFFIX
-    from paddle_tl.engine.run_folder import rebuild_model
+    from paddle_tl.runs import BEST_MODEL
+    from paddle_tl.runs.checkpoint import STATE_SUFFIX, read_record
+    from paddle_tl.runs.run_folder import rebuild_model
 
-    prefix = str(Path(run_dir) / "best_model") if run_dir else str(meta.get("exported_from") or "")
+    prefix = str(Path(run_dir) / BEST_MODEL) if run_dir else str(meta.get("exported_from") or "")
     prefix = prefix[: -len(".pdparams")] if prefix.endswith(".pdparams") else prefix
     state_file = Path(prefix + STATE_SUFFIX)
-    record = json.loads(state_file.read_text()).get("model") if prefix and state_file.is_file() else None
+    record = read_record(state_file).get("model") if prefix and state_file.is_file() else None
     if not record:
         problem = "has no network record" if prefix and state_file.is_file() else "is not there"
         raise ConfigError(f"--cam needs the dynamic network: the checkpoint {model_dir} was exported from "
@@ -439,7 +440,7 @@ def main(argv=None):
         print(json.dumps(benchmark(predictor, paths, args.benchmark_runs)))
         return
     if args.cam:  # before any row: a missing checkpoint is refused up front
-        from paddle_tl.models.gradcam import OverlayWriter
+        from paddle_tl.trust.gradcam import OverlayWriter
         cams = OverlayWriter(*cam_network(args.model_dir, predictor.meta, args.run), args.cam, args.batch_size)
     started, failed = time.perf_counter(), 0
     with ExitStack() as files:

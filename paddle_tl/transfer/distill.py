@@ -33,10 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
-from paddle_tl.engine.checkpoint import STATE_SUFFIX
-from paddle_tl.engine.run_folder import rebuild_model
 from paddle_tl.errors import ConfigError
 from paddle_tl.models.static import fastest_runner
+from paddle_tl.runs import BEST_MODEL, METRICS_FILE
+from paddle_tl.runs.checkpoint import STATE_SUFFIX, read_record
+from paddle_tl.runs.run_folder import rebuild_model
 from paddle_tl.runtime import import_paddle, rng_kept
 from paddle_tl.transfer.freezing import running_statistics
 
@@ -53,7 +54,7 @@ class Teacher:
 
     @property
     def prefix(self):
-        return self.folder / "best_model"
+        return self.folder / BEST_MODEL
 
     def check_classes(self, class_names, num_classes):
         """The teacher's outputs must mean the student's classes, in the same order."""
@@ -72,12 +73,12 @@ def find_teacher(distill_cfg):
     if not folder.is_dir():
         raise ConfigError(f"Distill.teacher: {folder} {'is not a folder' if folder.exists() else 'does not exist'}; "
                           "give the folder of a finished paddle-tl train run")
-    state_file, metrics_file = folder / f"best_model{STATE_SUFFIX}", folder / "metrics.json"
+    state_file, metrics_file = folder / f"{BEST_MODEL}{STATE_SUFFIX}", folder / METRICS_FILE
     missing = [path.name for path in (state_file, metrics_file) if not path.is_file()]
     if missing:
         raise ConfigError(f"Distill.teacher: {folder} is not a finished run folder (no {' or '.join(missing)}); "
                           "train the teacher to the end first")
-    record = json.loads(state_file.read_text()).get("model")
+    record = read_record(state_file).get("model")
     if not record:
         raise ConfigError(f"Distill.teacher: {state_file} does not record its network (written by an older "
                           "paddle_tl); retrain the teacher")

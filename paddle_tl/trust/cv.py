@@ -75,8 +75,8 @@ def cross_validate(cfg, folds=5):
     """Train and score every fold; returns (and writes to cv/cv.json) the
     result whose JSON the command prints."""
     from paddle_tl.data.datasets import build_dataset
-    from paddle_tl.engine.run_folder import prepare_output_dir
     from paddle_tl.engine.train import train
+    from paddle_tl.runs.run_folder import prepare_output_dir
 
     if cfg.Global.resume:
         raise ConfigError("Global.resume: cross-validation trains every fold afresh; leave it unset")
@@ -92,7 +92,7 @@ def cross_validate(cfg, folds=5):
                         "would train without it")
     fold_of = stratified_folds(labels, folds, cfg.Global.seed)
     # Absolute: the list files and each fold's config.yaml must work from any folder.
-    out = prepare_output_dir(Path(cfg.Global.output_dir) / CV_DIR, resuming=False).resolve()
+    out = prepare_output_dir(Path(cfg.Global.output_dir) / CV_DIR, resuming=False)[0].resolve()
     names_file = out / "lists" / "label_names.txt"
     names_file.parent.mkdir(parents=True, exist_ok=True)
     # "<index> <name>" lines: read back as such whatever the names look like.

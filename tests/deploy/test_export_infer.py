@@ -22,13 +22,13 @@ from paddle_tl.config import load_config
 from paddle_tl.data.datasets import build_dataset, load_rgb
 from paddle_tl.data.transforms import Preprocess, eval_transform
 from paddle_tl.deploy.export import export
-from paddle_tl.engine.checkpoint import save_checkpoint
 from paddle_tl.engine.evaluate import evaluate
-from paddle_tl.engine.run_folder import trained_model
 from paddle_tl.errors import ConfigError, ExportError
 from paddle_tl.predict.predictor import OnnxModel, Predictor, evaluate_folder, folder_logits, list_inputs
 from paddle_tl.predict.predictor import main as infer_main
 from paddle_tl.predict.predictor import time_batches
+from paddle_tl.runs.checkpoint import save_checkpoint
+from paddle_tl.runs.run_folder import trained_model
 from paddle_tl.runtime import import_paddle
 
 paddle = import_paddle()

@@ -17,11 +17,11 @@ from paddle_tl.data.loaders import make_loader, map_batches
 from paddle_tl.data.transforms import eval_transform
 from paddle_tl.engine.report import (_unfreezing_points, most_confident_errors, predict_eval, report_command,
                                      write_report)
-from paddle_tl.engine.run_folder import trained_model
 from paddle_tl.engine.train import train
 from paddle_tl.errors import ConfigError
 from paddle_tl.metrics import classification_metrics
 from paddle_tl.models.static import dynamic_runner
+from paddle_tl.runs.run_folder import trained_model
 
 # "<b>&green" is a legal folder name and so a class name: the page must show it, not interpret it.
 CLASSES = ("red", "<b>&green", "blue")

@@ -19,12 +19,12 @@ from paddle_tl.config import load_config
 from paddle_tl.data.datasets import ClassificationDataset
 from paddle_tl.deploy.export import export
 from paddle_tl.engine import callbacks
-from paddle_tl.engine.checkpoint import load_state, save_checkpoint
 from paddle_tl.engine.evaluate import evaluate
 from paddle_tl.engine.model import GuardedModel
 from paddle_tl.engine.train import train
 from paddle_tl.errors import ConfigError, DiskFullError, UserError
 from paddle_tl.models.zoo import get_spec, stage_index
+from paddle_tl.runs.checkpoint import load_state, save_checkpoint
 from paddle_tl.runtime import import_paddle
 from paddle_tl.transfer.freezing import set_frozen_stages, trainable_parameters
 from paddle_tl.transfer.plan import plan_transfer
@@ -454,7 +454,7 @@ def test_too_little_free_space_is_refused_before_training(workspace, tmp_path, m
 
 
 def test_o2_room_counts_the_optimizers_master_weights(tmp_path):
-    from paddle_tl.engine.run_folder import require_free_space
+    from paddle_tl.runs.run_folder import require_free_space
     network = paddle.vision.models.mobilenet_v1(scale=0.25, num_classes=3)
     state_bytes = sum(int(np.prod(t.shape)) * 4 for t in network.state_dict().values())  # all float32
     extra = require_free_space(tmp_path, network, master_weights=True) - require_free_space(tmp_path, network)

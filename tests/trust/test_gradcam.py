@@ -1,4 +1,4 @@
-"""Grad-CAM (models/gradcam.py): the map's range and size, a network left
+"""Grad-CAM (trust/gradcam.py): the map's range and size, a network left
 exactly as it was (parameters, gradients, BatchNorm statistics, modes),
 frozen stages, the stage it is taken at, the overlay; and, on the synthetic
 shapes, that a trained network's heat map lies on the shape."""
@@ -18,10 +18,10 @@ from paddle_tl.config import load_config
 from paddle_tl.data.transforms import Preprocess, center_crop, eval_crop_box, resize_short
 from paddle_tl.engine import train as train_module
 from paddle_tl.engine.train import train
-from paddle_tl.models.gradcam import OverlayWriter, grad_cam, overlay
 from paddle_tl.models.zoo import build_model, get_spec
 from paddle_tl.runtime import import_paddle
 from paddle_tl.transfer.freezing import set_frozen_stages
+from paddle_tl.trust.gradcam import OverlayWriter, grad_cam, overlay
 
 paddle = import_paddle()
 

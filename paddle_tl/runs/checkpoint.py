@@ -18,6 +18,7 @@ from pathlib import Path
 
 from paddle_tl.errors import CheckpointError
 from paddle_tl.files import file_digest, replace_together
+from paddle_tl.runs import LATEST
 from paddle_tl.runtime import import_paddle
 
 paddle = import_paddle()
@@ -73,20 +74,40 @@ def load_state(prefix):
     path = Path(str(prefix) + STATE_SUFFIX)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {prefix} ({path.name} missing)")
-    record = json.loads(path.read_text())
-    for ext, digest in record.get("files", {}).items():
-        file = Path(f"{prefix}.{ext}")
-        if not file.is_file() or file_digest(file) != digest:
-            raise CheckpointError(f"checkpoint {prefix} is incomplete: {file.name} does not match "
-                                  f"{path.name} (the run was probably killed while saving)")
+    record = read_record(path)
+    for ext in record.get("files", {}):
+        _check_digest(prefix, ext, record)
     return record
+
+
+def read_record(path):
+    """A checkpoint's state.json (without checking the files it names)."""
+    try:
+        record = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is damaged ({exc}); it is not a paddle_tl checkpoint record") from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path} is damaged: it holds no paddle_tl checkpoint record")
+    return record
+
+
+def _check_digest(prefix, ext, record):
+    """The file `<prefix>.<ext>` must be the one the record's sha256 names:
+    a file changed since it was written (damaged, truncated, swapped for
+    another run's) would otherwise load and score, silently wrong."""
+    file = Path(f"{prefix}.{ext}")
+    if not file.is_file() or file_digest(file) != record["files"][ext]:
+        problem = "is missing" if not file.is_file() else "does not match the sha256 that"
+        raise CheckpointError(f"checkpoint {prefix} is incomplete or damaged: {file.name} {problem} "
+                              f"{Path(str(prefix) + STATE_SUFFIX).name} records (changed since it was "
+                              "written, or the run was killed while saving)")
 
 
 def resolve_resume(resume):
     """Global.resume names a run folder (its latest checkpoint) or a prefix."""
     path = Path(resume)
     if path.is_dir():
-        path = path / "latest"
+        path = path / LATEST
     for suffix in (".pdparams", STATE_SUFFIX):
         if str(path).endswith(suffix):
             path = Path(str(path)[: -len(suffix)])
@@ -103,7 +124,21 @@ def load_weights(network, path):
         path = Path(str(path) + ".pdparams")
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
-    state = paddle.load(str(path))
+    # A checkpoint's weights are checked against the sha256 its state.json
+    # records, wherever they are read (eval, export, distillation, resume).
+    prefix = str(path)[: -len(".pdparams")]
+    state_file = Path(prefix + STATE_SUFFIX)
+    if state_file.is_file():
+        record = read_record(state_file)
+        if "pdparams" in record.get("files", {}):
+            _check_digest(prefix, "pdparams", record)
+    try:
+        state = paddle.load(str(path))
+    except Exception as exc:  # noqa: BLE001 -- paddle.load raises whatever its unpickler met (EOFError, ...)
+        raise CheckpointError(f"{path} cannot be read ({type(exc).__name__}: {exc}); it is damaged or not a "
+                              "paddle state dict") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds no state dict ({type(state).__name__})")
     own = network.state_dict()
     missing = [k for k in own if k not in state]
     wrong = [k for k in own if k in state and list(state[k].shape) != list(own[k].shape)]

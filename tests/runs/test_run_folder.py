@@ -14,9 +14,9 @@ import pytest
 
 from paddle_tl import cli
 from paddle_tl.config import load_config
-from paddle_tl.engine.checkpoint import load_state
 from paddle_tl.engine.evaluate import evaluate
-from paddle_tl.errors import CheckpointError, ConfigError
+from paddle_tl.errors import CheckpointError, ConfigError, UserError
+from paddle_tl.runs.checkpoint import load_state
 
 REPO = Path(__file__).resolve().parents[2]
 MOBILENET_V1_HEAD = ["fc"]
@@ -143,3 +143,104 @@ def test_resuming_a_checkpoint_without_the_record_writes_it(trained_run, tmp_pat
     best = load_state(trained_run.best)["model"]
     best.pop("temperature")  # best_model's alone, once training finished
     assert load_state(run / "latest")["model"] == best
+
+
+def test_eval_and_export_refuse_weights_that_are_not_the_checkpoints_own(trained_run, tmp_path, capsys):
+    """A best_model.pdparams changed after it was written (the head's columns
+    swapped: same size, loads and scores, wrongly) or truncated is refused in
+    one line naming the file, by eval and export alike: its sha256 is not the
+    one state.json records."""
+    from paddle_tl.runtime import import_paddle
+    paddle = import_paddle()
+    swapped, truncated = tmp_path / "swapped", tmp_path / "truncated"
+    for run in (swapped, truncated):
+        shutil.copytree(trained_run.dir, run)
+    weights = paddle.load(str(swapped / "best_model.pdparams"))
+    head = next(key for key in weights if key.endswith("weight") and key.startswith("fc"))
+    weights[head] = paddle.flip(weights[head], axis=[1])  # another class's column in each
+    paddle.save(weights, str(swapped / "best_model.pdparams"))
+    data = (truncated / "best_model.pdparams").read_bytes()
+    (truncated / "best_model.pdparams").write_bytes(data[: len(data) // 2])
+    for run in (swapped, truncated):
+        assert cli.main(["eval", str(run)]) == 2
+        assert cli.main(["export", str(run), "--output", str(tmp_path / f"{run.name}_inference")]) == 2
+        assert not (tmp_path / f"{run.name}_inference").exists()
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 4 and all(line.startswith("error: checkpoint ") for line in errors), errors
+    assert all("best_model.pdparams does not match the sha256 that best_model.state.json records" in line
+               for line in errors)
+
+
+def test_a_damaged_checkpoint_without_a_digest_is_one_line(trained_run, tmp_path, capsys):
+    """Written before checkpoints recorded their sha256 (no `files`), a
+    truncated best_model cannot be caught by its digest: reading it is
+    still one line naming the file, not the unpickler's traceback."""
+    run = tmp_path / "old"
+    shutil.copytree(trained_run.dir, run)
+    state = json.loads((run / "best_model.state.json").read_text())
+    del state["files"]
+    (run / "best_model.state.json").write_text(json.dumps(state))
+    data = (run / "best_model.pdparams").read_bytes()
+    (run / "best_model.pdparams").write_bytes(data[: len(data) // 2])
+    assert cli.main(["eval", str(run)]) == 2
+    (error,) = capsys.readouterr().err.strip().splitlines()
+    assert error.startswith(f"error: {run / 'best_model.pdparams'} cannot be read (") and "damaged" in error
+
+
+def _tree(folder):
+    """Every file under `folder` with its bytes, and the folder's siblings."""
+    return ({str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()},
+            sorted(path.name for path in folder.parent.iterdir()))
+
+
+@pytest.mark.parametrize("refusal", [
+    ("Arch.kwargs={scale: 0.25, no_such_argument: 1}", "does not accept no_such_argument"),  # when the network is built
+    ("DataLoader.Eval.dataset.root=/nowhere/at/all", "/nowhere/at/all"),  # when the data is read
+])
+def test_a_refused_run_leaves_the_finished_run_it_would_replace_as_it_was(trained_run, tmp_path, refusal):
+    from paddle_tl.engine.train import train
+    run = tmp_path / "run"
+    shutil.copytree(trained_run.dir, run)
+    before = _tree(run)
+    override, message = refusal
+    with pytest.raises(UserError, match=message):
+        train(load_config(trained_run.config, [f"Global.output_dir={run}", override]))
+    assert _tree(run) == before  # not moved aside, no config.yaml of the refused run
+
+
+def test_a_refused_resume_leaves_the_run_it_resumes_as_it_was(trained_run, tmp_path):
+    from paddle_tl.engine.train import train
+    run = tmp_path / "run"
+    shutil.copytree(trained_run.dir, run)
+    before = _tree(run)
+    with pytest.raises(ConfigError, match="does not accept no_such_argument"):
+        train(load_config(trained_run.config, [f"Global.output_dir={run}", f"Global.resume={run}", "Global.epochs=2",
+                                               "Arch.kwargs={scale: 0.25, no_such_argument: 1}"]))
+    assert _tree(run) == before  # config.yaml rewritten, then given its old contents back
+
+
+def test_a_refused_run_into_a_new_folder_leaves_no_folder(trained_run, tmp_path):
+    from paddle_tl.engine.train import train
+    with pytest.raises(ConfigError, match="does not accept no_such_argument"):
+        train(load_config(trained_run.config, [f"Global.output_dir={tmp_path / 'new' / 'run'}",
+                                               "Arch.kwargs={scale: 0.25, no_such_argument: 1}"]))
+    assert not (tmp_path / "new" / "run").exists()
+
+
+def test_a_run_that_cannot_move_the_finished_run_aside_is_one_line(trained_run, tmp_path, monkeypatch, capsys):
+    """A read-only parent folder: the finished run cannot be renamed (root
+    passes permission checks, so the rename is made to fail as it does for
+    other users)."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run.dir, run)
+    before = _tree(run)
+
+    def read_only(self, target):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "rename", read_only)
+    assert cli.main(["train", "-c", str(trained_run.config), "-o", f"Global.output_dir={run}"]) == 2
+    (error,) = capsys.readouterr().err.strip().splitlines()
+    assert error.startswith(f"error: Global.output_dir: {run} holds a run that cannot be moved aside to run.")
+    assert error.endswith("(Permission denied); choose another Global.output_dir")
+    assert _tree(run) == before

@@ -3,7 +3,6 @@ finished run back for evaluation and export."""
 
 import contextlib
 import dataclasses
-import json
 import math
 import shutil
 import time
@@ -11,22 +10,36 @@ from pathlib import Path
 
 from paddle_tl.config import load_config
 from paddle_tl.data.transforms import Preprocess
-from paddle_tl.engine.checkpoint import STATE_SUFFIX, load_weights
 from paddle_tl.errors import ConfigError, DataError, DiskFullError, UserError
 from paddle_tl.files import write_json
 from paddle_tl.models.heads import LINEAR, build_network
 from paddle_tl.models.zoo import get_spec
+from paddle_tl.runs import BEST_MODEL, CONFIG_FILE
+from paddle_tl.runs.checkpoint import STATE_SUFFIX, load_weights, read_record
+
+
+def check_output_dir(path):
+    """Refuse at once an output folder that cannot be one; the folder is
+    not touched until the run opens it (opened_run_folder)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"Global.output_dir: {path} exists and is a file, not a folder")
+    return path
 
 
 def prepare_output_dir(path, resuming):
     """Create the run folder, refusing early what cannot work. A finished or
-    half-finished run already there is moved aside, never overwritten."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"Global.output_dir: {path} exists and is a file, not a folder")
+    half-finished run already there is moved aside, never overwritten;
+    returns (the folder, where the run it held went, or None)."""
+    path = check_output_dir(path)
+    created, aside = not path.exists(), None
     if path.is_dir() and any(path.iterdir()) and not resuming:
         aside = path.with_name(f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}")
-        path.rename(aside)
+        try:
+            path.rename(aside)
+        except OSError as exc:
+            raise ConfigError(f"Global.output_dir: {path} holds a run that cannot be moved aside to {aside.name} "
+                              f"({exc.strerror}); choose another Global.output_dir") from None
         print(f"{path} already held a run; moved it to {aside}")
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -36,20 +49,48 @@ def prepare_output_dir(path, resuming):
         probe.write_bytes(b"\0" * 65536)
         probe.unlink()
     except OSError as exc:
-        raise ConfigError(f"Global.output_dir: cannot write to {path}: {exc.strerror}") from exc
-    return path
+        _put_back(path, aside, created)
+        raise ConfigError(f"Global.output_dir: cannot write to {path}: {exc.strerror}") from None
+    return path, aside
 
 
 @contextlib.contextmanager
-def refusal_leaves_no_folder(path, created):
-    """A run refused (a UserError) before it wrote anything leaves no run
-    folder behind that it created itself."""
+def opened_run_folder(path, resuming, rewritten=(CONFIG_FILE,)):
+    """The run folder, opened (prepare_output_dir) for a run whose data has
+    been read. A refusal (a UserError) inside leaves the output folder as it
+    was: a refused run touches nothing already written. What it wrote goes,
+    a run it moved aside comes back, and a resumed run's files it rewrote
+    (`rewritten`) get their old contents again."""
+    path = Path(path)
+    created = not path.exists()
+    empty = created or (path.is_dir() and not any(path.iterdir()))
+    before = {name: (path / name).read_bytes() if (path / name).is_file() else None
+              for name in rewritten} if resuming else {}
+    path, aside = prepare_output_dir(path, resuming)
     try:
-        yield
+        yield path
     except UserError:
-        if created and path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
+        if aside is not None or empty:  # all in it is this run's
+            shutil.rmtree(path, ignore_errors=True)
+            _put_back(path, aside, created)
+        for name, data in before.items():
+            if data is None:
+                (path / name).unlink(missing_ok=True)
+            else:
+                (path / name).write_bytes(data)
         raise
+
+
+def _put_back(path, aside, created):
+    """Undo prepare_output_dir: the run it moved aside comes back, a folder
+    it created goes, one that was there (empty) stays."""
+    if path.is_dir() and not any(path.iterdir()) and (created or aside is not None):
+        path.rmdir()
+    if aside is not None:
+        aside.rename(path)
+        print(f"moved {aside} back to {path}")
+    elif not created:
+        path.mkdir(exist_ok=True)
 
 
 # The checkpoints' room, in copies of the network's state (parameters and
@@ -123,7 +164,7 @@ def trained_model(cfg):
     if not state_file.is_file():
         raise ConfigError(f"Global.pretrained_model: {state_file} not found; expected a checkpoint "
                           "written by paddle_tl training (e.g. RUN/best_model)")
-    state = json.loads(state_file.read_text())
+    state = read_record(state_file)
     record = state.get("model")
     if not record:  # written before checkpoints recorded their network: built from the config
         class_names = state["class_names"]
@@ -167,7 +208,7 @@ def record_temperature(prefix, temperature):
     record of a written checkpoint's state.json; the sha256 of its other
     files, which state.json holds, stay valid."""
     path = Path(str(prefix) + STATE_SUFFIX)
-    state = json.loads(path.read_text())
+    state = read_record(path)
     state.setdefault("model", {})["temperature"] = float(temperature)
     write_json(path, state)
 
@@ -178,7 +219,7 @@ def trained_temperature(cfg):
     where there is none (a checkpoint written before calibration, or during a
     run: `latest`)."""
     state_file = Path(_prefix(cfg.Global.pretrained_model) + STATE_SUFFIX)
-    record = json.loads(state_file.read_text()).get("model") if state_file.is_file() else None
+    record = read_record(state_file).get("model") if state_file.is_file() else None
     return float((record or {}).get("temperature", 1.0))
 
 
@@ -191,11 +232,11 @@ def run_config(run_dir, overrides=()):
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"run folder {run_dir} {'is not a folder' if run_dir.exists() else 'does not exist'}")
-    best = run_dir / "best_model"
+    best = run_dir / BEST_MODEL
     if not Path(str(best) + STATE_SUFFIX).is_file():
         raise ConfigError(f"{run_dir} is not a run folder: it has no best_model{STATE_SUFFIX} "
                           "(write one with paddle-tl train)")
-    config_file = run_dir / "config.yaml"
+    config_file = run_dir / CONFIG_FILE
     return load_config(config_file if config_file.is_file() else None,
                        [f"Global.pretrained_model={best}", *overrides])
 
