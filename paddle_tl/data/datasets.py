@@ -268,8 +268,10 @@ def describe_label_conflicts(conflicts):
     groups = Counter(tuple(conflict["classes"]) for conflict in conflicts)
     classes, count = groups.most_common(1)[0]
     example = next(conflict for conflict in conflicts if tuple(conflict["classes"]) == classes)
-    paths = [found[0] for found in example["classes"].values()]
-    if example["file"] in paths:  # a link into the folder of the file itself
+    paths = list(dict.fromkeys(found[0] for found in example["classes"].values()))
+    if len(paths) == 1:  # one path under two labels (a list file)
+        same = paths[0]
+    elif example["file"] in paths:  # a link into the folder of the file itself
         same = f"{next(path for path in paths if path != example['file'])} is {example['file']}"
     else:
         same = f"{paths[0]} and {paths[1]} are both {example['file']}"

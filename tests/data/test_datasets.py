@@ -304,6 +304,17 @@ def test_bad_list_line_refused_naming_file_and_line(listed, tmp_path, bad_line, 
         build_dataset(list_config(path, label_names_file=str(tmp_path / "names.txt")), "train", None)
 
 
+
+def test_a_list_file_naming_one_image_under_two_labels_is_refused(listed):
+    path = listed(["my images/img 0.png 0", "my images/img 1.png 1", "my images/img 0.png 1"])
+    with pytest.raises(DataError, match=r"list file .*list.txt: 1 images are filed under more than one class .*"
+                                        r"1 under '0' and '1'"):
+        build_dataset(list_config(path), "train", None)
+    # the same image listed twice under one label is left as written (repeating a line may be meant)
+    path = listed(["my images/img 0.png 0", "my images/img 1.png 1", "my images/img 0.png 0"], name="again.txt")
+    assert build_dataset(list_config(path), "train", None).class_counts() == [2, 1]
+
+
 def test_class_without_samples_refused_for_training(listed):
     path = listed(["my images/img 0.png 0", "my images/img 1.png 2"])
     with pytest.raises(DataError, match=r"\['1'\]"):
