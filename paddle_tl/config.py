@@ -352,8 +352,11 @@ def load_config(path=None, overrides=()):
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        except RecursionError:
+            raise ConfigError(f"{path}: nested too deeply to be a config") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        _refuse_oversized(raw, str(path), "")
     for override in overrides:
         apply_override(raw, override)
     return from_dict(raw)
@@ -391,6 +394,9 @@ def apply_override(raw, override):
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {key}: value {text!r} is not valid YAML: {exc}") from exc
+    except RecursionError:
+        raise ConfigError(f"override {key}: value nested too deeply to be a config") from None
+    _refuse_oversized(value, f"override {key}", key)
     node = raw
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -399,6 +405,62 @@ def apply_override(raw, override):
             raise ConfigError(f"override {key}: {'.'.join(parts[:i + 1])} is a value, not a section")
         node = child
     node[parts[-1]] = value
+
+
+# YAML aliases share one object when loaded, so a few lines of anchors that
+# repeat anchors ("billion laughs": 9 aliases nested 9 deep are 387 million
+# values) load at once, and then hang whatever walks the values: saving
+# config.yaml (dataclasses.asdict copies every alias out), metrics, the
+# network's constructor. The schema bounds what it checks, but a free-form
+# value (Arch.kwargs) escapes it, so the values are counted as the aliases
+# expand them, right after the YAML is read. Real configs are far inside
+# both bounds (every key of the full default config is about 150 values);
+# anchors and aliases themselves stay allowed, for configs that reuse a block.
+MAX_CONFIG_VALUES = 10_000
+# asdict and yaml.safe_dump recurse per level: config.save crashed on a
+# value nested 330 deep, and on an alias inside its own anchor (which
+# safe_load builds as a list that contains itself).
+MAX_CONFIG_DEPTH = 50
+
+
+def _oversized(value):
+    """Whether `value`, its aliases expanded, holds more than MAX_CONFIG_VALUES
+    values (mappings, lists, scalars) or nests deeper than MAX_CONFIG_DEPTH:
+    "values", "depth" or None. Stops counting at the bound, so a bomb costs
+    no more than a config of that size."""
+    count, stack = 0, [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            return "values"
+        if depth > MAX_CONFIG_DEPTH:
+            return "depth"
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    return None
+
+
+def _refuse_oversized(value, where, at):
+    """Refuse a YAML value read at `at` (a dotted key, "" for a whole file)
+    that is _oversized, naming the deepest key whose value alone is."""
+    problem = _oversized(value)
+    if problem is None:
+        return
+    while isinstance(value, dict):
+        inner = next(((key, child) for key, child in value.items() if _oversized(child)), None)
+        if inner is None:
+            break
+        at, value = _join(at, str(inner[0])), inner[1]
+        problem = _oversized(value)
+    what = at or "the config"
+    if problem == "values":
+        detail = (f"holds more than {MAX_CONFIG_VALUES} values once its YAML aliases are expanded "
+                  "(aliases repeating aliases?); a config needs far fewer")
+    else:
+        detail = (f"is nested more than {MAX_CONFIG_DEPTH} levels deep (or a YAML alias refers to "
+                  "the anchor it is in); a config needs far fewer")
+    raise ConfigError(f"{where}: {what} {detail}")
 
 
 def from_dict(raw):

@@ -4,6 +4,7 @@ name the key."""
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -123,6 +124,62 @@ def test_config_remembers_the_keys_written_but_does_not_save_them(tmp_path):
     assert "given" not in (tmp_path / "config.yaml").read_text()
     # A saved config states every key.
     assert {"Arch.name", "Arch.num_classes", "Global.seed"} <= load_config(tmp_path / "config.yaml").given
+
+
+
+def alias_bomb(levels=9):
+    """"Billion laughs": a holds 9 values, b 9 aliases of a, ..., i 9**9
+    (387 million) once expanded; as YAML flow mappings, a few hundred bytes."""
+    names = "abcdefghi"[:levels]
+    entries = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    entries += [f"{name}: &{name} [{', '.join([f'*{prev}'] * 9)}]" for prev, name in zip(names, names[1:])]
+    return "{" + ", ".join(entries) + "}"
+
+
+def test_an_alias_bomb_in_arch_kwargs_is_refused_at_once(tmp_path):
+    """Arch.kwargs is free-form, so the schema never looked inside it: the
+    bomb loaded in a moment and then hung config.save. Now it is refused
+    as it is read, from a file and from an -o override alike."""
+    path = tmp_path / "bomb.yaml"
+    path.write_text(f"Arch:\n  kwargs: {alias_bomb()}\n")
+    for source, overrides, where in ((path, [], f"{path}: "), (None, [f"Arch.kwargs={alias_bomb()}"],
+                                                               "override Arch.kwargs: ")):
+        started = time.perf_counter()
+        with pytest.raises(ConfigError) as info:
+            load_config(source, [*ROOTS, *overrides])
+        assert time.perf_counter() - started < 1
+        # e is the first key past 10,000 values (9**5 = 59,049)
+        assert str(info.value) == (f"{where}Arch.kwargs.e holds more than 10000 values once its YAML aliases "
+                                   "are expanded (aliases repeating aliases?); a config needs far fewer")
+    # Anchors and aliases that stay small are still a config's own business.
+    cfg = load_config(None, [*ROOTS, f"Arch.kwargs={alias_bomb(levels=3)}"])
+    assert cfg.Arch.kwargs["c"] == [[["x"] * 9] * 9] * 9  # 729 values, expanded
+
+
+def test_alias_bomb_is_one_line_from_the_command_line_before_any_work(tmp_path, capsys):
+    from paddle_tl import cli
+    code = cli.main(["train", "-c", str(REPO / "configs" / "quickstart.yaml"), "-o", f"Arch.kwargs={alias_bomb()}",
+                     "-o", f"Global.output_dir={tmp_path / 'run'}"])
+    stderr = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("error: override Arch.kwargs: Arch.kwargs.e holds more than")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value, key", [("&a {x: [1, *a]}", "Arch.kwargs.x"),  # an alias inside its own anchor
+                                        ("{deep: " + "[" * 400 + "]" * 400 + "}", "Arch.kwargs.deep")])
+def test_a_self_referring_or_deeply_nested_value_is_refused(value, key):
+    # Both loaded, then crashed config.save with a RecursionError traceback.
+    assert refused(f"Arch.kwargs={value}") == (
+        f"override Arch.kwargs: {key} is nested more than 50 levels deep (or a YAML alias refers to "
+        "the anchor it is in); a config needs far fewer")
+
+
+def test_yaml_nested_past_the_parser_is_refused(tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("Arch:\n  kwargs: {x: " + "[" * 5000 + "]" * 5000 + "}\n")
+    with pytest.raises(ConfigError, match="nested too deeply to be a config"):
+        load_config(path)
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)

@@ -1,7 +1,8 @@
 """`paddle-tl check-data -c CFG`: what the training and evaluation data hold,
 before any training: images per class and split, image sizes and modes,
-unreadable files, files that appear in both splits, classes missing from
-the evaluation split, and class imbalance. Writes `data_check.json` and a
+unreadable files, files under two classes at once (which training
+refuses), files that appear in both splits, classes missing from the
+evaluation split, and class imbalance. Writes `data_check.json` and a
 class histogram PNG, and prints a short table.
 
 Unreadable files, unknown evaluation classes and empty classes are found by
@@ -18,7 +19,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from paddle_tl.data.datasets import IMBALANCE_RATIO, PROGRESS_MIN_FILES, build_dataset, imbalance_ratio
+from paddle_tl.data.datasets import (IMBALANCE_RATIO, PROGRESS_MIN_FILES, build_dataset, describe_label_conflicts,
+                                     imbalance_ratio, label_conflicts)
 from paddle_tl.files import file_digest
 from paddle_tl.runtime import progress
 
@@ -65,6 +67,7 @@ def _split_summary(dataset):
         "images": len(dataset.samples),
         "per_class": dict(zip(dataset.class_names, dataset.class_counts())),
         "unreadable": [{"file": path, "reason": reason} for path, reason in dataset.skipped],
+        "label_conflicts": label_conflicts(dataset.samples, dataset.class_names),
         "width": spread(widths), "height": spread(heights), "modes": modes,
     }
     return summary
@@ -74,13 +77,20 @@ def check_data(cfg, out_dir):
     """Build both splits as training would, summarise them, write the report
     into `out_dir`; returns the report."""
     loaders = cfg.DataLoader
-    train = build_dataset(loaders.Train.dataset, "train", transform=None)
-    evaluation = build_dataset(loaders.Eval.dataset, "eval", transform=None, class_names=train.class_names)
+    # Files under two classes would stop training; here they are kept, so
+    # that the rest of the report is made and they are listed with it.
+    train = build_dataset(loaders.Train.dataset, "train", transform=None, refuse_label_conflicts=False)
+    evaluation = build_dataset(loaders.Eval.dataset, "eval", transform=None, class_names=train.class_names,
+                               refuse_label_conflicts=False)
     train_summary, eval_summary = _split_summary(train), _split_summary(evaluation)
     duplicates = duplicates_across_splits(train, evaluation)
     missing = [name for name, count in eval_summary["per_class"].items() if count == 0]
     imbalance = imbalance_ratio(train.class_counts())
     problems = []
+    for split, summary in (("training", train_summary), ("evaluation", eval_summary)):
+        if summary["label_conflicts"]:
+            problems.append(f"{split} data: {describe_label_conflicts(summary['label_conflicts'])} "
+                            "(training refuses this)")
     if train_summary["unreadable"] or eval_summary["unreadable"]:
         problems.append(f"{len(train_summary['unreadable']) + len(eval_summary['unreadable'])} unreadable "
                         "files (left out of training)")

@@ -125,13 +125,15 @@ class ClassificationDataset(paddle.io.Dataset):
         return [counts[i] for i in range(len(self.class_names))]
 
 
-def build_dataset(cfg, side, transform, class_names=None):
+def build_dataset(cfg, side, transform, class_names=None, refuse_label_conflicts=True):
     """Build the dataset a DatasetConfig describes.
 
     side: "train", "eval" or "target", the loader this dataset feeds (elpv
     picks its split from it; the target domain's images come from its train
     split). class_names: the training set's classes, when building eval, so
     that label indices agree; eval may lack some of them but add none.
+    refuse_label_conflicts: False keeps a file found under two classes (see
+    label_conflicts) in both, for `check-data` to report rather than stop.
     """
     if side not in ("train", "eval", "target"):
         raise ValueError(f"side must be 'train', 'eval' or 'target', got {side!r}")
@@ -151,6 +153,15 @@ def build_dataset(cfg, side, transform, class_names=None):
         raise DataError(f"unknown dataset {cfg.name!r}")
 
     where = _describe(cfg)
+    if side != "target" and refuse_label_conflicts:
+        # Refused, not skipped as a link looping back is: which class the
+        # file belongs to is the user's call (the link may be the mistake, or
+        # the folder it points into), and either way, trained in both, every
+        # copy but one teaches a wrong label. The target's labels go unused.
+        conflicts = label_conflicts(samples, names)
+        if conflicts:
+            raise DataError(f"{where}: {describe_label_conflicts(conflicts)}; an image needs one class: "
+                            "remove the link or the copy under the wrong class")
     if side == "train" and len(names) < 2:
         # Refused before the images are decoded: nothing else could be learned.
         raise DataError(f"{where}: only one class found ({names[0]!r}); a classifier needs at least two")
@@ -240,6 +251,46 @@ def _align_to(samples, names, train_names, where):
     return [(path, index[label]) for path, label in samples]
 
 
+def label_conflicts(samples, names):
+    """Files filed under more than one class, found by their real path (one
+    class folder holding a symbolic link into another, two classes linking
+    the same file, a list file naming a file under two labels), in sample
+    order: [{"file": real path, "classes": {class name: [its paths]}}].
+    Byte-identical copies are not looked for."""
+    by_real, cache = defaultdict(lambda: defaultdict(list)), {}
+    for path, label in samples:
+        by_real[_real_path(path, cache)][names[label]].append(str(path))
+    return [{"file": real, "classes": dict(classes)} for real, classes in by_real.items() if len(classes) > 1]
+
+
+def describe_label_conflicts(conflicts):
+    """How many files, the classes most of them are under, an example: one line."""
+    groups = Counter(tuple(conflict["classes"]) for conflict in conflicts)
+    classes, count = groups.most_common(1)[0]
+    example = next(conflict for conflict in conflicts if tuple(conflict["classes"]) == classes)
+    paths = list(dict.fromkeys(found[0] for found in example["classes"].values()))
+    if len(paths) == 1:  # one path under two labels (a list file)
+        same = paths[0]
+    elif example["file"] in paths:  # a link into the folder of the file itself
+        same = f"{next(path for path in paths if path != example['file'])} is {example['file']}"
+    else:
+        same = f"{paths[0]} and {paths[1]} are both {example['file']}"
+    others = f"; {len(conflicts) - count} more under other classes" if count < len(conflicts) else ""
+    return (f"{len(conflicts)} images are filed under more than one class (by their real path): {count} under "
+            f"{' and '.join(map(repr, classes))}, e.g. {same}{others}")
+
+
+def _real_path(path, cache):
+    """os.path.realpath(path), resolving each folder once (`cache`): the
+    only link a file adds is itself."""
+    folder, name = os.path.split(os.fspath(path))
+    real_folder = cache.get(folder)
+    if real_folder is None:
+        real_folder = cache[folder] = os.path.realpath(folder)
+    real = os.path.join(real_folder, name)
+    return os.path.realpath(real) if os.path.islink(real) else real
+
+
 def _check_classes(dataset, defines_classes, where):
     empty = [name for name, count in zip(dataset.class_names, dataset.class_counts()) if count == 0]
     if not empty:
@@ -300,8 +351,26 @@ def _image_folder(root):
         if not images:
             raise DataError(f"class folder {class_dir} has no images "
                             f"(extensions looked for: {', '.join(sorted(IMAGE_EXTENSIONS))})")
-        samples += [(path, label) for path in images]
+        samples += [(path, label) for path in _once_each(images, class_dir)]
     return samples, names
+
+
+def _once_each(paths, class_dir):
+    """The paths without those whose real file came earlier in the class:
+    counted once, as a folder is entered once (find_images), rather than
+    weighted by how many links reach it; the label is the same either way."""
+    first, kept, twice, cache = {}, [], [], {}
+    for path in paths:
+        real = _real_path(path, cache)
+        if real in first:
+            twice.append((first[real], path, real))
+        else:
+            first[real] = path
+            kept.append(path)
+    if twice:
+        log.warning("class folder %s: %d images reached a second time through symbolic links are counted once "
+                    "(e.g. %s and %s, both %s)", class_dir, len(twice), *twice[0])
+    return kept
 
 
 def find_images(folder):

@@ -1,6 +1,7 @@
 """`paddle-tl check-data`: the report on a folder with known faults."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -45,6 +46,26 @@ def test_report_finds_duplicates_imbalance_unreadable_and_missing_classes(tiny_i
     assert json.loads((tmp_path / "out" / "data_check.json").read_text()) == report
     assert (tmp_path / "out" / "class_histogram.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "fox 1 0" in [" ".join(line.split()) for line in format_table(report).splitlines()]
+
+
+
+def test_report_lists_files_under_two_classes(tiny_image_folder, tmp_path):
+    """ants/tobees -> ../bees was "no problems found"; training refuses it,
+    and the report is still made, the conflict among its problems."""
+    train = tiny_image_folder("train", per_class=4)
+    evaluation = tiny_image_folder("eval", per_class=2, size=(50, 40))
+    os.symlink("../dog", train / "cat" / "todog")
+    cfg = load_config(None, [f"DataLoader.Train.dataset.root={train}", f"DataLoader.Eval.dataset.root={evaluation}"])
+    report = check_data(cfg, tmp_path / "out")
+    conflicts = report["splits"]["train"]["label_conflicts"]
+    assert len(conflicts) == 4 and report["splits"]["eval"]["label_conflicts"] == []
+    assert conflicts[0] == {"file": str(train / "dog" / "dog_0.png"),
+                            "classes": {"cat": [str(train / "cat" / "todog" / "dog_0.png")],
+                                        "dog": [str(train / "dog" / "dog_0.png")]}}
+    assert report["problems"] == [
+        "training data: 4 images are filed under more than one class (by their real path): 4 under 'cat' and "
+        f"'dog', e.g. {train}/cat/todog/dog_0.png is {train}/dog/dog_0.png (training refuses this)"]
+    assert "no problems found" not in format_table(report)
 
 
 @pytest.mark.slow

@@ -304,6 +304,17 @@ def test_bad_list_line_refused_naming_file_and_line(listed, tmp_path, bad_line, 
         build_dataset(list_config(path, label_names_file=str(tmp_path / "names.txt")), "train", None)
 
 
+
+def test_a_list_file_naming_one_image_under_two_labels_is_refused(listed):
+    path = listed(["my images/img 0.png 0", "my images/img 1.png 1", "my images/img 0.png 1"])
+    with pytest.raises(DataError, match=r"list file .*list.txt: 1 images are filed under more than one class .*"
+                                        r"1 under '0' and '1'"):
+        build_dataset(list_config(path), "train", None)
+    # the same image listed twice under one label is left as written (repeating a line may be meant)
+    path = listed(["my images/img 0.png 0", "my images/img 1.png 1", "my images/img 0.png 0"], name="again.txt")
+    assert build_dataset(list_config(path), "train", None).class_counts() == [2, 1]
+
+
 def test_class_without_samples_refused_for_training(listed):
     path = listed(["my images/img 0.png 0", "my images/img 1.png 2"])
     with pytest.raises(DataError, match=r"\['1'\]"):
@@ -426,6 +437,81 @@ def test_symlink_loop_in_the_data_folder_is_skipped(tiny_image_folder, tmp_path,
         dataset = build_dataset(_folder_cfg(root), "train", transform=None)
     assert dataset.class_counts() == [2, 3, 2]
     assert "cat/loop" in caplog.text and "links back" in caplog.text
+
+
+
+def test_a_link_from_one_class_folder_into_another_is_refused_before_decoding(tiny_image_folder, monkeypatch):
+    """cat/todog -> ../dog filed every dog also as a cat, silently."""
+    root = tiny_image_folder()
+    os.symlink("../dog", root / "cat" / "todog")
+    monkeypatch.setattr("paddle_tl.data.datasets._drop_unreadable", lambda samples: pytest.fail("decoded"))
+    for side, class_names in (("train", None), ("eval", ["cat", "dog", "fox"])):
+        with pytest.raises(DataError) as caught:
+            build_dataset(_folder_cfg(root), side, None, class_names=class_names)
+        assert str(caught.value) == (
+            f"ImageFolder {root}: 6 images are filed under more than one class (by their real path): 6 under "
+            f"'cat' and 'dog', e.g. {root}/cat/todog/dog_0.png is {root}/dog/dog_0.png; an image needs one "
+            "class: remove the link or the copy under the wrong class")
+
+
+
+def test_a_link_between_class_folders_is_one_line_from_the_cli(tiny_image_folder, tmp_path, capsys):
+    from paddle_tl import cli
+    root = tiny_image_folder()
+    os.symlink("../dog", root / "cat" / "todog")
+    config = tmp_path / "linked.yaml"
+    config.write_text(f"DataLoader:\n  Train:\n    dataset: {{name: ImageFolder, root: {root}}}\n"
+                      f"  Eval:\n    dataset: {{name: ImageFolder, root: {root}}}\n")
+    code = cli.main(["train", "-c", str(config), "-o", f"Global.output_dir={tmp_path / 'run'}",
+                     "-o", "Arch.pretrained=false", "-o", "Transfer.strategy=auto", "-o", "Global.device=cpu"])
+    stderr = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith(f"error: ImageFolder {root}: 6 images are filed under more "
+                                                      "than one class")
+    # Refused before anything is written (an empty run folder is left, as for every data refusal).
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_two_classes_linking_one_file_kept_elsewhere_are_refused(tiny_image_folder, tmp_path):
+    root = tiny_image_folder()
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    Image.new("RGB", (20, 20), (5, 6, 7)).save(pool / "shared.png")
+    os.symlink(pool / "shared.png", root / "dog" / "a.png")
+    os.symlink(pool / "shared.png", root / "fox" / "b.png")
+    with pytest.raises(DataError, match=rf"1 images .* 1 under 'dog' and 'fox', e\.g\. {root}/dog/a\.png and "
+                                        rf"{root}/fox/b\.png are both {pool}/shared\.png;"):
+        build_dataset(_folder_cfg(root), "train", None)
+
+
+def test_ordinary_links_keep_their_class_and_the_order(tiny_image_folder, tmp_path):
+    """A class folder that is a link, an image that is a link, a folder of
+    images linked in: one label each, in the order of the plain folder."""
+    root = tiny_image_folder()
+    plain = build_dataset(_folder_cfg(root), "train", None).samples
+    assert plain == [(str(root / name / f"{name}_{i}.{'png' if i % 2 == 0 else 'jpg'}"), label)
+                     for label, name in enumerate(["cat", "dog", "fox"]) for i in range(6)]
+    elsewhere = tmp_path / "elsewhere"
+    (root / "fox").rename(elsewhere)
+    os.symlink(elsewhere, root / "fox")  # the class folder itself
+    Image.new("RGB", (20, 20), (1, 1, 1)).save(tmp_path / "single.png")
+    os.symlink(tmp_path / "single.png", root / "dog" / "zz_linked.png")  # one image
+    linked = build_dataset(_folder_cfg(root), "train", None)
+    assert linked.samples == plain[:12] + [(str(root / "dog" / "zz_linked.png"), 1)] + plain[12:]
+
+
+def test_the_same_file_twice_in_one_class_counts_once(tiny_image_folder, caplog):
+    root = tiny_image_folder()
+    os.symlink("cat_3.jpg", root / "cat" / "again.jpg")
+    (root / "cat" / "sub").mkdir()
+    os.symlink("../cat_4.png", root / "cat" / "sub" / "deeper.png")
+    with caplog.at_level(logging.WARNING, logger="paddle_tl"):
+        dataset = build_dataset(_folder_cfg(root), "train", None)
+    assert dataset.class_counts() == [6, 6, 6]
+    # the first path in the walk's order stands for the file
+    assert [os.path.basename(path) for path, label in dataset.samples if label == 0] == [
+        "again.jpg", "cat_0.png", "cat_1.jpg", "cat_2.png", "cat_4.png", "cat_5.jpg"]
+    assert f"class folder {root / 'cat'}: 2 images reached a second time through symbolic links" in caplog.text
 
 
 def test_non_utf8_file_name_loads(tiny_image_folder):
