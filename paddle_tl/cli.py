@@ -8,6 +8,7 @@ import logging
 import sys
 
 from paddle_tl.errors import UserError
+from paddle_tl.flags import check_flags
 
 
 def _config_parser(prog, description, run_dir=False):
@@ -23,17 +24,14 @@ def _config_parser(prog, description, run_dir=False):
     return parser
 
 
-def _load(args, parser=None, extra=()):
-    """The config of `-c CONFIG -o ...`, or of `RUN_DIR -o ...`; `extra`:
-    overrides from the command's own options, applied last."""
+def _load(args, extra=()):
+    """The config of `-c CONFIG -o ...`, or of `RUN_DIR -o ...` (one or the
+    other: flags.py); `extra`: overrides from the command's own options,
+    applied last."""
     from paddle_tl.config import load_config
     run_dir = getattr(args, "run_dir", None)
     if run_dir is None:
-        if args.config is None:
-            parser.error("-c/--config is required (or give a run folder: RUN_DIR)")
         return load_config(args.config, [*args.override, *extra])
-    if args.config is not None:
-        parser.error("give either RUN_DIR or -c CONFIG, not both")
     from paddle_tl.runs.run_folder import run_config
     return run_config(run_dir, [*args.override, *extra])
 
@@ -49,18 +47,23 @@ def run_train(argv):
     train(_load(args))
 
 
-def run_eval(argv):
+def _eval_parser():
     parser = _config_parser("paddle-tl eval", "Evaluate Global.pretrained_model (or RUN_DIR's best_model) "
                                               "on the Eval split.", run_dir=True)
     parser.add_argument("--data", metavar="FOLDER",
                         help="evaluate on this folder of class sub-folders instead of the Eval dataset")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run_eval(argv):
+    args = _eval_parser().parse_args(argv)
+    check_flags("eval", args)
     from paddle_tl.engine.evaluate import evaluate
-    result = evaluate(_load(args, parser, _eval_data(args.data)))
+    result = evaluate(_load(args, _eval_data(args.data)))
     print(json.dumps(result))
 
 
-def run_export(argv):
+def _export_parser():
     parser = _config_parser("paddle-tl export", "Export a static inference model of Global.pretrained_model "
                                                 "(or RUN_DIR's best_model).", run_dir=True)
     parser.add_argument("--output", metavar="DIR",
@@ -74,17 +77,17 @@ def run_export(argv):
                         help="--int8: Train images to calibrate on (default 200)")
     parser.add_argument("--max_drop", type=float, default=None,
                         help="--int8: largest fp32 - INT8 Eval top-1 allowed (default 0.01)")
+    return parser
+
+
+def run_export(argv):
+    parser = _export_parser()
     args = parser.parse_args(argv)
-    if args.run_dir is not None and args.output is None:
-        parser.error("--output DIR is required with RUN_DIR")
-    if not args.int8 and (args.calib_images is not None or args.max_drop is not None):
-        parser.error("--calib_images and --max_drop apply only with --int8")
-    if args.int8 and args.onnx:
-        parser.error("--int8 writes a model for Paddle Inference with oneDNN INT8; export --onnx into another folder")
+    check_flags("export", args)
     if args.calib_images is not None and args.calib_images < 1:
         parser.error(f"--calib_images must be >= 1, got {args.calib_images}")
     output = [f"Global.save_inference_dir={args.output}"] if args.output is not None else []
-    cfg = _load(args, parser, output)
+    cfg = _load(args, output)
     if args.int8:
         from paddle_tl.deploy.quantize import export_int8
         export_int8(cfg, calib_images=200 if args.calib_images is None else args.calib_images,

@@ -1,13 +1,18 @@
 """Which settings combine: every rule that refuses a pair of settings, in one
-table that tests enumerate.
+table that tests enumerate (tests/test_combinations.py).
 
 A rule names two settings, when each of them is "on", and why the pair cannot
 run. Most facts come from the config alone and are checked when it is read;
 the rest (the device `auto` resolves to, the number of data-parallel
-processes, how many stages the architecture has, what its head is) only when
-training starts, before any work. A rule whose facts are not known yet is left for then.
+processes, how many stages the architecture has, what its head is, which
+command runs: `paddle-tl cv` and `check-labels` refuse some settings that
+training takes) only once the command starts, before any work. A rule whose
+facts are not known yet is left for then.
 Fallbacks that still run (features not cached under data-parallel, say) are
-not refusals: engine/fit.py chooses those and says why.
+not refusals: engine/fit.py chooses those and says why. A setting refused on
+its own (a value out of range, more frozen stages than the architecture has)
+is refused where it is read (config.py, transfer/plan.py), not here. Pairs of
+command-line flags (`--int8` with `--onnx`, ...) are in paddle_tl/flags.py.
 """
 
 from dataclasses import dataclass
@@ -23,12 +28,16 @@ class Facts:
     device: Optional[str] = None  # "cpu" or "gpu" once resolved; None while Global.device is auto
     processes: Optional[int] = None  # data-parallel processes
     stages: Optional[int] = None  # body stages of the architecture
-    feature_head: Optional[bool] = None  # whether the built network's head takes feature vectors (models.features)
+    # Whether the architecture's head, as built, is one layer fed with feature
+    # vectors (models.features.feature_head): its own Linear layer (the only
+    # head Arch.head's MLP can take the place of), or that MLP.
+    feature_head: Optional[bool] = None
+    command: Optional[str] = None  # the paddle-tl command about to run, where a rule depends on it ("cv", ...)
 
     @classmethod
-    def of_config(cls, cfg):
+    def of_config(cls, cfg, **known):
         device = cfg.Global.device
-        return cls(cfg, device=None if device == "auto" else device)
+        return cls(cfg, device=None if device == "auto" else device, **known)
 
 
 @dataclass(frozen=True)
@@ -85,7 +94,12 @@ TO_STATIC = _is("Global.to_static", bool)
 ADAPTING = _is("Transfer.domain_adaptation", lambda method: method != "none")
 UNFREEZING = _is("Transfer.strategy", lambda strategy: strategy in ("gradual", "lp_ft"))
 LINEAR_PROBE = _is("Transfer.strategy", lambda strategy: strategy == "linear_probe")
+LP_FT = _is("Transfer.strategy", lambda strategy: strategy == "lp_ft")
 L2SP = _is("Transfer.l2sp_alpha", lambda alpha: alpha > 0)
+LAYER_DECAY = _is("Transfer.layer_decay", lambda decay: decay is not None)
+STAGE_LR_MULTS = _is("Transfer.stage_lr_mults", lambda mults: mults is not None)
+MLP_HEAD = _is("Arch.head.type", lambda head: head == "mlp")
+RESUMING = _is("Global.resume", bool)
 DISTILLING = _is("Distill.teacher", lambda teacher: teacher is not None)
 NOT_PRETRAINED = _is("Arch.pretrained", lambda pretrained: pretrained is False)
 MIXUP = _is("DataLoader.Train.augment.mixup", lambda alpha: alpha > 0)
@@ -100,6 +114,20 @@ OTHER_HEAD = _fact("Arch.name", "feature_head", lambda takes_features: not takes
                    lambda _takes_features, facts: f"{facts.cfg.Arch.name} (whose head is not one Linear layer)")
 
 
+def _head_layers(facts):
+    from paddle_tl.models.zoo import get_spec  # imports paddle: only when the message is written
+    return ", ".join(get_spec(facts.cfg.Arch.name).head)
+
+
+# The same fact, shown with the layers the architecture's head is made of.
+HEAD_NOT_LINEAR = _fact("Arch.name", "feature_head", lambda takes_features: not takes_features,
+                        lambda _takes_features, facts: f"{facts.cfg.Arch.name} (whose head is "
+                                                       f"{_head_layers(facts)}, not one Linear layer)")
+CROSS_VALIDATING = _fact("paddle-tl command", "command", lambda command: command == "cv", lambda command, _: command)
+CHECKING_LABELS = _fact("paddle-tl command", "command", lambda command: command == "check-labels",
+                        lambda command, _: command)
+
+
 def _freezes_every_stage(facts):
     """partial, gradual or lp_ft with Transfer.freeze_stages covering the
     whole body: no stage of the body ever trains."""
@@ -109,11 +137,26 @@ def _freezes_every_stage(facts):
     return None if facts.stages is None else transfer.freeze_stages >= facts.stages
 
 
-FROZEN_BODY = Setting("Transfer.freeze_stages", _freezes_every_stage,
-                      lambda facts: f"{facts.cfg.Transfer.freeze_stages} (all {facts.stages} stages of "
-                                    f"{facts.cfg.Arch.name})")
+def _shown_frozen(facts):
+    return f"{facts.cfg.Transfer.freeze_stages} (all {facts.stages} stages of {facts.cfg.Arch.name})"
+
+
+FROZEN_BODY = Setting("Transfer.freeze_stages", _freezes_every_stage, _shown_frozen)
+
+
+def _freezes_exactly_every_stage(facts):
+    """Transfer.freeze_stages equal to the body's stages (more than that is
+    refused on its own, by transfer/plan.py)."""
+    frozen = facts.cfg.Transfer.freeze_stages
+    if frozen is None:
+        return False
+    return None if facts.stages is None else frozen == facts.stages
+
+
+ALL_STAGES = Setting("Transfer.freeze_stages", _freezes_exactly_every_stage, _shown_frozen)
 
 RULES = (
+    Rule(LAYER_DECAY, STAGE_LR_MULTS, "give either layer_decay or stage_lr_mults, not both"),
     Rule(AMP, CPU, "mixed precision needs a GPU; set Global.amp=false or run on a GPU"),
     Rule(TO_STATIC, UNFREEZING, "stages unfrozen after the graph is traced would stay frozen; use partial or full, "
                              "or Global.to_static=false"),
@@ -123,6 +166,9 @@ RULES = (
                                  "strategy partial, full, gradual, lp_ft or auto"),
     Rule(ADAPTING, FROZEN_BODY, "domain adaptation moves the body's features, and no stage would train; lower "
                                 "Transfer.freeze_stages"),
+    Rule(MLP_HEAD, HEAD_NOT_LINEAR, "an MLP head replaces a single Linear head; use Arch.head.type=linear"),
+    Rule(OTHER_HEAD, CHECKING_LABELS, "check-labels needs the features in front of the head, which this head does "
+                                      "not expose; choose an architecture whose head is a single Linear layer"),
     Rule(ADAPTING, OTHER_HEAD, "domain adaptation works on the head's input features; choose an architecture "
                                "whose head is a single Linear layer"),
     Rule(ADAPTING, DATA_PARALLEL, "source/target pairs are not sharded across processes; train on one process"),
@@ -140,6 +186,11 @@ RULES = (
                              "the cutmix alpha to 0"),
     Rule(L2SP, NOT_PRETRAINED, "L2-SP pulls the body toward its pretrained weights, and there are none; set "
                                "Arch.pretrained or Transfer.l2sp_alpha=0"),
+    Rule(LP_FT, ALL_STAGES, "lp_ft fine-tunes the stages above Transfer.freeze_stages, and this leaves none; lower "
+                            "it, or use Transfer.strategy=linear_probe"),
+    Rule(RESUMING, CROSS_VALIDATING, "cross-validation trains every fold afresh; leave it unset"),
+    Rule(DISTILLING, CROSS_VALIDATING, "the teacher was trained on the images every fold holds out, so its soft "
+                                       "targets would leak them into the folds' scores; cross-validate without it"),
 )
 
 

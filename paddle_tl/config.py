@@ -139,8 +139,6 @@ class TransferConfig:
         _require(self.stage_lr_mults is None or all(
             isinstance(m, (int, float)) and not isinstance(m, bool) and m > 0 for m in self.stage_lr_mults),
             f"{at}.stage_lr_mults", "must be a list of positive numbers, one per stage")
-        _require(self.layer_decay is None or self.stage_lr_mults is None, f"{at}.layer_decay",
-                 "give either layer_decay or stage_lr_mults, not both")
         _require(self.unfreeze_every >= 1, f"{at}.unfreeze_every", "must be >= 1")
         _require(self.lp_epochs is None or self.lp_epochs >= 1, f"{at}.lp_epochs", "must be >= 1")
         _require(self.auto_budget_minutes >= 0, f"{at}.auto_budget_minutes", "must be >= 0")

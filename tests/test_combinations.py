@@ -1,6 +1,7 @@
 """The one table of settings that cannot combine (paddle_tl/combinations.py):
 every rule refuses its pair with a message naming both settings, lets each
-side alone through, and its allowed neighbour trains."""
+side alone through, and its allowed neighbour trains. (Pairs of command-line
+flags: tests/test_flags.py.)"""
 
 import pytest
 import yaml
@@ -24,7 +25,10 @@ def _id(rule):
 # Per rule: overrides and training facts that turn both settings on, then the
 # same with one side off (each must pass), then the allowed neighbour that
 # trains here on CPU (None where it needs a GPU, or a teacher run:
-# tests/transfer/test_distill.py trains those).
+# tests/transfer/test_distill.py trains those; where the other side is a
+# command, cv or check-labels, which their own tests run; or where another
+# test trains it: layer_decay in tests/engine/test_train.py, the MLP head in
+# tests/models/test_heads.py).
 CASES = {
     "Global.amp x Global.device": (["Global.device=auto", "Global.amp=O1"], {"device": "cpu"},
                                    [(["Global.device=auto", "Global.amp=false"], {"device": "cpu"}),
@@ -81,6 +85,30 @@ CASES = {
         ["Transfer.l2sp_alpha=0.01", "Arch.pretrained=false"], {},
         [(["Arch.pretrained=false"], {}), (["Transfer.l2sp_alpha=0.01"], {})],
         ["Transfer.l2sp_alpha=0.01", "Transfer.strategy=full"]),
+    "Transfer.layer_decay x Transfer.stage_lr_mults": (
+        ["Transfer.layer_decay=0.5", "Transfer.stage_lr_mults=[1, 1, 1, 1, 1]"], {},
+        [(["Transfer.layer_decay=0.5"], {}), (["Transfer.stage_lr_mults=[1, 1, 1, 1, 1]"], {})], None),
+    "Transfer.strategy x Transfer.freeze_stages": (
+        ["Transfer.strategy=lp_ft", f"Transfer.freeze_stages={STAGES}"], {"stages": STAGES},
+        [(["Transfer.strategy=partial", f"Transfer.freeze_stages={STAGES}"], {"stages": STAGES}),
+         (["Transfer.strategy=lp_ft", f"Transfer.freeze_stages={STAGES - 1}"], {"stages": STAGES}),
+         # more stages than the architecture has: refused on its own, by transfer/plan.py
+         (["Transfer.strategy=lp_ft", f"Transfer.freeze_stages={STAGES + 1}"], {"stages": STAGES})],
+        ["Transfer.strategy=lp_ft", f"Transfer.freeze_stages={STAGES - 1}"]),
+    "Arch.head.type x Arch.name": (
+        ["Arch.head.type=mlp", "Arch.name=squeezenet1_0"], {"feature_head": False},
+        [(["Arch.name=squeezenet1_0"], {"feature_head": False}), (["Arch.head.type=mlp"], {"feature_head": True})],
+        None),
+    "Arch.name x paddle-tl command": (
+        ["Arch.name=squeezenet1_0"], {"feature_head": False, "command": "check-labels"},
+        [(["Arch.name=squeezenet1_0"], {"feature_head": False, "command": "cv"}),
+         ([], {"feature_head": True, "command": "check-labels"})], None),
+    "Global.resume x paddle-tl command": (
+        ["Global.resume=runs/a"], {"command": "cv"},
+        [(["Global.resume=runs/a"], {}), ([], {"command": "cv"})], None),
+    "Distill.teacher x paddle-tl command": (
+        ["Distill.teacher=runs/teacher"], {"command": "cv"},
+        [(["Distill.teacher=runs/teacher"], {"command": "check-labels"}), ([], {"command": "cv"})], None),
 }
 
 
@@ -120,9 +148,15 @@ def test_pairs_the_config_alone_shows_are_refused_when_it_is_read():
         load_config(None, ["Global.to_static=true", "Transfer.strategy=gradual"])
     with pytest.raises(ConfigError, match=r"^Global.amp=true cannot be combined with Global.device=cpu: "):
         load_config(None, ["Global.device=cpu", "Global.amp=true"])
+    with pytest.raises(ConfigError, match=r"^Transfer.layer_decay=0.5 cannot be combined with "
+                                          r"Transfer.stage_lr_mults=\[1, 2\]: give either layer_decay or "
+                                          r"stage_lr_mults, not both"):
+        load_config(None, ["Transfer.layer_decay=0.5", "Transfer.stage_lr_mults=[1, 2]"])
     # Known only once training starts: the device auto finds, the stages, the processes.
     load_config(None, ["Global.device=auto", "Global.amp=true"])
     load_config(None, ["Transfer.domain_adaptation=dann", "Transfer.strategy=partial", "Transfer.freeze_stages=99"])
+    load_config(None, ["Transfer.strategy=lp_ft", "Transfer.freeze_stages=99"])
+    load_config(None, ["Arch.head.type=mlp", "Arch.name=squeezenet1_0"])
 
 
 @pytest.fixture(scope="module")
@@ -171,5 +205,25 @@ def test_domain_adaptation_on_an_architecture_without_a_feature_head_is_refused_
                "Transfer.domain_adaptation=mmd", "Transfer.strategy=full")
     with pytest.raises(ConfigError, match=r"^Transfer.domain_adaptation=mmd cannot be combined with "
                                           r"Arch.name=squeezenet1_0 \(whose head is not one Linear layer\)"):
+        train(cfg)
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_lp_ft_with_every_stage_frozen_is_refused_before_any_work(folders, tmp_path):
+    """It used to be refused when the plan was made: after the data was read,
+    config.yaml written and the pretrained weights loaded."""
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match=rf"^Transfer.strategy=lp_ft cannot be combined with "
+                                          rf"Transfer.freeze_stages={STAGES} \(all {STAGES} stages of mobilenet_v1\): "
+                                          r"lp_ft fine-tunes the stages above"):
+        train(_cfg(folders, run, "Transfer.strategy=lp_ft", f"Transfer.freeze_stages={STAGES}"))
+    assert not run.exists()
+
+
+def test_an_mlp_head_on_an_architecture_without_a_linear_head_is_refused_before_training(folders, tmp_path):
+    cfg = _cfg(folders, tmp_path / "run", "Arch.name=squeezenet1_0", "Arch.kwargs={}", "Arch.pretrained=false",
+               "Arch.head.type=mlp", "Transfer.strategy=full")
+    with pytest.raises(ConfigError, match=r"^Arch.head.type=mlp cannot be combined with Arch.name=squeezenet1_0 "
+                                          r"\(whose head is _conv9, not one Linear layer\): an MLP head replaces"):
         train(cfg)
     assert not (tmp_path / "run" / "metrics.json").exists()

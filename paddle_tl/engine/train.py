@@ -34,10 +34,10 @@ from paddle_tl.engine.report import write_report
 from paddle_tl.errors import ConfigError, OutOfMemoryError
 from paddle_tl.files import write_json
 from paddle_tl.models.features import feature_head
-from paddle_tl.models.heads import build_network
+from paddle_tl.models.heads import build_head
 from paddle_tl.models.static import dynamic_runner
 from paddle_tl.models.weights import load_pretrained
-from paddle_tl.models.zoo import get_spec
+from paddle_tl.models.zoo import build_model, get_spec
 from paddle_tl.runs import AUTO_RECORD, BEST_MODEL, CONFIG_FILE, METRICS_FILE, VDL_DIR
 from paddle_tl.runs.checkpoint import load_state, load_weights, resolve_resume, restore_optimizer
 from paddle_tl.runs.run_folder import (check_output_dir, describe_model, opened_run_folder, rebuild_model,
@@ -179,10 +179,12 @@ def load_network(cfg, run, data):
     """The network for the data's classes, with its pretrained weights (also
     when resuming: L2-SP and the similarity probe need them)."""
     spec = get_spec(cfg.Arch.name)
-    layer = build_network(spec, data.num_classes, cfg.Arch.kwargs, dataclasses.asdict(cfg.Arch.head))
-    # The rules about the built network's head, before any training work.
+    layer = build_model(spec.name, data.num_classes, **cfg.Arch.kwargs)
+    # The rules about the architecture's head (Arch.head's MLP takes the place
+    # of a single Linear layer only), before any training work.
     check_combinations(Facts(cfg, device=run.device, processes=run.processes, stages=len(spec.stages),
                              feature_head=feature_head(layer, spec) is not None))
+    layer = build_head(layer, spec, dataclasses.asdict(cfg.Arch.head))
     if run.is_main:
         require_free_space(run.folder, layer, master_weights=cfg.Global.amp_level == "O2")
     pretrained = cfg.Arch.pretrained is not False

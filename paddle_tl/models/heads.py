@@ -5,7 +5,6 @@ Linear(hidden, classes) in its place, the "dense hidden layer with dropout"
 of classic transfer-learning recipes. Either trains on cached features,
 exports, and is recorded in checkpoints so that eval and export rebuild it."""
 
-from paddle_tl.errors import ConfigError
 from paddle_tl.models.zoo import build_model
 from paddle_tl.runtime import import_paddle
 
@@ -43,8 +42,10 @@ def build_head(network, spec, head):
     parent = dict(network.named_sublayers())[parent_path] if parent_path else network
     linear = getattr(parent, attr, None)
     if len(spec.head) != 1 or not isinstance(linear, paddle.nn.Linear):
-        raise ConfigError(f"Arch.head: {head['type']} replaces a single Linear head, and the head of {spec.name} "
-                          f"is {', '.join(spec.head)}; use Arch.head.type=linear")
+        # Users are refused this pair before a network is built (combinations.py:
+        # Arch.head.type x Arch.name); reaching here is a caller's bug.
+        raise ValueError(f"an {head['type']} head replaces a single Linear head, and the head of {spec.name} is "
+                         f"{', '.join(spec.head)}")
     in_features, num_classes = linear.weight.shape
     setattr(parent, attr, MLPHead(in_features, list(head["hidden"]), num_classes, head["dropout"],
                                   head["activation"]))

@@ -61,8 +61,8 @@ class StaticModel(_BatchedModel):
             if trt:
                 self._enable_trt(config, trt, image_size)
         elif device == "cpu":
-            if gpu_mem or trt:
-                raise ConfigError("--gpu_mem and --trt apply only with --device gpu")
+            if gpu_mem or trt:  # refused to users as flags (flags.py); a caller's bug here
+                raise ValueError("gpu_mem and trt apply only on device gpu")
             config.disable_gpu()
             if use_mkldnn:
                 config.enable_mkldnn()

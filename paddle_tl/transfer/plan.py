@@ -91,10 +91,8 @@ def plan_transfer(transfer_cfg, num_stages, class_counts, pretrained, similarity
         strategy)
     if strategy == "partial":
         start = num_stages // 2 if frozen is None else frozen
+    # lp_ft with every stage frozen is refused before any work (combinations.py).
     never_unfrozen = {"gradual": frozen or 0, "lp_ft": num_stages - 1 if frozen is None else frozen}.get(strategy, 0)
-    if strategy == "lp_ft" and never_unfrozen >= num_stages:
-        raise ConfigError(f"Transfer.freeze_stages: lp_ft fine-tunes the stages above it, and {frozen} leaves none "
-                          f"of the {num_stages} stages; lower it, or use Transfer.strategy=linear_probe")
     return TransferPlan(strategy=strategy, requested=transfer_cfg.strategy, frozen_stages=start,
                         num_stages=num_stages, stage_lr_mults=_stage_lr_mults(transfer_cfg, num_stages),
                         bn=transfer_cfg.bn, reason=reason, figures=figures,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from paddle_tl.combinations import Facts, check_combinations
 from paddle_tl.errors import ConfigError, DataError
 
 CV_DIR = "cv"
@@ -78,11 +79,8 @@ def cross_validate(cfg, folds=5):
     from paddle_tl.engine.train import train
     from paddle_tl.runs.run_folder import prepare_output_dir
 
-    if cfg.Global.resume:
-        raise ConfigError("Global.resume: cross-validation trains every fold afresh; leave it unset")
-    if cfg.Distill.teacher:
-        raise ConfigError(f"Distill.teacher: {cfg.Distill.teacher} was trained on the images every fold holds out, "
-                          "so its soft targets would leak them into the folds' scores; cross-validate without it")
+    # Global.resume and Distill.teacher are refused for cv, before any work.
+    check_combinations(Facts.of_config(cfg, command="cv"))
     train_set = build_dataset(cfg.DataLoader.Train.dataset, "train", None)
     labels = [label for _, label in train_set.samples]
     counts = train_set.class_counts()

@@ -98,21 +98,23 @@ def training_features(cfg, dataset):
     pretrained body of Arch."""
     import dataclasses
 
+    from paddle_tl.combinations import Facts, check_combinations
     from paddle_tl.data.transforms import Preprocess, eval_transform
     from paddle_tl.models.features import feature_head
-    from paddle_tl.models.heads import build_network
+    from paddle_tl.models.heads import build_head
     from paddle_tl.models.weights import load_pretrained
-    from paddle_tl.models.zoo import get_spec
+    from paddle_tl.models.zoo import build_model, get_spec
     from paddle_tl.runtime import seed_everything, select_device
     from paddle_tl.transfer.feature_cache import feature_extractor
 
     device = select_device(cfg.Global.device)
     seed_everything(cfg.Global.seed)
     spec = get_spec(cfg.Arch.name)
-    network = build_network(spec, len(dataset.class_names), cfg.Arch.kwargs, dataclasses.asdict(cfg.Arch.head))
-    if feature_head(network, spec) is None:
-        raise ConfigError(f"Arch.name: check-labels needs the features in front of the head, which "
-                          f"{cfg.Arch.name}'s head does not expose")
+    network = build_model(spec.name, len(dataset.class_names), **cfg.Arch.kwargs)
+    # An architecture whose head is not one Linear layer, refused (as an MLP head on it) before any features.
+    check_combinations(Facts.of_config(cfg, command="check-labels",
+                                       feature_head=feature_head(network, spec) is not None))
+    network = build_head(network, spec, dataclasses.asdict(cfg.Arch.head))
     if cfg.Arch.pretrained is False:
         print("warning: Arch.pretrained=false: the features come from a randomly initialised body, "
               "so the suspects mean little")

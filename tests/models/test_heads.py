@@ -41,7 +41,10 @@ def test_head_settings_are_checked():
         load_config(None, ["Arch.head.dropout=1.5"])
     with pytest.raises(ConfigError, match="Arch.head.hidden: must be a non-empty list"):
         load_config(None, ["Arch.head.hidden=[]"])
-    with pytest.raises(ConfigError, match="Arch.head: mlp replaces a single Linear head"):
+    # Users are refused this pair before a network is built (combinations.py, tests/test_combinations.py);
+    # build_network itself only guards against a caller that skipped the check.
+    with pytest.raises(ValueError, match="an mlp head replaces a single Linear head, and the head of squeezenet1_0 "
+                                         "is _conv9"):
         build_network(get_spec("squeezenet1_0"), 3, {}, {"type": "mlp", "hidden": [8], "activation": "relu",
                                                        "dropout": 0.0})
 

@@ -5,6 +5,7 @@ moving."""
 import numpy as np
 import pytest
 
+from paddle_tl.combinations import Facts, check_combinations
 from paddle_tl.config import load_config
 from paddle_tl.engine import fit
 from paddle_tl.engine.train import train
@@ -29,9 +30,10 @@ def test_lp_ft_trains_the_head_alone_then_the_top_stages():
 
 
 def test_lp_ft_that_leaves_no_stage_to_fine_tune_is_refused():
-    with pytest.raises(ConfigError, match=r"Transfer.freeze_stages: lp_ft fine-tunes the stages above it, and 5 "
-                                          r"leaves none of the 5 stages"):
-        _plan("Transfer.strategy=lp_ft", "Transfer.freeze_stages=5")
+    # A rule of combinations.py, checked once the stages are known (before any work: tests/test_combinations.py).
+    with pytest.raises(ConfigError, match=r"^Transfer.strategy=lp_ft cannot be combined with Transfer.freeze_stages=5 "
+                                          r"\(all 5 stages of mobilenet_v2\): lp_ft fine-tunes the stages above"):
+        check_combinations(Facts(load_config(None, ["Transfer.strategy=lp_ft", "Transfer.freeze_stages=5"]), stages=5))
     with pytest.raises(ConfigError, match=r"Transfer.lp_epochs.*must be >= 1"):
         _plan("Transfer.strategy=lp_ft", "Transfer.lp_epochs=0")
 

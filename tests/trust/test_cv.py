@@ -92,5 +92,19 @@ def test_cv_refuses_a_teacher_that_saw_the_held_out_images(tmp_path, capsys):
     code = main(["cv", "-c", "mobilenet_v2_imagefolder.yaml", "-o", f"Distill.teacher={teacher}"])
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"error: Distill.teacher: {teacher} was trained on the images every fold holds out, so its soft targets "
-        "would leak them into the folds' scores; cross-validate without it")
+        f"error: Distill.teacher={teacher} cannot be combined with paddle-tl command=cv: the teacher was trained on "
+        "the images every fold holds out, so its soft targets would leak them into the folds' scores; "
+        "cross-validate without it")
+
+
+def test_cv_refuses_to_resume(tmp_path, capsys):
+    """Every fold trains afresh: Global.resume is refused in one line, before any fold trains."""
+    from paddle_tl.cli import main
+    out = tmp_path / "out"
+    code = main(["cv", "-c", "mobilenet_v2_imagefolder.yaml", "-o", f"Global.resume={tmp_path / 'run'}",
+                 "-o", f"Global.output_dir={out}"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: Global.resume={tmp_path / 'run'} cannot be combined with paddle-tl command=cv: cross-validation "
+        "trains every fold afresh; leave it unset")
+    assert not out.exists()

@@ -49,6 +49,24 @@ def test_missing_cleanlab_is_one_line(monkeypatch, capsys):
     assert len(error.splitlines()) == 1 and "pip install cleanlab" in error
 
 
+def test_an_architecture_whose_head_takes_no_feature_vectors_is_refused_before_any_features():
+    """check-labels fits a classifier on the head's input features: an
+    architecture whose head is not one Linear layer is refused (a rule of
+    combinations.py) before a single image goes through it."""
+    from types import SimpleNamespace
+
+    from paddle_tl.config import load_config
+    from paddle_tl.errors import ConfigError
+    from paddle_tl.trust.label_issues import training_features
+
+    cfg = load_config(None, ["Arch.name=squeezenet1_0", "Arch.pretrained=false", "Global.device=cpu"])
+    never_read = SimpleNamespace(class_names=["a", "b"])  # it has no images: reading one would fail
+    with pytest.raises(ConfigError, match=r"^Arch.name=squeezenet1_0 \(whose head is not one Linear layer\) cannot "
+                                          r"be combined with paddle-tl command=check-labels: check-labels needs the "
+                                          r"features in front of the head"):
+        training_features(cfg, never_read)
+
+
 @pytest.fixture(scope="module")
 def flipped_run(shared_dir, tmp_path_factory):
     """check-labels on a copy of ants/bees' training images, 5% of them
