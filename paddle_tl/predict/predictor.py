@@ -83,7 +83,8 @@ def read_meta(model_dir):
                           f"{len(meta['class_names'])} class_names; re-export the model")
     # Folders exported before the record have no `files`: their files are not checked.
     if not isinstance(meta.get("files", {}), dict):
-        raise ExportError(f"{path}: files is not a mapping of file names to their bytes and sha256; re-export the model")
+        raise ExportError(f"{path}: files is not a mapping of file names to their bytes and sha256; "
+                          "re-export the model")
     for key in ("model_file", "params_file"):
         check_file(model_dir, meta, meta[key])
     temperature = meta.get("temperature", 1.0)  # folders exported before calibration have none
@@ -109,8 +110,9 @@ def check_file(model_dir, meta, name):
     path = model_dir / name
     size = path.stat().st_size
     if size != record["bytes"]:
-        raise ExportError(f"{path} is {size} bytes, but {META_FILE} records {record['bytes']} (cut short, or from "
-                          "another export); re-export the model")
+        cause = "cut short, or from another export" if size < record["bytes"] else "from another export"
+        raise ExportError(f"{path} is {size} bytes, but {META_FILE} records {record['bytes']} ({cause}); "
+                          "re-export the model")
     digest = file_digest(path)
     if digest != record["sha256"]:
         raise ExportError(f"{path} has sha256 {digest[:16]}..., but {META_FILE} records {record['sha256'][:16]}... "

@@ -19,7 +19,7 @@ import yaml
 
 from paddle_tl import cli
 from paddle_tl.errors import ConfigError
-from paddle_tl.models.static import StaticModel
+from paddle_tl.models.static import StaticModel, declared_input_shape
 from paddle_tl.predict.predictor import Predictor
 from paddle_tl.predict.predictor import main as infer_main
 
@@ -112,6 +112,9 @@ def test_infer_on_the_int8_folder_matches_its_quantization_json(int8_folder, tra
 def test_an_int8_folder_refuses_another_backend(int8_folder):
     out, _ = int8_folder
     assert Predictor(out).backend == "paddle"
+    # The quantized program still declares its input, so an edited input size is refused there too.
+    meta = yaml.safe_load((out / "inference.yml").read_text())
+    assert declared_input_shape(out / meta["model_file"]) == [-1, 3, 64, 64]
     with pytest.raises(ConfigError, match="INT8 model for the paddle backend"):
         Predictor(out, backend="onnx")
     with pytest.raises(ConfigError, match="runs on CPU with oneDNN"):
