@@ -45,3 +45,7 @@ class OutOfMemoryError(UserError):
 
 class ExportError(UserError, RuntimeError):
     """An inference folder that cannot be written, verified or read."""
+
+
+class NotWritableError(UserError, PermissionError):
+    """A folder that cannot be written (read-only, or another user's); the message names it."""

@@ -11,6 +11,7 @@ import yaml
 from paddle_tl.data.datasets import build_dataset
 from paddle_tl.data.transforms import eval_transform
 from paddle_tl.errors import DataError, ExportError
+from paddle_tl.files import file_digest, publish_folder
 from paddle_tl.models.static import PARAMS_FILE, PREFIX, save_static
 from paddle_tl.predict.predictor import BACKENDS, FIXED_PREPROCESS, META_FILE, Predictor, import_onnx_package
 from paddle_tl.runs.run_folder import trained_model, trained_temperature
@@ -38,6 +39,8 @@ META_HEADER = """\
 # bottom-left and bottom-right corners) and on their mirrors. The prediction is the mean
 # of the runs' probabilities, each softmax(logits / temperature).
 # onnx_file, when present, is the same model in ONNX, with the same input and output.
+# files: the size and sha256 of each model file as exported; infer and serve refuse a
+# folder whose files differ (torn, or from another export).
 """
 
 
@@ -46,32 +49,53 @@ def export(cfg, parity_images=8, tolerance=1e-4, onnx=False):
     the folder; with onnx, also inference.onnx. Unless parity_images is 0, up
     to that many Eval images go through both the trained network and each
     exported model; a logit difference beyond `tolerance` or any different
-    top-1 raises ExportError."""
+    top-1 raises ExportError. All or nothing: the folder is written and
+    checked beside the target, then replaces it whole (files.publish_folder),
+    so a failure or a kill leaves the previous folder as it was."""
     if onnx:  # refused before any work when the onnx extra is missing
         import_onnx_package("paddle2onnx")
         import_onnx_package("onnxruntime")
     # On CPU both sides compute in plain fp32, so the tolerance means the same on every machine.
     paddle.set_device("cpu")
     network, spec, pre, class_names = trained_model(cfg)
-    out_dir = Path(cfg.Global.save_inference_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"Global.save_inference_dir: {out_dir} is a file, not a folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_target(cfg.Global.save_inference_dir)
+    parity = _parity_inputs(cfg, pre, class_names, parity_images) if parity_images > 0 else None
 
-    model_file = save_static(network, pre.input_size, out_dir)
-    # A stale ONNX model from an older export would not match the new one.
-    (out_dir / ONNX_FILE).unlink(missing_ok=True)
-    meta = inference_meta(cfg, spec, pre, class_names, model_file)
-    if onnx:
-        meta["onnx_file"] = save_onnx(out_dir, model_file)
-    (out_dir / META_FILE).write_text(META_HEADER + yaml.safe_dump(meta, sort_keys=False))
+    def write(folder):
+        model_file = save_static(network, pre.input_size, folder)
+        meta = inference_meta(cfg, spec, pre, class_names, model_file)
+        if onnx:
+            meta["onnx_file"] = save_onnx(folder, model_file)
+        meta["files"] = file_records(folder, [model_file, PARAMS_FILE] + ([meta["onnx_file"]] if onnx else []))
+        (folder / META_FILE).write_text(META_HEADER + yaml.safe_dump(meta, sort_keys=False))
+        if parity is not None:  # checked where it was written: only a folder that passes is published
+            for backend in ("paddle", "onnx") if onnx else ("paddle",):
+                images, source = parity
+                check_parity(network, Predictor(folder, backend=backend), images, tolerance, source, out_dir)
 
-    if parity_images > 0:
-        images, source = _parity_inputs(cfg, pre, class_names, parity_images)
-        for backend in ("paddle", "onnx") if onnx else ("paddle",):
-            check_parity(network, Predictor(out_dir, backend=backend), images, tolerance, source)
+    publish_folder(out_dir, write, what="Global.save_inference_dir")
     print(f"exported {spec.name} ({len(class_names)} classes) to {out_dir}")
     return out_dir
+
+
+def check_target(out_dir):
+    """Global.save_inference_dir as a Path, refused when it is a file, or a
+    folder with files but no inference.yml: export replaces the folder whole,
+    and must not take anything else with it."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"Global.save_inference_dir: {out_dir} is a file, not a folder")
+    if out_dir.is_dir() and not (out_dir / META_FILE).is_file() and any(out_dir.iterdir()):
+        raise ExportError(f"Global.save_inference_dir: {out_dir} holds files but no {META_FILE}, so it is not an "
+                          "inference folder, and export replaces the folder whole; choose a new or empty folder")
+    return out_dir
+
+
+def file_records(folder, names):
+    """{name: {bytes, sha256}} of the model files as written, for inference.yml:
+    the predictor refuses files that are not these (predictor.check_file)."""
+    return {name: {"bytes": (folder / name).stat().st_size, "sha256": file_digest(folder / name)}
+            for name in names}
 
 
 def inference_meta(cfg, spec, pre, class_names, model_file):
@@ -125,10 +149,11 @@ def _parity_inputs(cfg, pre, class_names, count):
     return images, f"{count} random inputs ({reason})"
 
 
-def check_parity(network, predictor, images, tolerance, source="inputs"):
+def check_parity(network, predictor, images, tolerance, source="inputs", out_dir=None):
     """Compare the dynamic network with the exported model on `images`; print
-    one line, raise ExportError on a mismatch. Returns (max abs logit
-    difference, number of top-1 disagreements)."""
+    one line, raise ExportError on a mismatch (naming out_dir, the folder
+    that was then left as it was). Returns (max abs logit difference, number
+    of top-1 disagreements)."""
     with paddle.no_grad():
         expected = network(paddle.to_tensor(images)).numpy()
     exported = predictor.predict_arrays(images)
@@ -146,6 +171,7 @@ def check_parity(network, predictor, images, tolerance, source="inputs"):
     if disagreements:
         problems.append(f"{disagreements} of {len(images)} top-1 predictions differ")
     if problems:
-        raise ExportError(f"the exported model {predictor.model_file} does not reproduce the trained network "
-                          f"({'; '.join(problems)}); do not deploy it")
+        where = f"; nothing was written to {out_dir}" if out_dir is not None else ""
+        raise ExportError(f"the exported model {Path(predictor.model_file).name} does not reproduce the trained "
+                          f"network ({'; '.join(problems)}); do not deploy it{where}")
     return max_diff, disagreements

@@ -9,13 +9,13 @@ three times as fast as onnxruntime ran its own, at the same top-1 and about
 the same size (docs/deploy.md, "INT8").
 
 The whole folder is written beside the target under a temporary name and
-renamed into place only when the gate passes, so a refused model leaves
-nothing behind and an existing folder untouched.
+takes its place only when the gate passes (files.publish_folder, as for any
+export), so a refused model, a failure or a kill leaves nothing behind and an
+existing folder untouched.
 """
 
 import json
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -25,8 +25,9 @@ import yaml
 
 from paddle_tl.data.datasets import build_dataset
 from paddle_tl.data.transforms import eval_transform
-from paddle_tl.deploy.export import inference_meta
+from paddle_tl.deploy.export import check_target, file_records, inference_meta
 from paddle_tl.errors import ConfigError, DataError, ExportError
+from paddle_tl.files import publish_folder
 from paddle_tl.metrics import classification_metrics
 from paddle_tl.models.static import PARAMS_FILE, PREFIX, StaticModel, save_static
 from paddle_tl.predict.predictor import META_FILE
@@ -57,6 +58,8 @@ META_HEADER = """\
 # precision int8: the model holds quantize/dequantize ops with INT8 weights; run it
 # with Paddle Inference on CPU with oneDNN INT8 (Config.enable_mkldnn_int8()).
 # quantization.json: fp32 and INT8 accuracy, speed and size, and how it was calibrated.
+# files: the size and sha256 of each model file as exported; infer and serve refuse a
+# folder whose files differ (torn, or from another export).
 """
 
 
@@ -67,20 +70,13 @@ def export_int8(cfg, calib_images=200, max_drop=0.01):
     if calib_images < 1:
         raise ConfigError(f"--calib_images must be >= 1, got {calib_images}")
     paddle.set_device("cpu")
-    out_dir = Path(cfg.Global.save_inference_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"Global.save_inference_dir: {out_dir} is a file, not a folder")
+    out_dir = check_target(cfg.Global.save_inference_dir)
     network, spec, pre, class_names = trained_model(cfg)
     transform = eval_transform(pre)
     calibration = calibration_images(cfg, transform, class_names, calib_images)
     eval_set = eval_dataset(cfg, transform, class_names)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.int8-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
-    try:
+    def write(staging):
         with tempfile.TemporaryDirectory(prefix="paddle_tl_fp32_") as fp32_dir:
             fp32_dir = Path(fp32_dir)
             _save_legacy_static(network, pre.input_size, fp32_dir)
@@ -107,13 +103,13 @@ def export_int8(cfg, calib_images=200, max_drop=0.01):
                               f"on {report['eval_images']} Eval images: a drop of {report['drop']:.4f} exceeds "
                               f"--max_drop {max_drop}; nothing was written to {out_dir}")
         meta = {**inference_meta(cfg, spec, pre, class_names, LEGACY_MODEL_FILE),
-                "precision": "int8", "backend": "paddle", "quantization_file": QUANTIZATION_FILE}
+                "precision": "int8", "backend": "paddle", "quantization_file": QUANTIZATION_FILE,
+                "files": file_records(staging, [LEGACY_MODEL_FILE, PARAMS_FILE])}
         (staging / META_FILE).write_text(META_HEADER + yaml.safe_dump(meta, sort_keys=False))
         (staging / QUANTIZATION_FILE).write_text(json.dumps(report, indent=1) + "\n")
-        _replace_folder(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        return report
+
+    report = publish_folder(out_dir, write, what="Global.save_inference_dir")
     print(f"INT8 top-1 {report['int8_top1']:.4f} (fp32 {report['fp32_top1']:.4f}, drop {report['drop']:.4f} "
           f"<= {max_drop}); {report['int8_images_per_second']:.1f} images/s (fp32 "
           f"{report['fp32_images_per_second']:.1f}); {report['int8_size_bytes']:,} bytes (fp32 "
@@ -237,20 +233,3 @@ def throughput(runs, images):
 
 def _model_bytes(folder):
     return sum((folder / name).stat().st_size for name in (LEGACY_MODEL_FILE, PARAMS_FILE))
-
-
-def _replace_folder(staging, out_dir):
-    """Move the finished staging folder to out_dir; an existing out_dir is
-    renamed aside first and removed only once the new one is in place."""
-    aside = None
-    if out_dir.exists():
-        aside = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, aside / out_dir.name)
-    try:
-        os.replace(staging, out_dir)
-    except BaseException:
-        if aside is not None:
-            os.replace(aside / out_dir.name, out_dir)
-        raise
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)

@@ -4,6 +4,7 @@ cache and the report run one, because on CPU it is several times faster than
 the dynamic graph for the same numbers."""
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -77,6 +78,13 @@ class StaticModel(_BatchedModel):
         self._predictor = paddle.inference.create_predictor(config)
         self._input = self._predictor.get_input_handle(self._predictor.get_input_names()[0])
         self._output = self._predictor.get_output_handle(self._predictor.get_output_names()[0])
+        self._model_file = Path(model_file)
+
+    def input_shape(self):
+        """[N, 3, H, W] as the model file declares its input (-1: any), or None
+        where it cannot tell: Paddle Inference's input handle reports no shape
+        before the first run, so the program itself is read."""
+        return declared_input_shape(self._model_file)
 
     def _enable_trt(self, config, precision, size):
         """TensorRT subgraphs for batches of 1..batch_size. Untested: written
@@ -95,6 +103,45 @@ class StaticModel(_BatchedModel):
         self._input.copy_from_cpu(chunk)
         self._predictor.run()
         return self._output.copy_to_cpu()
+
+
+def declared_input_shape(model_file):
+    """The shape save_static gave the input "image" ([-1, 3, S, S]), read from
+    a PIR program (.json) or a legacy ProgramDesc (.pdmodel); None for a file
+    it cannot parse, since these formats are paddle's own and may change."""
+    model_file = Path(model_file)
+    try:
+        if model_file.suffix == ".json":
+            return _pir_input_shape(json.loads(model_file.read_text()))
+        from paddle.base.proto import framework_pb2
+        program = framework_pb2.ProgramDesc()
+        program.ParseFromString(model_file.read_bytes())
+        for var in program.blocks[0].vars:
+            if var.name == INPUT_NAME:
+                return list(var.type.dense_tensor.tensor.dims)
+    except Exception:  # an unknown layout means no check, never a failure: Paddle Inference loaded the file
+        return None
+    return None
+
+
+def _pir_input_shape(node):
+    """The "shape" attribute of the program's data op named "image"."""
+    if isinstance(node, dict):
+        if str(node.get("#", "")).endswith(".data"):
+            attributes = {item.get("N"): (item.get("AT") or {}).get("D") for item in node.get("A", [])
+                          if isinstance(item, dict)}
+            if attributes.get("name") == INPUT_NAME and isinstance(attributes.get("shape"), list):
+                return attributes["shape"]
+        children = node.values()
+    elif isinstance(node, list):
+        children = node
+    else:
+        return None
+    for child in children:
+        found = _pir_input_shape(child)
+        if found is not None:
+            return found
+    return None
 
 
 def dynamic_runner(network):

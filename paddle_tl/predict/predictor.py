@@ -26,7 +26,8 @@ from paddle_tl.calibration import UNKNOWN_LABEL, softmax
 from paddle_tl.config import DatasetConfig
 from paddle_tl.data.datasets import build_dataset, find_images, load_rgb, read_lines
 from paddle_tl.data.transforms import Preprocess, eval_transform
-from paddle_tl.errors import ConfigError, DataError, ExportError
+from paddle_tl.errors import ConfigError, DataError, ExportError, UserError
+from paddle_tl.files import file_digest
 from paddle_tl.flags import check_flags
 from paddle_tl.metrics import classification_metrics
 from paddle_tl.models.static import GPU_MEMORY_POOL_MB, TRT_PRECISIONS, StaticModel, _BatchedModel
@@ -77,6 +78,16 @@ def read_meta(model_dir):
     for key in ("model_file", "params_file"):
         if not (model_dir / meta[key]).is_file():
             raise ExportError(f"{path}: {key} {meta[key]} is not in {model_dir}; re-export the model")
+    num_classes = meta["num_classes"]
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < len(meta["class_names"]):
+        raise ExportError(f"{path}: num_classes {num_classes!r} is not a whole number of at least the "
+                          f"{len(meta['class_names'])} class_names; re-export the model")
+    # Folders exported before the record have no `files`: their files are not checked.
+    if not isinstance(meta.get("files", {}), dict):
+        raise ExportError(f"{path}: files is not a mapping of file names to their bytes and sha256; "
+                          "re-export the model")
+    for key in ("model_file", "params_file"):
+        check_file(model_dir, meta, meta[key])
     temperature = meta.get("temperature", 1.0)  # folders exported before calibration have none
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
         raise ExportError(f"{path}: temperature {temperature!r} is not a positive number; re-export the model")
@@ -85,12 +96,37 @@ def read_meta(model_dir):
     return meta
 
 
+def check_file(model_dir, meta, name):
+    """Refuse a model file that is not the one inference.yml was exported
+    with (its `files` record: bytes, then sha256), so that a torn or mixed
+    folder (a killed re-export, files copied from another export) is one
+    line, not a traceback or wrong predictions. No record, no check."""
+    record = meta.get("files", {}).get(name)
+    if record is None:
+        return
+    where = model_dir / META_FILE
+    if not isinstance(record, dict) or not isinstance(record.get("bytes"), int) or \
+            not isinstance(record.get("sha256"), str):
+        raise ExportError(f"{where}: files.{name} should give its bytes and sha256; re-export the model")
+    path = model_dir / name
+    size = path.stat().st_size
+    if size != record["bytes"]:
+        cause = "cut short, or from another export" if size < record["bytes"] else "from another export"
+        raise ExportError(f"{path} is {size} bytes, but {META_FILE} records {record['bytes']} ({cause}); "
+                          "re-export the model")
+    digest = file_digest(path)
+    if digest != record["sha256"]:
+        raise ExportError(f"{path} has sha256 {digest[:16]}..., but {META_FILE} records {record['sha256'][:16]}... "
+                          "(from another export, or changed since); re-export the model")
+
+
 def _onnx_file(model_dir, meta):
     name = meta.get("onnx_file")
     if name is None:
         raise ExportError(f"{model_dir} has no ONNX model; export it with --onnx (tools/export_model.py ... --onnx)")
     if not (model_dir / name).is_file():
         raise ExportError(f"{model_dir / META_FILE}: onnx_file {name} is not in {model_dir}; re-export with --onnx")
+    check_file(model_dir, meta, name)
     return model_dir / name
 
 
@@ -122,6 +158,10 @@ class OnnxModel(_BatchedModel):
         options.log_severity_level = 3
         self._session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
         self._input = self._session.get_inputs()[0].name
+
+    def input_shape(self):
+        """[N, 3, H, W] as the ONNX model declares its input (-1: a dimension it leaves open)."""
+        return [dim if isinstance(dim, int) and dim > 0 else -1 for dim in self._session.get_inputs()[0].shape]
 
     def _run(self, chunk):
         return self._session.run(None, {self._input: chunk})[0]
@@ -157,20 +197,49 @@ class Predictor:
         self.temperature = float(meta.get("temperature", 1.0))
         if backend == "paddle":
             self.model_file = model_dir / meta["model_file"]
-            self._model = StaticModel(self.model_file, model_dir / meta["params_file"], device, cpu_threads,
-                                      use_mkldnn, batch_size, gpu_mem=gpu_mem, trt=trt, image_size=self.pre.input_size,
-                                      int8=self.precision == "int8")
         elif backend == "onnx":
             if device != "cpu" or gpu_mem or trt:  # refused to users as flags (flags.py); a caller's bug here
                 raise ValueError("the onnx backend runs on CPU (onnxruntime's CPUExecutionProvider); device gpu, "
                                  "gpu_mem and trt are for the paddle backend")
             self.model_file = _onnx_file(model_dir, meta)
-            self._model = OnnxModel(self.model_file, cpu_threads, batch_size)
         else:
             raise ConfigError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-        # The first run builds kernels (oneDNN primitives, CUDA contexts); pay that here, not on image one.
         size = self.pre.input_size
-        self.predict_arrays(np.zeros((1, 3, size, size), np.float32))
+        try:
+            if backend == "paddle":
+                self._model = StaticModel(self.model_file, model_dir / meta["params_file"], device, cpu_threads,
+                                          use_mkldnn, batch_size, gpu_mem=gpu_mem, trt=trt, image_size=size,
+                                          int8=self.precision == "int8")
+            else:
+                self._model = OnnxModel(self.model_file, cpu_threads, batch_size)
+            declared = self._model.input_shape()
+            self._check_input_size(declared)
+            # The first run builds kernels (oneDNN primitives, CUDA contexts); pay that here, not on image one.
+            outputs = self.predict_arrays(np.zeros((1, 3, size, size), np.float32)).shape[-1]
+        except UserError:
+            raise
+        except Exception as exc:  # a torn or foreign file in a folder without a `files` record (older exports)
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            files = f"{self.model_file} with {meta['params_file']}" if backend == "paddle" else self.model_file
+            raise ExportError(f"{BACKENDS[backend]} cannot load {files} ({reason}); re-export the model") from exc
+        # A wider output than num_classes would rank classes with no name (an IndexError per request).
+        if outputs != meta["num_classes"]:
+            raise ExportError(f"{model_dir / META_FILE}: num_classes {meta['num_classes']} does not match the "
+                              f"{outputs} outputs of {self.model_file.name} (edited, or the files come from another "
+                              "export); re-export the model")
+
+    def _check_input_size(self, declared):
+        """Refuse a preprocess.input_size other than the one the model was
+        exported for: a smaller image runs through a network with global
+        pooling all the same, with other scores."""
+        size = self.pre.input_size
+        if declared is None or len(declared) != 4:
+            return
+        height, width = declared[2:]
+        if (height > 0 and height != size) or (width > 0 and width != size):
+            raise ExportError(f"{self.model_dir / META_FILE}: preprocess.input_size {size} does not match the "
+                              f"input {height}x{width} of {self.model_file.name}; set it back to {height} or "
+                              "re-export the model")
 
     def preprocess(self, path):
         """float32 CHW of one image file, exactly as evaluation prepares it

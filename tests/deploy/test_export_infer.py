@@ -5,6 +5,7 @@ benchmark and the command line. The run folder is made from random weights,
 without training."""
 
 import csv
+import errno
 import json
 import os
 import subprocess
@@ -24,6 +25,7 @@ from paddle_tl.data.transforms import Preprocess, eval_transform
 from paddle_tl.deploy.export import export
 from paddle_tl.engine.evaluate import evaluate
 from paddle_tl.errors import ConfigError, ExportError
+from paddle_tl.files import file_digest
 from paddle_tl.predict.predictor import OnnxModel, Predictor, evaluate_folder, folder_logits, list_inputs
 from paddle_tl.predict.predictor import main as infer_main
 from paddle_tl.predict.predictor import time_batches
@@ -642,3 +644,233 @@ def test_tta_is_the_same_in_eval_export_and_infer(run, colour_folder, capsys, mo
     meta_file.write_text(meta_file.read_text().replace(f"tta: {mode}", "tta: crops"))
     with pytest.raises(ExportError, match="tta 'crops' is not one of none, flip, flip_crops; re-export the model"):
         Predictor(run.inference)
+
+
+# ---------------------------------------------------------------- all or nothing, and folders that do not add up
+
+class Killed(BaseException):
+    """Stands for the export process dying (kill -9 runs no cleanup; see the slow test for a real one)."""
+
+
+def _snapshot(folder):
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def _edit_meta(folder, **changes):
+    meta_file = folder / "inference.yml"
+    meta = yaml.safe_load(meta_file.read_text())
+    for key, value in changes.items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    meta_file.write_text(yaml.safe_dump(meta, sort_keys=False))
+
+
+def _infer_error(folder, image, capsys):
+    """(exit code, stderr lines) of `paddle-tl infer` on the folder."""
+    capsys.readouterr()
+    code = cli.main(["infer", "--model_dir", str(folder), "--input", str(image)])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("moment", ["after_model_written", "in_parity_check", "before_swap"])
+def test_an_interrupted_re_export_leaves_the_previous_folder_whole(run, exported, monkeypatch, moment):
+    """Re-exporting at 96 px over the 64 px folder, interrupted at any moment
+    before the swap: the folder is byte for byte the previous export, and
+    loads with its own preprocessing (the export used to write the new
+    model beside the old inference.yml)."""
+    import paddle_tl.deploy.export as export_module
+    import paddle_tl.files as files
+
+    before = _snapshot(exported)
+    beside = sorted(path.name for path in run.tmp.iterdir())
+    if moment == "after_model_written":
+        real_save = paddle.jit.save
+        monkeypatch.setattr(paddle.jit, "save", lambda *args, **kwargs: (real_save(*args, **kwargs), _raise(Killed)))
+    elif moment == "in_parity_check":
+        monkeypatch.setattr(export_module, "check_parity", lambda *args: _raise(Killed))
+    else:
+        monkeypatch.setattr(files, "_swap_in", lambda staging, target: _raise(Killed))
+    with pytest.raises(Killed):
+        export(_config(run, "Arch.input_size=96"))
+    assert _snapshot(exported) == before
+    assert sorted(path.name for path in run.tmp.iterdir()) == beside  # no staging folder left
+    assert Predictor(exported).pre.input_size == 64
+
+
+def _raise(exc):
+    raise exc
+
+
+def test_re_export_replaces_the_folder_and_records_its_files(run, exported):
+    (exported / "inference.onnx").write_bytes(b"a stale ONNX model of an older export")
+    export(_config(run, "Arch.input_size=96"), parity_images=0)
+    meta = yaml.safe_load((exported / "inference.yml").read_text())
+    assert sorted(path.name for path in exported.iterdir()) == sorted([meta["model_file"], "inference.pdiparams",
+                                                                       "inference.yml"])
+    assert set(meta["files"]) == {meta["model_file"], "inference.pdiparams"}
+    for name, record in meta["files"].items():
+        assert record == {"bytes": (exported / name).stat().st_size, "sha256": file_digest(exported / name)}
+    assert Predictor(exported).pre.input_size == 96
+
+
+def test_export_refuses_to_replace_a_folder_that_is_not_an_inference_folder(run, capsys):
+    config = run.tmp / "config.yaml"
+    config.write_text(yaml.safe_dump({"Arch": {"name": "mobilenet_v1", "kwargs": {"scale": 0.25}, "input_size": 64}}))
+    (run.tmp / "notes").mkdir()
+    (run.tmp / "notes" / "todo.txt").write_text("mine")
+    assert cli.main(["export", "-c", str(config), "-o", f"Global.pretrained_model={run.prefix}",
+                     "-o", f"Global.save_inference_dir={run.tmp / 'notes'}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: Global.save_inference_dir: {run.tmp / 'notes'} holds files but no inference.yml, so it is not an "
+        "inference folder, and export replaces the folder whole; choose a new or empty folder"]
+    assert _snapshot(run.tmp / "notes") == {"todo.txt": b"mine"}
+
+
+def test_export_into_a_read_only_folder_is_one_line(run, exported, monkeypatch, capsys):
+    """What a read-only mount answers (EROFS) where export creates its
+    staging folder (it was a RuntimeError traceback from paddle.jit.save),
+    and a write refused half way through: one line naming the folder, the
+    previous export untouched."""
+    import paddle_tl.files as files
+
+    config = run.tmp / "config.yaml"
+    config.write_text(yaml.safe_dump({"Arch": {"name": "mobilenet_v1", "kwargs": {"scale": 0.25}, "input_size": 64}}))
+    argv = ["export", "-c", str(config), "-o", f"Global.pretrained_model={run.prefix}",
+            "-o", f"Global.save_inference_dir={exported}"]
+    before = _snapshot(exported)
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        patch.setattr(files.tempfile, "mkdtemp", lambda **kwargs: _raise(
+            OSError(errno.EROFS, "Read-only file system", os.path.join(kwargs["dir"], "x"))))
+        assert cli.main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: Global.save_inference_dir {exported}: cannot write in {run.tmp} (Read-only file system); "
+        f"nothing was written, {exported} is as it was"]
+    with monkeypatch.context() as patch:
+        patch.setattr(paddle.jit, "save", lambda network, path, **kwargs: _raise(
+            PermissionError(errno.EACCES, "Permission denied", f"{path}.pdiparams")))
+        assert cli.main(argv) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and "(Permission denied); nothing was written" in errors[0]
+    assert _snapshot(exported) == before
+    assert sorted(path.name for path in run.tmp.iterdir()) == ["config.yaml", "data", "inference", "run"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "truncated_by_one_byte", "from_another_export"])
+def test_a_params_file_that_is_not_the_exported_one_is_one_line(run, exported, capsys, damage):
+    params = exported / "inference.pdiparams"
+    data = params.read_bytes()
+    if damage == "truncated":
+        params.write_bytes(data[:len(data) // 2])
+    elif damage == "truncated_by_one_byte":  # Paddle Inference loads this one without a word
+        params.write_bytes(data[:-1])
+    else:  # same size, other weights
+        params.write_bytes(data[:-4] + bytes(4 * [data[-1] ^ 0xFF]))
+    image = list_inputs(run.data)[0]
+    code, errors = _infer_error(exported, image, capsys)
+    assert code == 2 and len(errors) == 1
+    if damage == "from_another_export":
+        assert errors[0].startswith(f"error: {params} has sha256 ") and "from another export" in errors[0]
+    else:
+        assert errors[0].startswith(f"error: {params} is {params.stat().st_size} bytes, but inference.yml "
+                                    f"records {len(data)} (cut short")
+
+
+def test_a_truncated_params_file_of_an_older_export_is_one_line(run, exported, capsys):
+    """A folder exported before the files record: Paddle Inference's own
+    failure, in one line."""
+    _edit_meta(exported, files=None)
+    assert Predictor(exported).pre.input_size == 64  # no record: loads, unchecked
+    params = exported / "inference.pdiparams"
+    params.write_bytes(params.read_bytes()[:1000])
+    code, errors = _infer_error(exported, list_inputs(run.data)[0], capsys)
+    assert code == 2 and len(errors) == 1
+    assert errors[0].startswith(f"error: Paddle Inference cannot load {exported / 'inference.json'} with "
+                                "inference.pdiparams (") and errors[0].endswith("); re-export the model")
+
+
+def test_a_model_file_of_another_export_is_refused(run, exported, capsys):
+    """The tester's torn folder: a 96 px model beside the 64 px inference.yml."""
+    other = run.tmp / "other"
+    export(_config(run, "Arch.input_size=96", f"Global.save_inference_dir={other}"), parity_images=0)
+    model_file = yaml.safe_load((exported / "inference.yml").read_text())["model_file"]
+    (exported / model_file).write_bytes((other / model_file).read_bytes())
+    code, errors = _infer_error(exported, list_inputs(run.data)[0], capsys)
+    assert code == 2 and len(errors) == 1
+    assert errors[0].startswith(f"error: {exported / model_file} ") and "from another export" in errors[0]
+    _edit_meta(exported, files=None)  # an older export: the model's own input shape still tells
+    with pytest.raises(ExportError, match=r"preprocess\.input_size 64 does not match the input 96x96 of "):
+        Predictor(exported)
+
+
+@pytest.mark.parametrize("size, refused", [(32, True), (64, False), (96, True)])
+def test_an_edited_input_size_is_refused(run, exported, capsys, size, refused):
+    meta = yaml.safe_load((exported / "inference.yml").read_text())
+    _edit_meta(exported, preprocess={**meta["preprocess"], "input_size": size, "resize_short": max(73, size)})
+    if not refused:
+        assert Predictor(exported).pre.input_size == 64
+        return
+    code, errors = _infer_error(exported, list_inputs(run.data)[0], capsys)
+    assert code == 2 and errors == [
+        f"error: {exported / 'inference.yml'}: preprocess.input_size {size} does not match the input 64x64 of "
+        f"{meta['model_file']}; set it back to 64 or re-export the model"]
+
+
+@pytest.mark.parametrize("names", [CLASSES[:2], CLASSES + ["owl"]])
+def test_num_classes_must_match_the_models_outputs(run, exported, capsys, names):
+    _edit_meta(exported, class_names=names, num_classes=len(names))
+    code, errors = _infer_error(exported, list_inputs(run.data)[0], capsys)
+    assert code == 2 and errors == [
+        f"error: {exported / 'inference.yml'}: num_classes {len(names)} does not match the 3 outputs of "
+        f"{yaml.safe_load((exported / 'inference.yml').read_text())['model_file']} (edited, or the files come "
+        "from another export); re-export the model"]
+    _edit_meta(exported, class_names=CLASSES, num_classes=2)
+    with pytest.raises(ExportError, match="num_classes 2 is not a whole number of at least the 3 class_names"):
+        Predictor(exported)
+
+
+_KILLED_EXPORT = """
+import sys, time
+import paddle_tl.files as files
+from paddle_tl.config import load_config
+from paddle_tl.deploy.export import export
+
+def wait_to_be_killed(staging, target):
+    print("staged", staging, flush=True)
+    time.sleep(600)
+
+files._swap_in = wait_to_be_killed
+export(load_config(None, sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_mid_export_keeps_the_old_folder_and_the_next_export_cleans_up(run, exported, tmp_path):
+    """A real kill -9 of a re-export at 96 px once its folder is written and
+    checked, the moment before it takes the old one's place: the folder
+    is the old export, serving its own preprocessing; the next export
+    removes what the killed one left and publishes."""
+    before = _snapshot(exported)
+    process = subprocess.Popen([sys.executable, "-c", _KILLED_EXPORT, *run.overrides, "Arch.input_size=96"],
+                               stdout=subprocess.PIPE, text=True, cwd=tmp_path,
+                               env=dict(os.environ, PYTHONPATH=str(REPO), HOME=str(tmp_path / "home")))
+    try:
+        for line in process.stdout:
+            if line.startswith("staged "):
+                break
+        else:
+            pytest.fail(f"the export ended ({process.wait()}) before staging its folder")
+        process.kill()  # SIGKILL: no cleanup runs
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    leftovers = [path.name for path in run.tmp.iterdir() if path.name.startswith(".inference.new-")]
+    assert leftovers == [path.name for path in run.tmp.iterdir() if path.name.startswith(".")] and len(leftovers) == 1
+    assert _snapshot(run.tmp / leftovers[0])  # the new export, whole, under its staging name
+    assert _snapshot(exported) == before and Predictor(exported).pre.input_size == 64
+    export(_config(run, "Arch.input_size=96"), parity_images=0)
+    assert not [path for path in run.tmp.iterdir() if path.name.startswith(".")]
+    assert Predictor(exported).pre.input_size == 96

@@ -19,7 +19,7 @@ import yaml
 
 from paddle_tl import cli
 from paddle_tl.errors import ConfigError
-from paddle_tl.models.static import StaticModel
+from paddle_tl.models.static import StaticModel, declared_input_shape
 from paddle_tl.predict.predictor import Predictor
 from paddle_tl.predict.predictor import main as infer_main
 
@@ -31,9 +31,10 @@ REQUIRED_KEYS = {"fp32_top1", "int8_top1", "drop", "fp32_size_bytes", "int8_size
 @pytest.fixture(scope="module")
 def int8_folder(trained_run, tmp_path_factory):
     """The trained run exported with --int8 --max_drop 1 over an existing
-    folder holding a stale file: (folder, printed output)."""
+    inference folder holding a stale file: (folder, printed output)."""
     out = tmp_path_factory.mktemp("int8") / "inference"
     out.mkdir()
+    (out / "inference.yml").write_text("arch: an older export\n")  # export replaces inference folders only
     (out / "stale.txt").write_text("from an older export")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HOME", str(tmp_path_factory.mktemp("home")))
@@ -48,6 +49,7 @@ def int8_folder(trained_run, tmp_path_factory):
 def test_gate_refuses_a_drop_above_max_drop_and_keeps_the_existing_folder(trained_run, tmp_path, capsys):
     out = tmp_path / "inference"
     out.mkdir()
+    (out / "inference.yml").write_text("arch: an earlier export\n")
     (out / "keep.txt").write_text("an earlier export")
     code = cli.main(["export", str(trained_run.dir), "--output", str(out), "--int8", "--max_drop", "-1",
                      "--calib_images", "9"])
@@ -56,7 +58,7 @@ def test_gate_refuses_a_drop_above_max_drop_and_keeps_the_existing_folder(traine
     assert message.startswith("error: INT8 top-1 ") and "against fp32 top-1 " in message
     assert "exceeds --max_drop -1.0" in message and f"nothing was written to {out}" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inference"]  # no staging folder left beside it
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["inference.yml", "keep.txt"]
     assert (out / "keep.txt").read_text() == "an earlier export"
 
 
@@ -88,6 +90,7 @@ def test_gate_accepts_and_writes_quantization_json(int8_folder, trained_run):
     meta = yaml.safe_load((out / "inference.yml").read_text())
     assert meta["precision"] == "int8" and meta["backend"] == "paddle"
     assert meta["quantization_file"] == "quantization.json"
+    assert set(meta["files"]) == {meta["model_file"], meta["params_file"]}  # what the predictor checks on load
     assert report["int8_size_bytes"] == sum((out / meta[key]).stat().st_size for key in ("model_file", "params_file"))
     # The folder was replaced as a whole: nothing stale in it, nothing left beside it.
     assert not (out / "stale.txt").exists()
@@ -109,6 +112,9 @@ def test_infer_on_the_int8_folder_matches_its_quantization_json(int8_folder, tra
 def test_an_int8_folder_refuses_another_backend(int8_folder):
     out, _ = int8_folder
     assert Predictor(out).backend == "paddle"
+    # The quantized program still declares its input, so an edited input size is refused there too.
+    meta = yaml.safe_load((out / "inference.yml").read_text())
+    assert declared_input_shape(out / meta["model_file"]) == [-1, 3, 64, 64]
     with pytest.raises(ConfigError, match="INT8 model for the paddle backend"):
         Predictor(out, backend="onnx")
     with pytest.raises(ConfigError, match="runs on CPU with oneDNN"):
