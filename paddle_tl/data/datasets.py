@@ -67,6 +67,20 @@ def load_rgb(path, draft_size=None):
         raise DataError(f"cannot read image {path}: {_reason(exc)}") from exc
 
 
+def header_sizes(path, draft_size=None):
+    """((width, height) stored, (width, height) load_rgb(path, draft_size)
+    would decode) from the header alone, no pixel decoded. Raises DataError
+    as load_rgb does when Pillow cannot even open it."""
+    try:
+        with Image.open(path) as image:
+            stored = image.size
+            if draft_size is not None:
+                image.draft(None, draft_size(*stored))
+            return stored, image.size
+    except Exception as exc:  # Pillow raises many types for corrupt data
+        raise DataError(f"cannot read image {path}: {_reason(exc)}") from exc
+
+
 def _to_rgb(image):
     mode = image.mode
     if mode.startswith("I;16") or mode == "I":
