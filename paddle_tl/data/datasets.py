@@ -67,17 +67,32 @@ def load_rgb(path, draft_size=None):
         raise DataError(f"cannot read image {path}: {_reason(exc)}") from exc
 
 
+def header_sizes(path, draft_size=None):
+    """((width, height) stored, (width, height) load_rgb(path, draft_size)
+    would decode) from the header alone, no pixel decoded. Raises DataError
+    as load_rgb does when Pillow cannot even open it."""
+    try:
+        with Image.open(path) as image:
+            stored = image.size
+            if draft_size is not None:
+                image.draft(None, draft_size(*stored))
+            return stored, image.size
+    except Exception as exc:  # Pillow raises many types for corrupt data
+        raise DataError(f"cannot read image {path}: {_reason(exc)}") from exc
+
+
 def _to_rgb(image):
     mode = image.mode
     if mode.startswith("I;16") or mode == "I":
         # 16-bit PNG/TIFF: Pillow's own convert() clips to 255, so scale instead.
         # Mode "I" is how Pillow also delivers 16-bit data; assume that range.
-        return _scaled_grey(np.asarray(image), 65535.0)
+        return _grey_rows(np.asarray(image), _scaled_16_bit)
     if mode == "F":
         # Float images have no fixed range: [0, 1] data is taken as such,
         # anything else is scaled by its maximum.
         data = np.nan_to_num(np.asarray(image, dtype=np.float32))
-        return _scaled_grey(data, 1.0 if data.max(initial=0) <= 1 else float(data.max()))
+        full_scale = 1.0 if data.max(initial=0) <= 1 else float(data.max())
+        return _grey_rows(data, lambda rows: np.clip(np.round(rows.astype(np.float64) * (255.0 / full_scale)), 0, 255))
     if image.has_transparency_data:
         # Transparent pixels keep arbitrary colours (often a palette's filler);
         # put them on white, as a viewer shows them, so they cannot leak in.
@@ -87,9 +102,26 @@ def _to_rgb(image):
     return image if mode == "RGB" else image.convert("RGB")
 
 
-def _scaled_grey(data, full_scale):
-    grey = np.clip(np.round(data.astype(np.float64) * (255.0 / full_scale)), 0, 255).astype(np.uint8)
+# Rows converted at a time to 8 bits: the intermediate arrays of a whole large
+# image (a 9400 x 9400 16-bit PNG took 2.5 GB through float64) stay this small.
+_GREY_ROWS_PIXELS = 1 << 20
+
+
+def _grey_rows(data, to_8_bit):
+    """RGB of the 2-D array `data`, to_8_bit(rows) mapping a block of rows
+    to values in [0, 255], a block at a time."""
+    grey = np.empty(data.shape, np.uint8)
+    step = max(1, _GREY_ROWS_PIXELS // max(1, data.shape[1]))
+    for top in range(0, data.shape[0], step):
+        grey[top:top + step] = to_8_bit(data[top:top + step])
     return Image.fromarray(grey).convert("RGB")
+
+
+def _scaled_16_bit(rows):
+    """round(v * 255 / 65535) of 16-bit values (clipped to [0, 65535]) in
+    integers: 255 / 65535 = 1 / 257, and v / 257 is never a tie at .5 (257
+    is odd), so (v + 128) // 257 rounds it as float arithmetic did."""
+    return (np.clip(rows, 0, 65535).astype(np.int32) + 128) // 257
 
 
 def _reason(exc):

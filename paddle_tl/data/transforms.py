@@ -102,6 +102,17 @@ def eval_crop_box(width, height, pre):
     return left / sx, top / sy, (left + pre.input_size) / sx, (top + pre.input_size) / sy
 
 
+def reduced_size(width, height, smallest, needed):
+    """width x height divided by the largest power of two up to 8 (the
+    reductions JPEG's DCT scaling offers, `Image.draft`) that keeps
+    `smallest`, the smallest side a transform takes from the image, at least
+    `needed` pixels."""
+    factor = 1
+    while factor < 8 and smallest / (factor * 2) >= needed:
+        factor *= 2
+    return max(1, width // factor), max(1, height // factor)
+
+
 class EvalTransform:
     """Deterministic: resize short side, center crop, normalise."""
 
@@ -152,10 +163,7 @@ class TrainTransform:
         # A random crop's sides are at least sqrt(area * min scale * min ratio);
         # the fallback crop's at least the short side.
         smallest_crop = min(math.sqrt(width * height * self.scale[0] * self.RATIO[0]), width, height)
-        factor = 1
-        while factor < 8 and smallest_crop / (factor * 2) >= self.size:
-            factor *= 2
-        return max(1, width // factor), max(1, height // factor)
+        return reduced_size(width, height, smallest_crop, self.size)
 
     def _crop_box(self, width, height):
         """A box of random area fraction in `scale` and aspect ratio in RATIO

@@ -25,7 +25,7 @@ import yaml
 from paddle_tl.calibration import UNKNOWN_LABEL, softmax
 from paddle_tl.config import DatasetConfig
 from paddle_tl.data.datasets import build_dataset, find_images, load_rgb, read_lines
-from paddle_tl.data.transforms import Preprocess, eval_transform
+from paddle_tl.data.transforms import Preprocess, eval_transform, reduced_size
 from paddle_tl.errors import ConfigError, DataError, ExportError, UserError
 from paddle_tl.files import file_digest
 from paddle_tl.flags import check_flags
@@ -241,11 +241,20 @@ class Predictor:
                               f"input {height}x{width} of {self.model_file.name}; set it back to {height} or "
                               "re-export the model")
 
-    def preprocess(self, path):
+    def preprocess(self, path, reduced=False):
         """float32 CHW of one image file, exactly as evaluation prepares it
         (with tta flip_crops the larger square its views crop: input_pre).
-        Raises DataError when the file cannot be decoded."""
-        return self.transform(load_rgb(path))
+        reduced=True lets a large JPEG decode at a fraction of its size
+        (draft_size), which changes its pixels slightly: the service's choice,
+        not evaluation's. Raises DataError when the file cannot be decoded."""
+        return self.transform(load_rgb(path, self.draft_size if reduced else None))
+
+    def draft_size(self, width, height):
+        """The smallest JPEG decode preprocess(reduced=True) asks for: the
+        short side stays at least twice resize_short, so the resize to
+        resize_short still shrinks it by 2 or more, as the full image's
+        resize does (a 4000x3000 photo for a 224 px model decodes at 1/4)."""
+        return reduced_size(width, height, min(width, height), 2 * self.input_pre.resize_short)
 
     def predict_arrays(self, batch):
         """Logits [N, num_classes] of preprocessed images [N, 3, S, S]."""

@@ -15,8 +15,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,7 +37,7 @@ from paddle_tl import cli  # noqa: E402
 from paddle_tl.config import load_config  # noqa: E402
 from paddle_tl.deploy.export import export  # noqa: E402
 from paddle_tl.predict.predictor import main as infer_main  # noqa: E402
-from paddle_tl.predict.serve import MAX_FILES, create_app  # noqa: E402
+from paddle_tl.predict.serve import DECODE_SLOTS, MAX_FILES, create_app  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_MB = 1  # small, so that an over-limit upload stays small too
@@ -117,17 +119,24 @@ def _truncated_jpeg():
     return buffer.getvalue()[:len(buffer.getvalue()) // 2]
 
 
-def _png_bomb(side=20000):
-    """A real decompression bomb: a 1-bit PNG of side x side black pixels
-    (400 Mpx, beyond twice Pillow's MAX_IMAGE_PIXELS), about 50 kB deflated."""
+def _blank_png(side, depth=1):
+    """A side x side greyscale PNG of zeros, `depth` bits a pixel, written
+    chunk by chunk: a few hundred kB however large it decodes."""
     def chunk(kind, data):
         return (len(data).to_bytes(4, "big") + kind + data
                 + zlib.crc32(kind + data).to_bytes(4, "big"))
     compressor = zlib.compressobj(9)
-    row = b"\0" * (1 + side // 8)  # filter byte + packed pixels
-    idat = b"".join(compressor.compress(row * 1000) for _ in range(side // 1000)) + compressor.flush()
-    header = side.to_bytes(4, "big") * 2 + bytes([1, 0, 0, 0, 0])  # bit depth 1, greyscale
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    row = b"\0" * (1 + (side * depth + 7) // 8)  # filter byte + packed pixels
+    idat = b"".join(compressor.compress(row * min(1000, side - top)) for top in range(0, side, 1000))
+    header = side.to_bytes(4, "big") * 2 + bytes([depth, 0, 0, 0, 0])  # greyscale
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat + compressor.flush())
+            + chunk(b"IEND", b""))
+
+
+def _png_bomb():
+    """A real decompression bomb: a 1-bit PNG of 20000 x 20000 black pixels
+    (400 Mpx, beyond twice Pillow's MAX_IMAGE_PIXELS), about 50 kB deflated."""
+    return _blank_png(20000)
 
 
 def _bad_requests(model):
@@ -187,6 +196,155 @@ def test_images_pillow_only_warns_about_are_refused(client, model, monkeypatch):
     assert response.status_code == 413 and "decompression bomb" in response.json()["error"]
     monkeypatch.undo()
     assert client.post("/predict", files=_files(model, [0])).status_code == 200
+
+
+# ---------------------------------------------------------------- bounds on the work of a request
+
+def _count_decodes(service, monkeypatch):
+    """The uploads the service decodes from now on, in a list."""
+    decoded, decode = [], service.predictor.preprocess
+    monkeypatch.setattr(service.predictor, "preprocess", lambda upload, **kw: decoded.append(str(upload))
+                        or decode(upload, **kw))
+    return decoded
+
+
+def test_a_request_over_the_pixel_budget_is_refused_before_any_decoding(model, monkeypatch):
+    """The tester's case: 9400 x 9400 16-bit PNGs of 170 kB (each under
+    Pillow's pixel limit, 4.7 s and 1.6 GB to decode); two in one request are
+    refused from their headers, naming the limit and the file that crosses it."""
+    deep = _blank_png(9400, depth=16)
+    assert Image.open(io.BytesIO(deep)).size == (9400, 9400) and len(deep) < 400_000
+    with TestClient(create_app(model.dir, max_mb=2)) as client:
+        decoded = _count_decodes(client.app.state.service, monkeypatch)
+        response = client.post("/predict", files=[("file", (f"deep{i}.png", deep, "image/png")) for i in (1, 2)])
+        assert response.status_code == 413, response.text
+        assert "over --max_mpx 90 million (reached at deep2.png)" in response.json()["error"]
+        assert decoded == []
+        assert client.app.state.service.metadata()["limits"]["max_request_pixels"] == 90_000_000
+
+
+def test_the_pixel_budget_counts_every_image_of_the_request(model, monkeypatch):
+    """--max_mpx 0.012: two 72 x 72 Eval images (10368 pixels) fit, three do not."""
+    with TestClient(create_app(model.dir, max_mb=MAX_MB, max_mpx=0.012)) as client:
+        decoded = _count_decodes(client.app.state.service, monkeypatch)
+        refused = client.post("/predict", files=_files(model, [0, 1, 2]))
+        assert refused.status_code == 413 and f"reached at {model.names[2]}" in refused.json()["error"]
+        assert decoded == []
+        assert client.post("/predict", files=_files(model, [0, 1])).status_code == 200
+        assert decoded == model.names[:2]
+
+
+def test_a_large_jpeg_is_decoded_reduced_and_answered_as_infer_does(client, model, monkeypatch, tmp_path):
+    """The model needs resize_short (73) pixels a side: a 2048 px JPEG decodes
+    at 1/8 (256 px, still twice that), and its answer stays infer.py's to
+    within 0.01 in each probability."""
+    small = Image.open(model.images[model.names.index("red_0.png")])
+    photo = tmp_path / "red_0.jpg"
+    small.resize((2048, 2048), Image.BILINEAR).save(photo, quality=95)
+    output = tmp_path / "rows.jsonl"
+    infer_main(["--model_dir", str(model.dir), "--input", str(photo), "--top_k", "3", "--output", str(output)])
+    expected = json.loads(output.read_text())
+    from paddle_tl.predict import predictor as predictor_module
+    sizes, load = [], predictor_module.load_rgb
+    monkeypatch.setattr(predictor_module, "load_rgb", lambda *args: sizes.append(load(*args).size) or load(*args))
+    answer = client.post("/predict", params={"top_k": 3}, files=[("file", ("red_0.jpg", photo.read_bytes()))])
+    assert sizes == [(256, 256)]
+    [row] = answer.json()["predictions"]
+    assert row["class_ids"] == expected["class_ids"]
+    assert row["scores"] == pytest.approx(expected["scores"], abs=0.01)
+
+
+def test_a_small_request_is_answered_while_a_heavy_one_decodes(client, model, monkeypatch):
+    """A request of several images whose decoding is held up (until the test
+    lets it go) does not hold up a one-image request sent meanwhile: that one
+    is answered while the heavy one is still decoding."""
+    service = client.app.state.service
+    decode, heavy_decoding, release = service.predictor.preprocess, threading.Event(), threading.Event()
+
+    def slow(upload, **kw):
+        if str(upload).startswith("heavy"):
+            heavy_decoding.set()
+            release.wait(120)
+        return decode(upload, **kw)
+
+    monkeypatch.setattr(service.predictor, "preprocess", slow)
+    data = model.images[0].read_bytes()
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            heavy = pool.submit(client.post, "/predict", files=[("file", (f"heavy{i}.png", data)) for i in range(4)])
+            assert heavy_decoding.wait(60)
+            small = pool.submit(client.post, "/predict", files=_files(model, [1])).result(timeout=60)
+            assert small.status_code == 200 and small.json()["predictions"][0]["file"] == model.names[1]
+            assert not heavy.done()  # answered first, though sent second
+        finally:
+            release.set()
+        assert heavy.result(timeout=60).status_code == 200 and len(heavy.result().json()["predictions"]) == 4
+
+
+def test_at_most_decode_slots_images_decode_at_once(client, model, monkeypatch):
+    """DECODE_SLOTS + 1 requests at once: DECODE_SLOTS of them decode, the
+    last waits for a slot (it bounds the memory decoding takes)."""
+    service = client.app.state.service
+    decode, lock, release = service.predictor.preprocess, threading.Lock(), threading.Event()
+    active, started = [0, 0], threading.Semaphore(0)  # decoding now, most at once
+
+    def held(upload, **kw):
+        with lock:
+            active[0] += 1
+            active[1] = max(active)
+        started.release()
+        release.wait(120)
+        with lock:
+            active[0] -= 1
+        return decode(upload, **kw)
+
+    monkeypatch.setattr(service.predictor, "preprocess", held)
+    with ThreadPoolExecutor(DECODE_SLOTS + 1) as pool:
+        try:
+            answers = [pool.submit(client.post, "/predict", files=_files(model, [i])) for i in range(DECODE_SLOTS + 1)]
+            for _ in range(DECODE_SLOTS):
+                assert started.acquire(timeout=60)
+            assert not started.acquire(timeout=1)  # the last request waits for a slot
+        finally:
+            release.set()
+        assert [answer.result(timeout=60).status_code for answer in answers] == [200] * (DECODE_SLOTS + 1)
+    assert active[1] == DECODE_SLOTS
+
+
+# ---------------------------------------------------------------- other origins
+
+def test_posts_from_other_origins_are_refused(client, model):
+    """A web page of another site cannot make a browser post to the service;
+    the service's own page (Origin = its host) and programs (no Origin) can."""
+    refused = client.post("/predict", files=_files(model, [0]), headers={"origin": "https://evil.example"})
+    assert refused.status_code == 403
+    assert refused.json() == {"error": "cross-origin POST from https://evil.example refused (this is "
+                                       "http://testserver); start the service with --allow_origin "
+                                       "https://evil.example to allow that site"}
+    assert client.post("/predict", files=_files(model, [0]), headers={"origin": "null"}).status_code == 403
+    assert client.post("/predict", files=_files(model, [0]), headers={"origin": "http://testserver"}).status_code == 200
+    assert client.post("/predict", files=_files(model, [0])).status_code == 200
+    assert client.get("/metadata", headers={"origin": "https://evil.example"}).status_code == 200  # reads stay open
+
+
+def test_allow_origin_admits_the_named_sites(model):
+    with TestClient(create_app(model.dir, allow_origin=["http://localhost:3000"])) as client:
+        assert client.post("/predict", files=_files(model, [0]),
+                           headers={"origin": "http://localhost:3000"}).status_code == 200
+        assert client.post("/predict", files=_files(model, [0]),
+                           headers={"origin": "http://localhost:3001"}).status_code == 403
+
+
+@pytest.mark.parametrize("flag, value", [("--max_mb", "inf"), ("--max_mb", "nan"), ("--max_mb", "-1"),
+                                         ("--max_mb", "0"), ("--max_mb", "ten"), ("--max_mpx", "inf"),
+                                         ("--request_timeout", "0"), ("--allow_origin", "evil.example"),
+                                         ("--allow_origin", "http://localhost:3000/page")])
+def test_command_line_refuses_bad_limits_in_one_line(model, flag, value, capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["serve", "--model_dir", str(model.dir), flag, value])
+    assert exit.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"paddle-tl serve: error: argument {flag}: must be ") and repr(value) in last
 
 
 def test_unknown_routes_and_methods_answer_json(client):
@@ -296,6 +454,51 @@ def test_real_server_over_http(model, infer_rows, tmp_path):
         again = httpx.post(f"{server.url}/predict", files=_files(model, [3]), timeout=60)
         assert again.status_code == 200 and again.json()["predictions"][0]["file"] == model.names[3]
     assert "2 worker(s)" in (tmp_path / "server.log").read_text()
+
+
+def _closed_by_the_server(connection, within):
+    """Whether the server closes `connection` within `within` seconds
+    (False: it still holds it open)."""
+    connection.settimeout(within)
+    try:
+        return connection.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+@pytest.mark.slow
+def test_real_server_drops_stalled_clients_and_logs_hang_ups_in_one_line(model, tmp_path):
+    """Clients that hang up mid-upload are one line each in the log (were a
+    traceback each); a connection that sends nothing, one stuck in its headers
+    and one stuck in its body are closed (were held forever); meanwhile the
+    service answers."""
+    address = ("127.0.0.1", None)
+    head = (b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+            b"Content-Length: 100000\r\n\r\n--x\r\nContent-Disposition: form-data; name=\"file\"; "
+            b"filename=\"a.png\"\r\n\r\n" + b"\0" * 1000)
+    with Server(model.dir, tmp_path / "server.log", "--request_timeout", "2") as server:
+        address = ("127.0.0.1", int(server.url.rsplit(":", 1)[1]))
+        for _ in range(2):
+            with socket.create_connection(address, timeout=10) as hang_up:
+                hang_up.sendall(head)
+                time.sleep(0.5)  # let the service start reading the body
+        silent, in_headers, in_body = (socket.create_connection(address, timeout=10) for _ in range(3))
+        in_headers.sendall(head[:40])
+        in_body.sendall(head)
+        started = time.monotonic()
+        try:
+            assert [_closed_by_the_server(c, 30) for c in (in_headers, in_body, silent)] == [True] * 3
+        finally:
+            for connection in (silent, in_headers, in_body):
+                connection.close()
+        assert time.monotonic() - started < 20  # 2 s request timeout, 5 s keep-alive
+        assert httpx.post(f"{server.url}/predict", files=_files(model, [0]), timeout=60).status_code == 200
+    text = (tmp_path / "server.log").read_text()
+    assert "Traceback" not in text and "Exception in ASGI application" not in text, text
+    assert text.count("the client disconnected before sending the whole request") >= 2, text
+    assert text.count("its request did not arrive whole within --request_timeout 2 s") == 2, text
 
 
 # ---------------------------------------------------------------- the page in a browser
