@@ -63,7 +63,8 @@ def format_table(report):
     width = max(len("class"), *(len(n) for n in names))
     lines = [f"{'class':<{width}}  {'train':>7}  {'eval':>7}   (objects)"]
     for name in names:
-        lines.append(f"{name:<{width}}  {train['objects_per_class'][name]:>7}  {evaluation['objects_per_class'][name]:>7}")
+        counts = train["objects_per_class"][name], evaluation["objects_per_class"][name]
+        lines.append(f"{name:<{width}}  {counts[0]:>7}  {counts[1]:>7}")
     lines.append(f"{'images':<{width}}  {train['images']:>7}  {evaluation['images']:>7}")
     lines.append(f"{'no objects':<{width}}  {train['images_without_objects']:>7}  "
                  f"{evaluation['images_without_objects']:>7}")

@@ -178,7 +178,8 @@ def test_split_id_without_annotation_names_the_list_line(voc):
     root, _ = voc
     listing = root / "ImageSets" / "Main" / "val.txt"
     listing.write_text(listing.read_text() + "ghost\n")
-    assert refusal(read_voc, root, "val") == f"{listing}:5: 'ghost' has no annotation {root / 'Annotations' / 'ghost.xml'}"
+    xml = root / "Annotations" / "ghost.xml"
+    assert refusal(read_voc, root, "val") == f"{listing}:5: 'ghost' has no annotation {xml}"
 
 
 def test_missing_split_names_those_there_are(voc):
