@@ -309,3 +309,10 @@ def test_raccoon_splits(shared_dir):
     assert train["images_without_objects"] == evaluation["images_without_objects"] == 0
     assert not train["unreadable"] and not evaluation["unreadable"]
     assert report["in_both_splits"] == []
+
+
+def test_split_listing_an_id_twice_is_refused(voc):
+    root, _ = voc
+    listing = root / "ImageSets" / "Main" / "val.txt"
+    listing.write_text(listing.read_text() + "val_img_002\n")
+    assert refusal(read_voc, root, "val") == f"{listing}: 'val_img_002' is listed 2 times"
