@@ -1,0 +1,9 @@
+"""Object detection (Faster R-CNN + FPN on the zoo's backbones, issue 23).
+So far the data and box layer (docs/detection.md):
+
+- data.py: PASCAL VOC and COCO readers, the DetectionDataset, the data check
+  and the refusal of a class-folder dataset;
+- boxes.py: IoU, box coder, anchors, matcher, sampler, NMS (paddle tensors);
+- transforms.py: augmentation that moves boxes (flip, scale jitter) and the
+  evaluation resize with its inverse back to original pixels.
+"""
