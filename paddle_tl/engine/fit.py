@@ -133,16 +133,16 @@ def _why_not_in_memory(cfg, network, spec, boundary, images):
     return None
 
 
-def prepare_fit(cfg, mode, reason, network, spec, pre, data, state, plan, loss, metric, device, teacher=None):
-    """The Fit of `mode` (from choose_fit_mode); with a `teacher`
+def prepare_fit(cfg, run, net, data, state, plan, mode, reason, loss, metric):
+    """The Fit of `mode` (from choose_fit_mode); with the run's teacher
     (distill.Teacher), the distillation loss on its logits and the labels."""
-    if teacher is None:
-        return _BUILDERS[mode](cfg, reason, network, spec, pre, data, state, plan, loss, metric, device)
-    distill = cfg.Distill
-    teacher_network = build_teacher(teacher, pre)
-    fit = _DISTILLED[mode](cfg, reason, network, spec, pre, data, state, plan,
+    if run.teacher is None:
+        return _BUILDERS[mode](cfg, run, net, data, state, plan, reason, loss, metric)
+    teacher, distill = run.teacher, cfg.Distill
+    teacher_network = build_teacher(teacher, data.pre)
+    fit = _DISTILLED[mode](cfg, run, net, data, state, plan, reason,
                            DistillationLoss(loss, distill.temperature, distill.alpha), LabelAccuracy(topk=metric.topk),
-                           device, teacher_network)
+                           teacher_network)
     fit.distill = {"teacher": str(teacher.folder), "teacher_arch": teacher.record["arch"],
                    "teacher_top1": teacher.top1, "teacher_params": teacher_network.parameters,
                    "temperature": distill.temperature, "alpha": distill.alpha,
@@ -157,10 +157,10 @@ def _image_spec(pre):
     return paddle.static.InputSpec([None, 3, pre.input_size, pre.input_size], "float32", "image")
 
 
-def _images(cfg, reason, network, spec, pre, data, state, plan, loss, metric, device):
+def _images(cfg, run, net, data, state, plan, reason, loss, metric):
     loaders = cfg.DataLoader
-    fit = Fit("images", reason, network, data.train, data.eval, _image_spec(pre), loss, metric,
-              workers=(loaders.Train.num_workers, loaders.Eval.num_workers), val_data=data.val, val_network=network)
+    fit = Fit("images", reason, net.layer, data.train, data.eval, _image_spec(data.pre), loss, metric,
+              workers=(loaders.Train.num_workers, loaders.Eval.num_workers), val_data=data.val, val_network=net.layer)
     augment = loaders.Train.augment
     if augment.mixup or augment.cutmix:  # combinations.py refuses it with a teacher and with domain adaptation
         fit.collate, fit.label_specs = mixing_collate(augment.mixup, augment.cutmix), [MIXED_LABEL_SPEC]
@@ -168,9 +168,9 @@ def _images(cfg, reason, network, spec, pre, data, state, plan, loss, metric, de
     return fit
 
 
-def _distilled_images(cfg, reason, network, spec, pre, data, state, plan, loss, metric, device, teacher_network):
-    fit = _images(cfg, reason, network, spec, pre, data, state, plan, loss, metric, device)
-    fit.network = WithTeacher(network, teacher_network)  # the teacher scores each step's augmented batch
+def _distilled_images(cfg, run, net, data, state, plan, reason, loss, metric, teacher_network):
+    fit = _images(cfg, run, net, data, state, plan, reason, loss, metric)
+    fit.network = WithTeacher(net.layer, teacher_network)  # the teacher scores each step's augmented batch
     return fit
 
 
@@ -191,14 +191,15 @@ def _label_specs(data, teacher_network):
         paddle.static.InputSpec([None, data.num_classes], "float32", "teacher_logits"), LABEL_SPEC]
 
 
-def _cached_features(cfg, reason, network, spec, pre, data, state, plan, loss, metric, device, teacher_network=None):
+def _cached_features(cfg, run, net, data, state, plan, reason, loss, metric, teacher_network=None):
+    network, spec = net.layer, net.spec  # the whole network, and its architecture's table entry
     views = cfg.Transfer.cache_views
     print(f"frozen body: computing its features once, then training the head on them "
           f"({views} view(s) per training image: the plain one + {views - 1} augmented)")
-    with _teacher(teacher_network, cfg.DataLoader.Eval.batch_size, device) as teacher:
+    with _teacher(teacher_network, cfg.DataLoader.Eval.batch_size, run.device) as teacher:
         train_data, plain, head, feature_size = cached_datasets(
-            network, spec, pre.input_size, data.train, _plain_sets(data), data.eval_tf, data.train_tf, views,
-            cfg.DataLoader.Eval, cfg.Global.seed, device, teacher)
+            network, spec, data.pre.input_size, data.train, _plain_sets(data), data.eval_tf, data.train_tf, views,
+            cfg.DataLoader.Eval, cfg.Global.seed, run.device, teacher)
     solved = _start_head(cfg, state, data, head.head, train_data, plain[1] if data.val is not None else None)
     return _on_cached("cached_features", reason, head, train_data, plain,
                       paddle.static.InputSpec([None, feature_size], "float32", "features"), loss, metric, state,
@@ -235,16 +236,16 @@ def _size(count):
     return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
 
 
-def _cached_activations(cfg, reason, network, spec, pre, data, state, plan, loss, metric, device,
-                        teacher_network=None):
+def _cached_activations(cfg, run, net, data, state, plan, reason, loss, metric, teacher_network=None):
+    network, spec = net.layer, net.spec  # the whole network, and its architecture's table entry
     views, boundary = cfg.Transfer.cache_views, plan.always_frozen
     print(f"frozen bottom {boundary} stages: computing their output once, then training the top stages on it "
           f"({views} view(s) per training image: the plain one + {views - 1} augmented; stored as "
           f"{ACTIVATION_DTYPE})")
-    with _teacher(teacher_network, cfg.DataLoader.Eval.batch_size, device) as teacher:
+    with _teacher(teacher_network, cfg.DataLoader.Eval.batch_size, run.device) as teacher:
         train_data, plain = cached_activations(
-            network, spec, boundary, pre.input_size, data.train, _plain_sets(data), data.eval_tf, data.train_tf,
-            views, cfg.DataLoader.Eval, cfg.Global.seed, device, dtype=ACTIVATION_DTYPE, teacher=teacher)
+            network, spec, boundary, data.pre.input_size, data.train, _plain_sets(data), data.eval_tf, data.train_tf,
+            views, cfg.DataLoader.Eval, cfg.Global.seed, run.device, dtype=ACTIVATION_DTYPE, teacher=teacher)
     shape = list(train_data.views[0].shape[1:])
     top, scorer = split(network, spec, boundary)[1], lambda network: split(network, spec, boundary)[1]
     record = {"cache_views": views, "boundary": boundary, "shape": shape, "dtype": ACTIVATION_DTYPE,
@@ -252,8 +253,8 @@ def _cached_activations(cfg, reason, network, spec, pre, data, state, plan, loss
     if record["probe_on_features"]:
         print("the epochs that train the head alone train it on the features, computed once from these activations")
         features, plain_features, _, _ = cached_datasets(
-            network, spec, pre.input_size, data.train, _plain_sets(data), data.eval_tf, data.train_tf, views,
-            cfg.DataLoader.Eval, cfg.Global.seed, device)
+            network, spec, data.pre.input_size, data.train, _plain_sets(data), data.eval_tf, data.train_tf, views,
+            cfg.DataLoader.Eval, cfg.Global.seed, run.device)
         probing = lambda: state.frozen_stages == plan.num_stages  # noqa: E731
         train_data = ProbeFirst(train_data, features, probing)
         plain = [ProbeFirst(*outputs, probing) for outputs in zip(plain, plain_features)]
@@ -293,16 +294,16 @@ def _on_cached(mode, reason, network, train_data, plain, input_spec, loss, metri
                callbacks=[ViewSwitcher(train_data, state)], record=record, label_specs=label_specs)
 
 
-def _domain_pairs(cfg, reason, network, spec, pre, data, state, plan, loss, metric, device):
+def _domain_pairs(cfg, run, net, data, state, plan, reason, loss, metric):
     transfer = cfg.Transfer
-    domain = setup_domain_adaptation(transfer, network, spec, data.train, data.target, loss, cfg.Global.seed)
+    domain = setup_domain_adaptation(transfer, net.layer, net.spec, data.train, data.target, loss, cfg.Global.seed)
     print(f"domain adaptation ({domain.method}, weight {transfer.domain_weight:g}): "
           f"{len(data.train)} labeled source and {len(data.target)} unlabeled target images; every step "
           f"takes {cfg.DataLoader.Train.batch_size} of each")
-    return Fit("domain_pairs", reason, domain.network, domain.train_data, data.eval, _image_spec(pre), domain.loss,
+    return Fit("domain_pairs", reason, domain.network, domain.train_data, data.eval, _image_spec(data.pre), domain.loss,
                LabeledAccuracy(topk=metric.topk), collate=pair_collate,
                workers=(cfg.DataLoader.Train.num_workers, cfg.DataLoader.Eval.num_workers),
-               val_data=data.val, val_network=network, callbacks=[DomainSchedule(domain, state)],
+               val_data=data.val, val_network=net.layer, callbacks=[DomainSchedule(domain, state)],
                extra_layers=domain.extra_layers,
                record={"method": domain.method, "weight": transfer.domain_weight,
                        "target_images": len(data.target),

@@ -13,8 +13,6 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Optional
 
 from paddle_tl.calibration import calibrate
 from paddle_tl.combinations import Facts, check_combinations
@@ -30,6 +28,7 @@ from paddle_tl.engine.fit import choose_fit_mode, prepare_fit, why_not_cached_be
 from paddle_tl.engine.losses import build_loss, class_weights
 from paddle_tl.engine.model import GuardedModel
 from paddle_tl.engine.optim import build_optimizer
+from paddle_tl.engine.parts import Network, Run, TrainingData
 from paddle_tl.engine.report import write_report
 from paddle_tl.errors import ConfigError, OutOfMemoryError
 from paddle_tl.files import write_json
@@ -43,9 +42,9 @@ from paddle_tl.runs.checkpoint import load_state, load_weights, resolve_resume, 
 from paddle_tl.runs.run_folder import (check_output_dir, describe_model, opened_run_folder, rebuild_model,
                                        record_temperature, require_free_space)
 from paddle_tl.runtime import import_paddle, rng_kept, seed_everything, select_device
-from paddle_tl.transfer.distill import Teacher, find_teacher
+from paddle_tl.transfer.distill import find_teacher
 from paddle_tl.transfer.feature_cache import cached_activations, shared_caches
-from paddle_tl.transfer.freezing import L2SP, GradualUnfreezer, add_l2sp, set_frozen_stages, trainable_parameters
+from paddle_tl.transfer.freezing import GradualUnfreezer, add_l2sp, set_frozen_stages, trainable_parameters
 from paddle_tl.transfer.plan import plan_transfer
 from paddle_tl.transfer.similarity import measure_similarity
 
@@ -69,17 +68,6 @@ def train(cfg):
     train_seconds = time.time() - started
     calibration = calibrate_best_model(cfg, run, net, fit, state)  # a temperature for its probabilities
     return record_run(cfg, run, net, plan, data, fit, trainer, state, train_seconds, calibration)
-
-
-@dataclass
-class Run:
-    """Where and how this process trains."""
-    device: str  # cpu or gpu
-    processes: int  # data-parallel processes (paddle.distributed.launch)
-    is_main: bool  # rank 0, which alone writes the run folder
-    folder: Path  # Global.output_dir, written once open_run_folder has opened it
-    resume: Optional[Path]  # the checkpoint prefix resumed from
-    teacher: Optional[Teacher] = None  # the finished run distilled from (Distill.teacher)
 
 
 def start_run(cfg):
@@ -110,21 +98,6 @@ def open_run_folder(cfg, run):
     with opened_run_folder(run.folder, resuming=run.resume is not None):
         cfg.save(run.folder / CONFIG_FILE)
         yield
-
-
-@dataclass
-class TrainingData:
-    pre: Preprocess  # the architecture's preprocessing at Arch.input_size
-    train_tf: object
-    eval_tf: object
-    train: object
-    val: object  # held out of the training images to choose the best epoch, or None
-    eval: object
-    target: object  # unlabeled images to adapt to, or None
-    class_names: list
-    num_classes: int  # outputs of the head: Arch.num_classes, or the training data's classes
-    class_weights: Optional[list]  # of the loss (Loss.class_weights), None when unweighted
-    duplicates: list  # evaluation images that are copies of training images
 
 
 def load_data(cfg, run):
@@ -164,15 +137,6 @@ def load_data(cfg, run):
         duplicates = _warn_about_duplicates(all_train, eval_set)  # validation images are training images too
     return TrainingData(pre, train_tf, eval_tf, train_set, val_set, eval_set, target_set, class_names, num_classes,
                         weights, duplicates)
-
-
-@dataclass
-class Network:
-    spec: object  # the architecture's table entry (models/zoo.py)
-    layer: object  # the paddle network
-    pretrained: bool
-    l2sp: Optional[L2SP] = None  # the body's anchors at its pretrained weights (Transfer.l2sp_alpha)
-    counts: Optional[dict] = None  # trainable and frozen parameters when the most trained (gradual, lp_ft: later)
 
 
 def load_network(cfg, run, data):
@@ -337,9 +301,8 @@ def choose_fit(cfg, run, net, plan, data, state):
     mode, reason = choose_fit_mode(cfg, plan, net.layer, net.spec, run.processes, (len(data.train), plain_images))
     if mode == "images" and plan.always_frozen:
         print(reason)  # frozen stages whose output could not be cached
-    return prepare_fit(cfg, mode, reason, net.layer, net.spec, data.pre, data, state, plan,
-                       build_loss(cfg.Loss, data.class_weights), paddle.metric.Accuracy(topk=topk), run.device,
-                       run.teacher)
+    return prepare_fit(cfg, run, net, data, state, plan, mode, reason, build_loss(cfg.Loss, data.class_weights),
+                       paddle.metric.Accuracy(topk=topk))
 
 
 @dataclass
