@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from paddle_tl.errors import ConfigError, ExportError
-from paddle_tl.runtime import import_paddle
+from paddle_tl.runtime import PIR_OUT_WARNING, import_paddle, stderr_lines_dropped
 
 paddle = import_paddle()
 
@@ -145,7 +145,8 @@ def save_static(network, input_size, out_dir):
     # kind (stored activations, for the layers after a cut).
     shape = [3, input_size, input_size] if isinstance(input_size, int) else list(input_size)
     input_spec = [paddle.static.InputSpec([None, *shape], "float32", INPUT_NAME)]
-    paddle.jit.save(network, str(out_dir / PREFIX), input_spec=input_spec)
+    with stderr_lines_dropped(*PIR_OUT_WARNING):  # paddle's own code, not the user's network: nothing to act on
+        paddle.jit.save(network, str(out_dir / PREFIX), input_spec=input_spec)
     written = [name for name in MODEL_FILES if (out_dir / name).is_file()]
     if not written or not (out_dir / PARAMS_FILE).is_file():
         raise ExportError(f"paddle.jit.save wrote no {' or '.join(MODEL_FILES)} + {PARAMS_FILE} in {out_dir}")
