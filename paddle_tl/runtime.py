@@ -55,9 +55,11 @@ def import_paddle():
       inherits the variable), unless this is one of several data-parallel
       processes (PADDLE_TRAINERS_NUM above 1): that is the case the warning
       is about, so there it stays.
-    Elsewhere: the pretrained weights' "Skip loading for <head tensor>"
-    (models/weights.py; paddle_tl reports the head left new itself) and
-    PIR_OUT_WARNING (models/static.py, around paddle.jit.save)."""
+    Elsewhere, around the one call that prints it: the pretrained weights'
+    "Skip loading for <head tensor>" (models/weights.py; paddle_tl reports
+    the head left new itself), PIR_OUT_WARNING (models/static.py, around
+    paddle.jit.save), and L-BFGS's "To copy construct from a tensor"
+    (transfer/logistic.py)."""
     paddle = sys.modules.get("paddle")
     return paddle if paddle is not None else _first_import()
 

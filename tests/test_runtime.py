@@ -70,8 +70,8 @@ def test_stderr_lines_dropped_drops_only_lines_with_the_fragments_from_python_an
 
 
 # One script, run with paddle alone and through paddle_tl: import, pretrained
-# weights without the head, a training forward through BatchNorm, and a save
-# in inference form (a traced residual add).
+# weights without the head, a training forward through BatchNorm, a save in
+# inference form (a traced residual add), and L-BFGS (the solved head start).
 NOISE_SCRIPT = """
 import pathlib, sys
 through_paddle_tl = sys.argv[2] == "paddle_tl"
@@ -107,11 +107,26 @@ if through_paddle_tl:
     save_static(net, 8, folder)
 else:
     paddle.jit.save(net, str(folder / "model"), input_spec=[paddle.static.InputSpec([None, 3, 8, 8], "float32")])
+features, labels = paddle.rand([20, 4]), (paddle.arange(20) % 2).astype("int64")
+if through_paddle_tl:  # the solved head start
+    from paddle_tl.transfer.logistic import solve_head
+    solve_head(features.numpy(), labels.numpy(), features.numpy(), labels.numpy(), 2)
+else:
+    w = paddle.create_parameter([4, 2], "float32")
+    lbfgs = paddle.optimizer.LBFGS(max_iter=3, line_search_fn="strong_wolfe", parameters=[w])
+
+    def closure():
+        lbfgs.clear_grad()
+        loss = paddle.nn.functional.cross_entropy(paddle.matmul(features, w), labels)
+        loss.backward()
+        return loss
+
+    lbfgs.step(closure)
 print("done")
 """
 NOISE = {"ccache": "No ccache found", "OMP_NUM_THREADS": "PLEASE USE OMP_NUM_THREADS WISELY",
          "head not loaded": "Skip loading for fc.weight", "PIR": "not support input out tensor",
-         "BatchNorm": "we now always track global mean and variance"}
+         "BatchNorm": "we now always track global mean and variance", "L-BFGS": "To copy construct from a tensor"}
 
 
 def test_paddles_messages_that_tell_a_user_nothing_are_silenced(tmp_path):
