@@ -50,6 +50,10 @@ def import_paddle():
       paddle_tl never does;
     - BatchNorm's "When training, we now always track global mean and
       variance" (every training forward; a note on an API change in Paddle 2);
+    - "To copy construct from a tensor, it is recommended to use
+      sourceTensor.clone().detach()": advice to whoever called
+      paddle.to_tensor on a tensor, which in paddle_tl's runs is paddle's own
+      code (hapi's train_batch on the loader's labels, L-BFGS's step);
     - OMP_WARNING, which paddle_tl's own default (a thread per core) would
       print in every run, and every process started from one (a child
       inherits the variable), unless this is one of several data-parallel
@@ -57,9 +61,8 @@ def import_paddle():
       is about, so there it stays.
     Elsewhere, around the one call that prints it: the pretrained weights'
     "Skip loading for <head tensor>" (models/weights.py; paddle_tl reports
-    the head left new itself), PIR_OUT_WARNING (models/static.py, around
-    paddle.jit.save), and L-BFGS's "To copy construct from a tensor"
-    (transfer/logistic.py)."""
+    the head left new itself) and PIR_OUT_WARNING (models/static.py, around
+    paddle.jit.save)."""
     paddle = sys.modules.get("paddle")
     return paddle if paddle is not None else _first_import()
 
@@ -70,6 +73,8 @@ def _first_import():
                             module=r"paddle\.utils\.cpp_extension\.")
     warnings.filterwarnings("ignore", message="When training, we now always track global mean and variance",
                             category=UserWarning, module=r"paddle\.nn\.layer\.norm\Z")
+    warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning,
+                            module=r"paddle\.tensor\.creation\Z")
     data_parallel = int(os.environ.get("PADDLE_TRAINERS_NUM", "1") or 1) > 1
     dropped = () if data_parallel else OMP_WARNING
     try:

@@ -12,7 +12,6 @@ the validation split). Measured by bench/head_init.py
 """
 
 import time
-import warnings
 
 import numpy as np
 
@@ -59,13 +58,7 @@ def solve_head(train_x, train_y, val_x, val_y, num_classes, class_weights=None):
             loss.backward()
             return loss
 
-        with warnings.catch_warnings():
-            # paddle's L-BFGS passes a tensor to paddle.to_tensor (lbfgs.py),
-            # which warns "To copy construct from a tensor": paddle's code, not
-            # anything a user can act on.
-            warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning,
-                                    module=r"paddle\.tensor\.creation\Z")
-            optimizer.step(closure)
+        optimizer.step(closure)
         with paddle.no_grad():
             logits = paddle.matmul(vx, w) + b
             val_top1 = float((logits.argmax(axis=1).numpy() == vy).mean())
