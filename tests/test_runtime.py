@@ -82,6 +82,7 @@ if through_paddle_tl:
     from paddle_tl.models.weights import load_pretrained
 else:
     import paddle
+paddle.seed(0)  # L-BFGS below takes the same steps every time (its warning needs two)
 
 
 class Net(paddle.nn.Layer):
@@ -113,7 +114,7 @@ if through_paddle_tl:  # the solved head start
     solve_head(features.numpy(), labels.numpy(), features.numpy(), labels.numpy(), 2)
 else:
     w = paddle.create_parameter([4, 2], "float32")
-    lbfgs = paddle.optimizer.LBFGS(max_iter=3, line_search_fn="strong_wolfe", parameters=[w])
+    lbfgs = paddle.optimizer.LBFGS(max_iter=10, line_search_fn="strong_wolfe", parameters=[w])
 
     def closure():
         lbfgs.clear_grad()
