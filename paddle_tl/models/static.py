@@ -39,6 +39,12 @@ class _BatchedModel:
                                for start in range(0, len(batch), self.batch_size)])
 
 
+# What Paddle Inference's oneDNN INT8 passes print on stderr when a
+# predictor is made for an INT8 model, disable_glog_info() notwithstanding:
+# how many ops of each of some 30 kinds they quantized or squashed, most 0.
+INT8_PASS_COUNTS = ("---    quantized ", "---    squashed ")
+
+
 class StaticModel(_BatchedModel):
     """A static model run by Paddle Inference: float32 batches in, outputs out.
     Loaded once and reusable; oneDNN on CPU by default. On device gpu only:
@@ -74,7 +80,8 @@ class StaticModel(_BatchedModel):
         else:
             raise ConfigError(f"device {device!r}: expected cpu or gpu")
         config.disable_glog_info()
-        self._predictor = paddle.inference.create_predictor(config)
+        with stderr_lines_dropped(*(INT8_PASS_COUNTS if int8 else ())):
+            self._predictor = paddle.inference.create_predictor(config)
         self._input = self._predictor.get_input_handle(self._predictor.get_input_names()[0])
         self._output = self._predictor.get_output_handle(self._predictor.get_output_names()[0])
 
