@@ -70,7 +70,7 @@ from paddle_tl.data.loaders import make_loader
 from paddle_tl.engine import callbacks  # noqa: E402
 from paddle_tl.engine.optim import build_optimizer  # noqa: E402
 from paddle_tl.engine.train import train  # noqa: E402
-from paddle_tl.transfer.freezing import set_frozen_stages, trainable_parameters  # noqa: E402
+from paddle_tl.transfer.freezing import is_batch_norm, set_frozen_stages, trainable_parameters  # noqa: E402
 from paddle_tl.transfer.plan import plan_transfer
 from paddle_tl.data.transforms import Preprocess, train_transform  # noqa: E402
 from paddle_tl.models.weights import load_pretrained  # noqa: E402
@@ -183,7 +183,7 @@ def plain_run(cfg):
     plan = plan_transfer(cfg.Transfer, len(spec.stages), dataset.class_counts(), cfg.Arch.pretrained is not False)
     set_frozen_stages(network, spec, plan.frozen_stages, plan.bn)  # the same trainable parameters
     body_bn = [layer for name, layer in network.named_sublayers()
-                 if not match_prefix(name, spec.head) and isinstance(layer, paddle.nn.layer.norm._BatchNormBase)]
+                 if not match_prefix(name, spec.head) and is_batch_norm(layer)]
     for layer in body_bn:
         layer._use_global_stats = None  # paddle's default: this loop freezes statistics with eval() instead
     loader = paddle.io.DataLoader(PlainImages(dataset.samples, train_transform(pre, loader_cfg.augment)),

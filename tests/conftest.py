@@ -4,6 +4,8 @@ private HOME (paddle and VisualDL write caches under it)."""
 from pathlib import Path
 from types import SimpleNamespace
 
+import shutil
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -24,6 +26,16 @@ def shared_dir():
     if not SHARED_DIR.is_dir():
         pytest.skip(f"shared data folder {SHARED_DIR} is absent (it sits beside the checkout in CI)")
     return SHARED_DIR
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """The path of a Chromium (or Chrome) binary for the page tests; skips
+    without one (.ci/run installs Debian's `chromium`, so CI runs them)."""
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if shutil.which(name):
+            return shutil.which(name)
+    pytest.skip("no Chromium binary on PATH (Debian: apt-get install chromium)")
 
 
 @pytest.fixture

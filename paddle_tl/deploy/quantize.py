@@ -16,6 +16,7 @@ existing folder untouched.
 
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ from paddle_tl.metrics import classification_metrics
 from paddle_tl.models.static import PARAMS_FILE, PREFIX, StaticModel, save_static
 from paddle_tl.predict.predictor import META_FILE
 from paddle_tl.runs.run_folder import trained_model
-from paddle_tl.runtime import import_paddle
+from paddle_tl.runtime import import_paddle, stderr_lines_dropped
 
 paddle = import_paddle()
 
@@ -146,7 +147,7 @@ def _save_legacy_static(network, input_size, folder):
     """The fp32 network as a legacy program (inference.pdmodel), the only form
     paddle's post-training quantization reads."""
     from paddle.pir_utils import DygraphOldIrGuard
-    with DygraphOldIrGuard():
+    with DygraphOldIrGuard(), stderr_lines_dropped(EXECUTOR_START):
         model_file = save_static(network, input_size, folder)
     if model_file != LEGACY_MODEL_FILE:
         raise ExportError(f"paddle {paddle.__version__} saved {model_file}, not the legacy {LEGACY_MODEL_FILE} "
@@ -167,13 +168,22 @@ class _CalibrationBatches:
         return -(-len(self.images) // CALIBRATION_BATCH)
 
 
+# What the legacy save and the calibration print on stderr: the old-IR
+# executor's start (a glog INFO line) and PostTrainingQuantization's tqdm
+# bars, redrawn with carriage returns into a log too.
+EXECUTOR_START = "New Executor is Running"
+PTQ_BARS = ("Sampling stage, Run batch:", "Adding quant op with weight:", "Adding quant activation op:")
+
+
 def _quantize(fp32_dir, out_dir, images):
     """Calibrate the fp32 model in fp32_dir on `images` and write the INT8
     model (quantize/dequantize ops, INT8 weights) to out_dir."""
     from paddle.pir_utils import OldIrGuard
     from paddle.static.quantization import PostTrainingQuantization
     scope = paddle.static.Scope()
-    with OldIrGuard(), paddle.static.scope_guard(scope):
+    # On a terminal the bars show calibration's progress (held back, they would not).
+    dropped = () if sys.stderr.isatty() else (EXECUTOR_START, *PTQ_BARS)
+    with OldIrGuard(), paddle.static.scope_guard(scope), stderr_lines_dropped(*dropped):
         ptq = PostTrainingQuantization(
             executor=paddle.static.Executor(paddle.CPUPlace()), scope=scope, model_dir=str(fp32_dir),
             model_filename=LEGACY_MODEL_FILE, params_filename=PARAMS_FILE,

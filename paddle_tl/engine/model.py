@@ -21,7 +21,8 @@ It also carries what paddle_tl needs from hapi's AMP: evaluation under O2,
 and the loss scale (for L2-SP's gradient hook).
 
 This is the one module that reads paddle.Model's private attributes
-(`_optimizer`, `_metrics`, `_scaler`, listed in PADDLE_MODEL_PRIVATES);
+(`_optimizer`, `_metrics`, `_scaler`, listed in
+paddle_internals.PADDLE_MODEL_PRIVATES with Paddle's other internals);
 everything else in paddle_tl uses GuardedModel's public methods, and
 tests/engine/test_model.py fails naming the attribute if a Paddle upgrade
 moves one.
@@ -35,13 +36,6 @@ from paddle_tl.runtime import import_paddle
 from paddle_tl.transfer.freezing import batch_norm_layers
 
 paddle = import_paddle()
-
-# paddle.Model's private attributes this module relies on, and what hapi
-# (paddle 3.3) keeps in them; `_scaler` exists only once a model is prepared
-# with AMP (a GradScaler from the first training step; None before).
-PADDLE_MODEL_PRIVATES = {"_optimizer": "paddle.optimizer.Optimizer",
-                         "_metrics": "list of paddle.metric.Metric",
-                         "_scaler": "paddle.amp.GradScaler or None, under AMP only"}
 
 
 class GuardedModel(paddle.Model):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from paddle_tl.errors import ConfigError, ExportError
-from paddle_tl.runtime import import_paddle
+from paddle_tl.runtime import PIR_OUT_WARNING, import_paddle, stderr_lines_dropped
 
 paddle = import_paddle()
 
@@ -38,6 +38,12 @@ class _BatchedModel:
     def run(self, batch):
         return np.concatenate([self._run(np.ascontiguousarray(batch[start:start + self.batch_size], dtype=np.float32))
                                for start in range(0, len(batch), self.batch_size)])
+
+
+# What Paddle Inference's oneDNN INT8 passes print on stderr when a
+# predictor is made for an INT8 model, disable_glog_info() notwithstanding:
+# how many ops of each of some 30 kinds they quantized or squashed, most 0.
+INT8_PASS_COUNTS = ("---    quantized ", "---    squashed ")
 
 
 class StaticModel(_BatchedModel):
@@ -75,7 +81,8 @@ class StaticModel(_BatchedModel):
         else:
             raise ConfigError(f"device {device!r}: expected cpu or gpu")
         config.disable_glog_info()
-        self._predictor = paddle.inference.create_predictor(config)
+        with stderr_lines_dropped(*(INT8_PASS_COUNTS if int8 else ())):
+            self._predictor = paddle.inference.create_predictor(config)
         self._input = self._predictor.get_input_handle(self._predictor.get_input_names()[0])
         self._output = self._predictor.get_output_handle(self._predictor.get_output_names()[0])
         self._model_file = Path(model_file)
@@ -192,7 +199,8 @@ def save_static(network, input_size, out_dir):
     # kind (stored activations, for the layers after a cut).
     shape = [3, input_size, input_size] if isinstance(input_size, int) else list(input_size)
     input_spec = [paddle.static.InputSpec([None, *shape], "float32", INPUT_NAME)]
-    paddle.jit.save(network, str(out_dir / PREFIX), input_spec=input_spec)
+    with stderr_lines_dropped(*PIR_OUT_WARNING):  # paddle's own code, not the user's network: nothing to act on
+        paddle.jit.save(network, str(out_dir / PREFIX), input_spec=input_spec)
     written = [name for name in MODEL_FILES if (out_dir / name).is_file()]
     if not written or not (out_dir / PARAMS_FILE).is_file():
         raise ExportError(f"paddle.jit.save wrote no {' or '.join(MODEL_FILES)} + {PARAMS_FILE} in {out_dir}")

@@ -18,10 +18,12 @@ def running_statistics(model):
 def batch_norm_layers(model):
     """Every BatchNorm layer of `model` (each holds `_mean`, `_variance` and
     `_use_global_stats`)."""
-    return [layer for layer in model.sublayers() if _is_batch_norm(layer)]
+    return [layer for layer in model.sublayers() if is_batch_norm(layer)]
 
 
-def _is_batch_norm(layer):
+def is_batch_norm(layer):
+    """Whether `layer` is a BatchNorm of either API: paddle.nn.BatchNorm
+    (the older one, PaddleClas's models) or BatchNorm1D/2D/3D."""
     return isinstance(layer, (paddle.nn.layer.norm._BatchNormBase, paddle.nn.BatchNorm))
 
 
@@ -70,7 +72,7 @@ def set_frozen_stages(model, spec, frozen_stages, bn, bitfit=False):
         else:
             trainable_params += int(param.size)
     for name, layer in model.named_sublayers():
-        if _is_batch_norm(layer):
+        if is_batch_norm(layer):
             layer._use_global_stats = True if bn == "freeze" and _below(spec, name, frozen_stages) else None
     return {"trainable_params": trainable_params, "frozen_params": frozen_params}
 

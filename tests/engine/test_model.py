@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from paddle_tl.engine import model as guarded
-from paddle_tl.engine.model import PADDLE_MODEL_PRIVATES, GuardedModel
+from paddle_tl.engine.model import GuardedModel
+from paddle_tl.paddle_internals import PADDLE_MODEL_PRIVATES
 from paddle_tl.runtime import import_paddle
 
 paddle = import_paddle()

@@ -503,13 +503,6 @@ def test_real_server_drops_stalled_clients_and_logs_hang_ups_in_one_line(model, 
 
 # ---------------------------------------------------------------- the page in a browser
 
-def _chromium():
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        if shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
 class DevTools:
     """The Chrome DevTools protocol over one page's websocket: call(method,
     **params) -> result; events that arrive meanwhile are dropped."""
@@ -567,15 +560,12 @@ def _browser(binary, profile):
 
 
 @pytest.mark.slow
-def test_page_in_headless_chromium(model, infer_rows, tmp_path):
+def test_page_in_headless_chromium(model, infer_rows, tmp_path, chromium):
     """A person's path: open the page, pick a file that is no image and read
     the refusal, then drop an image on it and see the top classes as bars with
     their percentages (the service's answer for that image); the screenshot is
     kept in the test's folder and as /tmp/serve_page.png."""
     pytest.importorskip("websocket", reason="websocket-client is not installed (the dev extra)")
-    binary = _chromium()
-    if binary is None:
-        pytest.skip("no Chromium binary on PATH (Debian: apt-get install chromium)")
     # A bigger picture than the 72 px Eval images, of the same kind: their first red image, enlarged.
     index = model.names.index("red_0.png")
     image = tmp_path / "red_0.png"
@@ -585,7 +575,7 @@ def test_page_in_headless_chromium(model, infer_rows, tmp_path):
     with Server(model.dir, tmp_path / "server.log") as server:
         expected = httpx.post(f"{server.url}/predict", files=[("file", ("red_0.png", image.read_bytes()))],
                               timeout=60).json()["predictions"][0]
-        process, page_url = _browser(binary, tmp_path / "profile")
+        process, page_url = _browser(chromium, tmp_path / "profile")
         try:
             page = DevTools(page_url)
             page.call("Emulation.setDeviceMetricsOverride", width=1000, height=760, deviceScaleFactor=1, mobile=False)

@@ -118,10 +118,7 @@ def test_flipped_labels_rank_among_the_top_suspects(flipped_run):
 
 
 @pytest.mark.slow
-def test_gallery_renders_in_chromium(flipped_run, tmp_path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if chromium is None:
-        pytest.skip("no chromium binary to render the gallery with")
+def test_gallery_renders_in_chromium(flipped_run, tmp_path, chromium):
     page = flipped_run[0] / "run" / "label_issues" / "index.html"
     assert page.read_text(encoding="utf-8").count("<img src=\"data:image/jpeg;base64,") >= 12
     shot = tmp_path / "label_issues.png"
