@@ -54,16 +54,16 @@ PADDLE_INTERNALS = {
         "after construction because gradual unfreezing changes it between epochs"),
     "_learning_rate": (
         "paddle.optimizer.Optimizer._learning_rate",
-        ("paddle_tl/engine/checkpoint.py", "bench/train_throughput.py"),
+        ("paddle_tl/runs/checkpoint.py", "bench/train_throughput.py"),
         "the optimizer's LRScheduler object (get_lr() gives only its value): its state_dict to keep a "
         "fresh schedule at its start when resuming, and its step() in a hand-written loop"),
     "_dygraph_tracer": (
         "paddle.base.framework._dygraph_tracer",
-        ("paddle_tl/models/gradcam.py",),
+        ("paddle_tl/trust/gradcam.py",),
         "the dygraph tracer, whose train mode Layer.eval() changes and Grad-CAM puts back"),
     "_train_mode": (
         "paddle.base.dygraph.tracer.Tracer._train_mode",
-        ("paddle_tl/models/gradcam.py",),
+        ("paddle_tl/trust/gradcam.py",),
         "Layer.train()/eval() set it along with the layers' `training` flags; Grad-CAM runs a training "
         "network in eval mode and must leave both as they were (a frozen BatchNorm may be in eval "
         "inside a training network, so calling network.train() after would not do)"),
