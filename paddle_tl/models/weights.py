@@ -82,7 +82,7 @@ def load_pretrained(
     """
     arch = arch or type(model).__name__
     if source == "imagenet" and imagenet_package:
-        path = _package_file(imagenet_package, f"Arch.pretrained=imagenet for {arch} reads a file of ")
+        path = _package_file(imagenet_package, f"Arch.pretrained=imagenet for {arch}: ")
         _check_sha256(path, imagenet_sha256, f"; reinstall {_pip_requirement(imagenet_package)}")
         label = f"imagenet ({path})"
     elif source == "imagenet":
