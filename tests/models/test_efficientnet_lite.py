@@ -274,10 +274,14 @@ def test_imagenet_lite0_tells_ants_from_bees(shared_dir):
 
 
 @pytest.mark.slow
-def test_partial_finetune_keeps_frozen_stages_and_their_statistics(tmp_path, colour_folder):
+@pytest.mark.parametrize("cache", [False, True], ids=["in-graph", "cached-activations"])
+def test_partial_finetune_keeps_frozen_stages_and_their_statistics(tmp_path, colour_folder, cache):
     """One epoch of `partial` with three of Lite0's five stages frozen: their
     weights and BatchNorm statistics come out bit-identical, the others move
-    (as tests/engine/test_train.py checks for mobilenet_v1)."""
+    (as tests/engine/test_train.py checks for mobilenet_v1). In the graph the
+    frozen stages run in training mode every step (BatchNorm on its global
+    statistics); with cached activations the network is cut below stage 3
+    (models/split.py) and they run once per image."""
     paddle.seed(1)
     network = zoo.build_model("efficientnet_lite0", 1000)
     rng = np.random.RandomState(1)
@@ -295,9 +299,11 @@ def test_partial_finetune_keeps_frozen_stages_and_their_statistics(tmp_path, col
         f"DataLoader.Eval.dataset.root={colour_folder(tmp_path / 'val', 3, 1)}",
         "DataLoader.Train.batch_size=8", "DataLoader.Train.num_workers=0",
         "DataLoader.Eval.batch_size=8", "DataLoader.Eval.num_workers=0",
-        "Optimizer.lr.learning_rate=0.05", "Transfer.strategy=partial", "Transfer.freeze_stages=3"])
+        "Optimizer.lr.learning_rate=0.05", "Transfer.strategy=partial", "Transfer.freeze_stages=3",
+        f"Transfer.cache_features={str(cache).lower()}"])
     metrics = train(cfg)
     assert metrics["strategy"]["frozen_stages"] == 3
+    assert bool(metrics["strategy"]["cached_activations"]) == cache
     spec = zoo.get_spec("efficientnet_lite0")
     before = {k: v.numpy() for k, v in paddle.load(str(pretrained)).items()}
     after = {k: v.numpy() for k, v in paddle.load(str(run / "latest.pdparams")).items()}
