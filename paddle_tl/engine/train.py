@@ -555,7 +555,8 @@ def book_trial(cfg, run, net, fit, trainer, state):
     if not run.is_main:
         return
     save_checkpoint(run.folder / BEST_MODEL, net.layer, state=state.to_dict())
-    save_checkpoint(run.folder / LATEST, net.layer, state=state.to_dict())
+    # With the (unstepped) optimizer: resuming with more Global.epochs restores it as any run's.
+    save_checkpoint(run.folder / LATEST, net.layer, trainer.optimizer, state.to_dict())
     logger = next(callback for callback in trainer.callbacks if isinstance(callback, VisualDLLogger))
     for row in state.history:
         logger.on_recorded(row, improved=row is best)

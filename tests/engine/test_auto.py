@@ -302,3 +302,31 @@ def test_a_winner_with_an_mlp_head_is_what_config_yaml_eval_and_export_see(works
     assert written["Arch"]["head"]["type"] == "mlp" and written["Transfer"]["strategy"] == "linear_probe"
     assert (run / "report" / "index.html").is_file()
     assert main(["eval", str(run)]) == 0 and main(["export", str(run), "--output", str(tmp_path / "inf")]) == 0
+
+
+@pytest.mark.slow
+def test_a_run_that_ends_below_a_measured_candidate_ships_that_candidate(workspace, tmp_path, shared_dir, monkeypatch):
+    """The linear probe wins (on a 2-image-a-class cap no trial is complete,
+    so it trains); the MLP head is made the best measured (its score raised
+    past any the run can reach): its trial's weights ship, and best_model,
+    config.yaml, eval and export all see its MLP head."""
+    import yaml
+
+    from paddle_tl.cli import main
+    from paddle_tl.runs.checkpoint import load_state
+    two = [c for c in auto.candidates(load_config(None, []), 5, [40, 40]) if c.name in ("linear_probe", "mlp_head")]
+    monkeypatch.setattr(auto, "candidates", lambda *args: two)
+    monkeypatch.setattr(auto, "TRIAL_IMAGES_PER_CLASS", 2)
+    monkeypatch.setattr(train_module, "_best_measured", lambda record, metric: dict(
+        next(row for row in record["candidates"] if row["name"] == "mlp_head"), val_top1=1.01))
+    weights = shared_dir / "weights" / "mobilenet_v1_x0.25_imagenet.pdparams"
+    run = tmp_path / "run"
+    metrics = train(make_cfg(workspace, run, "Transfer.strategy=auto", f"Arch.pretrained={weights}",
+                             "Global.epochs=1"))
+    record = json.loads((run / "auto.json").read_text())
+    assert not record["complete"] and record["shipped"]["name"] == "mlp_head"
+    assert metrics["strategy"]["shipped"]["name"] == "mlp_head" and metrics["strategy"]["shipped"]["source"] == "trial"
+    assert yaml.safe_load((run / "config.yaml").read_text())["Arch"]["head"]["type"] == "mlp"
+    assert load_state(run / "best_model")["model"]["head_config"]["type"] == "mlp"
+    assert metrics["selection_metric"] == "top1"
+    assert main(["eval", str(run)]) == 0 and main(["export", str(run), "--output", str(tmp_path / "inf")]) == 0
