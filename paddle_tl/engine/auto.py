@@ -21,9 +21,11 @@ what to try, in which order, for how long, and what won.
 """
 
 import dataclasses
+import math
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 from paddle_tl.config import apply_override, from_dict
 from paddle_tl.errors import ConfigError
@@ -117,16 +119,26 @@ class Trial:
     val_loss: float
     head_epoch_seconds: float  # an epoch that trains the head alone (LP-FT's probe, a linear probe)
     epoch_seconds: float  # an epoch that trains stages too (the same as the above where none does)
+    val_balanced_accuracy: Optional[float] = None  # of the best epoch, where it chose (class-weighted loss)
+    # It trained the run's whole schedule on all its training images (a head on
+    # features, no class capped): it is what the run would train, already trained.
+    complete: bool = False
+    weights: Optional[dict] = None  # the network's state dict at its best epoch (callbacks.BestWeights)
+    history: Optional[list] = None  # its epochs' rows (its "eval" columns are the validation split's)
+    best_epoch: Optional[int] = None
 
 
-def measure(cfg, trial, to_measure, started=None):
+def measure(cfg, trial, to_measure, val_counts, started=None, metric="top1"):
     """Measure the candidates `to_measure` (in order) within the budget,
     counted from `started` (now by default); returns (the winner's config,
-    the record for metrics.json). `trial(cfg, epochs)` trains a config for
-    the first `epochs` of its Global.epochs and returns a Trial."""
+    the record for metrics.json, the Trial of every measured candidate by
+    name). `trial(cfg, epochs)` trains a config for the first `epochs` of
+    its Global.epochs and returns a Trial; `val_counts`, the validation
+    split's images per class, size its noise; `metric` (top1 or
+    balanced_accuracy) is what the candidates are compared on."""
     budget = cfg.Transfer.auto_budget_minutes * 60
     started = time.time() if started is None else started
-    rows, last = [], 0.0
+    rows, last, trials = [], 0.0, {}
     for candidate in to_measure:
         spent = time.time() - started
         if rows and spent + last > MEASURING_SHARE * budget:
@@ -141,28 +153,107 @@ def measure(cfg, trial, to_measure, started=None):
             rows.append({"name": candidate.name, "what": candidate.what, "skipped": str(exc)})
             continue
         last = time.time() - t0
+        trials[candidate.name] = measured
         rows.append({"name": candidate.name, "what": candidate.what, "overrides": list(candidate.overrides),
                      "val_top1": measured.val_top1, "val_loss": measured.val_loss, "epochs": epochs,
                      "seconds": round(last, 2), "head_epoch_seconds": round(measured.head_epoch_seconds, 2),
-                     "epoch_seconds": round(measured.epoch_seconds, 2)})
-        print(f"auto: {candidate.name}: validation top-1 {measured.val_top1:.4f} (loss {measured.val_loss:.4f}), "
-              f"{rows[-1]['seconds']:.0f} s")
+                     "epoch_seconds": round(measured.epoch_seconds, 2), "complete": measured.complete,
+                     **({"val_balanced_accuracy": measured.val_balanced_accuracy}
+                        if metric == "balanced_accuracy" else {})})
+        shown = "" if metric == "top1" else f", balanced accuracy {measured.val_balanced_accuracy:.4f}"
+        print(f"auto: {candidate.name}: validation top-1 {measured.val_top1:.4f}{shown} (loss "
+              f"{measured.val_loss:.4f}), {rows[-1]['seconds']:.0f} s")
     measured = [row for row in rows if "val_top1" in row]
     if not measured:
         raise ConfigError("Transfer.strategy=auto: no candidate could be measured: "
                           + "; ".join(f"{row['name']}: {row['skipped']}" for row in rows))
-    # The best validation top-1; a tie goes to the lower loss, then to the earlier (the rule's preference).
-    best = min(measured, key=lambda row: (-row["val_top1"], row["val_loss"], measured.index(row)))
     spent = time.time() - started
-    run_epochs, why = epochs_left(configured(cfg, best["overrides"]), budget - spent, best["head_epoch_seconds"],
-                                  best["epoch_seconds"])
-    overrides = [*best["overrides"], *([f"Global.epochs={run_epochs}"] if run_epochs < cfg.Global.epochs else [])]
+    best, rule = choose(cfg, measured, budget - spent, val_counts, metric)
+    rule.update(winner=best["name"], complete=best["complete"])
+    if best["complete"]:
+        run_epochs, why = cfg.Global.epochs, "no more: its trial trained all of its schedule, and it ships as is"
+        overrides = list(best["overrides"])
+    else:
+        run_epochs, why = epochs_left(configured(cfg, best["overrides"]), budget - spent, best["head_epoch_seconds"],
+                                      best["epoch_seconds"])
+        overrides = [*best["overrides"], *([f"Global.epochs={run_epochs}"] if run_epochs < cfg.Global.epochs else [])]
     reason = (f"measured {len(measured)} candidates on the validation split in {spent:.0f} s; {best['name']} "
-              f"({best['what']}) scored best, validation top-1 {best['val_top1']:.4f}; it trains {why}")
+              f"({best['what']}) won, validation {_named(metric)} {best[score_key(metric)]:.4f} ({rule['why']}); it "
+              f"trains {why}")
     print(f"auto: {reason}")
     return configured(cfg, overrides), {
-        "candidates": rows, "chosen": best["name"], "overrides": overrides, "epochs": run_epochs, "reason": reason,
-        "seconds": round(spent, 2), "budget_minutes": cfg.Transfer.auto_budget_minutes}
+        "candidates": rows, "chosen": best["name"], "overrides": overrides, "epochs": run_epochs,
+        "complete": best["complete"], "rule": rule, "reason": reason, "seconds": round(spent, 2),
+        "budget_minutes": cfg.Transfer.auto_budget_minutes}, trials
+
+
+# How `auto` picks its winner (recorded in auto.json and metrics.json's strategy.rule).
+RULE = ("one-standard-error rule: among the candidates that can train their whole schedule in the budget left "
+        "(or already did in their trial), those within one standard error of the best validation score are tied, "
+        "and the one with the fewest seconds still to train wins (then the higher score, the lower loss, the "
+        "earlier candidate)")
+
+
+def standard_error(score, val_counts, metric):
+    """One standard error of a validation `score` on a split of `val_counts`
+    images per class, binomial: sqrt(p(1-p)/n) for top-1; for balanced
+    accuracy, the mean of per-class recalls, each taken as binomial with
+    p = the score on its n_c images: sqrt(p(1-p) * sum(1/n_c)) / K."""
+    counts = [count for count in val_counts if count]
+    if not counts:
+        return 0.0
+    variance = score * (1 - score)
+    if metric == "balanced_accuracy":
+        return math.sqrt(variance * sum(1 / count for count in counts)) / len(counts)
+    return math.sqrt(variance / sum(counts))
+
+
+def schedule_seconds(variant, epochs, head_epoch_seconds, epoch_seconds):
+    """Seconds the `variant` config takes to train `epochs` epochs: LP-FT's
+    probe epochs (probe_epochs of them) at `head_epoch_seconds`, the others
+    at `epoch_seconds`."""
+    lp_ft = variant.Transfer.strategy == "lp_ft"
+    probe = min(epochs, probe_epochs(variant.Transfer, epochs)) if lp_ft else 0
+    return probe * head_epoch_seconds + (epochs - probe) * epoch_seconds
+
+
+def choose(cfg, measured, seconds_left, val_counts, metric):
+    """(the winning row of `measured`, the rule's record). RULE: the
+    seconds still to train a candidate are 0 where its trial completed its
+    schedule, else its whole schedule at its trial's paces; one that does
+    not fit in `seconds_left` cannot win (where none fits, the cheapest
+    trains what fits). Why ties: the validation split is a sample, and a
+    lead inside its noise is not evidence (issue 22: a 0.17-point lead on
+    578 images, SE 1.1 points, bought an undertrained model 12 points worse)."""
+    key = score_key(metric)
+    for row in measured:
+        row["seconds_to_train"] = 0.0 if row["complete"] else round(schedule_seconds(
+            configured(cfg, row["overrides"]), cfg.Global.epochs, row["head_epoch_seconds"],
+            row["epoch_seconds"]), 2)
+        row["fits"] = row["seconds_to_train"] <= max(0.0, seconds_left)
+    cheapest = min(row["seconds_to_train"] for row in measured)
+    eligible = [row for row in measured if row["fits"]] or \
+        [row for row in measured if row["seconds_to_train"] == cheapest]
+    top = max(row[key] for row in eligible)
+    se = standard_error(top, val_counts, metric)
+    tied = [row for row in eligible if row[key] >= top - se]
+    order = {id(row): i for i, row in enumerate(measured)}
+    best = min(tied, key=lambda row: (row["seconds_to_train"], -row[key], row["val_loss"], order[id(row)]))
+    left_out = [row["name"] for row in measured if not row["fits"]]
+    why = (f"{len(tied)} within one standard error ({se:.4f}, {sum(val_counts)} validation images) of the best "
+           f"{top:.4f}, {best['seconds_to_train']:.0f} s still to train"
+           + (f"; {', '.join(left_out)} could not train their schedule in the {max(0, seconds_left):.0f} s left"
+              if left_out else ""))
+    return best, {"rule": RULE, "metric": metric, "standard_error": round(se, 6), "val_images": sum(val_counts),
+                  "best_score": top, "tied": [row["name"] for row in tied], "why": why}
+
+
+def score_key(metric):
+    return "val_top1" if metric == "top1" else "val_balanced_accuracy"
+
+
+def _named(metric):
+    return "top-1" if metric == "top1" else "balanced accuracy"
 
 
 def epochs_left(winner, seconds_left, head_epoch_seconds, epoch_seconds):
@@ -174,8 +265,7 @@ def epochs_left(winner, seconds_left, head_epoch_seconds, epoch_seconds):
     lp_ft = winner.Transfer.strategy == "lp_ft"
 
     def seconds(n):
-        probe = min(n, probe_epochs(winner.Transfer, n)) if lp_ft else 0
-        return probe * head_epoch_seconds + (n - probe) * epoch_seconds
+        return schedule_seconds(winner, n, head_epoch_seconds, epoch_seconds)
 
     paces = f"{_s(head_epoch_seconds)} a probe epoch, {_s(epoch_seconds)} a fine-tuning one" if lp_ft else \
         f"{_s(epoch_seconds)} an epoch"
@@ -201,4 +291,5 @@ def restore(record, cfg):
 
 def chosen_plan(plan, record):
     """The plan of the winner, told as auto's choice."""
-    return dataclasses.replace(plan, requested="auto", reason=record["reason"], candidates=record["candidates"])
+    return dataclasses.replace(plan, requested="auto", reason=record["reason"], candidates=record["candidates"],
+                               rule=record.get("rule"))  # a record from before the rule has none

@@ -20,7 +20,7 @@ from paddle_tl.errors import NonFiniteError
 from paddle_tl.metrics import classification_metrics
 from paddle_tl.models.static import dynamic_runner
 from paddle_tl.runs import BEST_MODEL, LATEST
-from paddle_tl.runs.checkpoint import save_checkpoint
+from paddle_tl.runs.checkpoint import float32_state, save_checkpoint
 from paddle_tl.runtime import import_paddle, seed_everything
 
 paddle = import_paddle()
@@ -37,6 +37,9 @@ class RunState:
     start_epoch: int = 0
     epochs_done: int = 0
     best_top1: float = -1.0  # the choosing score of the best epoch: validation top-1 (eval top-1 without one)
+    # What the choosing score is: "top1", or "balanced_accuracy" where the loss
+    # is class-weighted (validation split only: hapi's Eval metric has no recall per class).
+    selection_metric: str = "top1"
     best_epoch: int = -1
     best_loss: Optional[float] = None  # its loss on the same split, which breaks ties of top-1
     epochs_without_improvement: int = 0
@@ -169,8 +172,8 @@ class EpochRecorder(Callback):
         ranks), so all ranks stop together; AfterEpoch callbacks may be rank
         0's only."""
         row, state = self.row, self.state
-        key = choosing_key(row)
-        loss = row.get(key.replace("top1", "loss"))
+        key = choosing_key(row, state.selection_metric)
+        loss = row.get(key.split("_")[0] + "_loss")
         # A tie of top-1 (frequent on a small split) goes to the lower loss.
         improved = key in row and (row[key] > state.best_top1 or (
             row[key] == state.best_top1 and state.best_loss is not None and loss < state.best_loss))
@@ -187,9 +190,12 @@ class EpochRecorder(Callback):
             self.model.stop_training = True
 
 
-def choosing_key(row):
-    """The history column that chooses the best epoch: validation top-1 when
-    the run holds out a validation split, else eval top-1."""
+def choosing_key(row, metric="top1"):
+    """The history column that chooses the best epoch: validation top-1 (or
+    validation balanced accuracy, for `metric` balanced_accuracy) when the
+    run holds out a validation split, else eval top-1."""
+    if metric == "balanced_accuracy" and "val_balanced_accuracy" in row:
+        return "val_balanced_accuracy"
     return "val_top1" if "val_top1" in row else "eval_top1"
 
 
@@ -210,6 +216,8 @@ class ValidationScore(Callback):
         logits, labels = map_batches(dynamic_runner(self.network), self.loader)
         scores = classification_metrics(logits, labels, self.state.class_names, topk=(1,))
         self.state.row.update(val_loss=scores["loss"], val_top1=scores["top1"])
+        if self.state.selection_metric == "balanced_accuracy":  # a column only where it chooses
+            self.state.row["val_balanced_accuracy"] = scores["balanced_accuracy"]
 
 
 class AfterEpoch(Callback):
@@ -295,6 +303,20 @@ class Checkpointer(AfterEpoch):
         with self.average.raw_weights() if self.average else nullcontext():
             save_checkpoint(self.run_dir / LATEST, self.network, self.optimizer, self.state.to_dict(),
                             self.extra_layers, self.average.state() if self.average else None)
+
+
+class BestWeights(AfterEpoch):
+    """A copy, in memory, of the network's weights at the best epoch so far
+    (as Checkpointer's best_model, without a run folder): what `auto` keeps
+    of each candidate it measures, to ship it rather than train it again."""
+
+    def __init__(self, state, network):
+        super().__init__(state)
+        self.network, self.weights = network, None
+
+    def on_recorded(self, row, improved):
+        if improved:
+            self.weights = {name: tensor.numpy().copy() for name, tensor in float32_state(self.network).items()}
 
 
 class EpochClock(Callback):

@@ -47,5 +47,12 @@ def class_weights(loss_cfg, class_counts, num_classes):
     return weights + [1.0] * (num_classes - len(weights))  # outputs beyond the data's classes
 
 
+def selection_metric(weights):
+    """What chooses the best epoch and `auto`'s candidates: balanced accuracy
+    where the loss is class-weighted (the run asked for every class to count
+    alike, which top-1 does not measure), else top-1."""
+    return "top1" if weights is None else "balanced_accuracy"
+
+
 def build_loss(loss_cfg, weights=None):
     return CrossEntropy(loss_cfg.label_smoothing, weights)

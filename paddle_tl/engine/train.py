@@ -17,15 +17,17 @@ from dataclasses import dataclass
 from paddle_tl.calibration import calibrate
 from paddle_tl.combinations import Facts, check_combinations
 from paddle_tl.data.check import duplicates_across_splits, duplicates_problem
-from paddle_tl.data.datasets import build_dataset, build_target_dataset, imbalance_ratio, split_validation, subsample
+from paddle_tl.data.datasets import (IMBALANCE_RATIO, build_dataset, build_target_dataset, imbalance_ratio,
+                                     split_validation, subsample)
 from paddle_tl.data.loaders import make_loader, map_batches
 from paddle_tl.data.transforms import Preprocess, eval_transform, train_transform
 from paddle_tl.engine import auto
-from paddle_tl.engine.callbacks import (Checkpointer, EpochClock, EpochRecorder, EvalSchedule, RunState, SamplerEpoch,
-                                        StopAfter, ValidationScore, VisualDLLogger, metric_names)
+from paddle_tl.engine.callbacks import (BestWeights, Checkpointer, EpochClock, EpochRecorder, EvalSchedule, RunState,
+                                        SamplerEpoch, StopAfter, ValidationScore, VisualDLLogger, choosing_key,
+                                        metric_names)
 from paddle_tl.engine.ema import WeightAverage
 from paddle_tl.engine.fit import choose_fit_mode, prepare_fit, why_not_cached_below
-from paddle_tl.engine.losses import build_loss, class_weights
+from paddle_tl.engine.losses import build_loss, class_weights, selection_metric
 from paddle_tl.engine.model import GuardedModel
 from paddle_tl.engine.optim import build_optimizer
 from paddle_tl.engine.parts import Network, Run, TrainingData
@@ -37,8 +39,9 @@ from paddle_tl.models.heads import build_head
 from paddle_tl.models.static import dynamic_runner
 from paddle_tl.models.weights import load_pretrained
 from paddle_tl.models.zoo import build_model, get_spec
-from paddle_tl.runs import AUTO_RECORD, BEST_MODEL, CONFIG_FILE, METRICS_FILE, VDL_DIR
-from paddle_tl.runs.checkpoint import load_state, load_weights, resolve_resume, restore_optimizer
+from paddle_tl.metrics import classification_metrics
+from paddle_tl.runs import AUTO_RECORD, BEST_MODEL, CONFIG_FILE, LATEST, METRICS_FILE, VDL_DIR
+from paddle_tl.runs.checkpoint import load_state, load_weights, resolve_resume, restore_optimizer, save_checkpoint
 from paddle_tl.runs.run_folder import (check_output_dir, describe_model, opened_run_folder, rebuild_model,
                                        record_temperature, require_free_space)
 from paddle_tl.runtime import import_paddle, rng_kept, seed_everything, select_device
@@ -58,16 +61,21 @@ def train(cfg):
     started = time.time()  # training time includes auto's measuring and computing cached outputs
     with open_run_folder(cfg, run):  # config.yaml; a refusal before the first epoch leaves the folder as it was
         with shared_caches():  # auto's candidates and the run share one pass of frozen layers over the images
-            cfg, chosen = choose_auto(cfg, run, data)  # auto measures candidates on the validation split
+            cfg, chosen, kept = choose_auto(cfg, run, data)  # auto measures candidates on the validation split
             net = load_network(cfg, run, data)  # the architecture for these classes, with its pretrained weights
             plan = plan_strategy(cfg, run, net, data, chosen)  # which stages train when
-            state = start_state(cfg, run, net, plan, data)  # a fresh run, or one resumed from its checkpoint
+            state = start_state(cfg, run, net, plan, data, kept)  # fresh, resumed, or auto's trial already done
             fit = choose_fit(cfg, run, net, plan, data, state)  # what the loop trains on, and why
         trainer = prepare_trainer(cfg, run, net, plan, fit, data, state)  # loaders, optimizer, paddle.Model
-    fit_epochs(cfg, run, trainer, state)
+    if kept is not None and kept.installed:
+        book_trial(cfg, run, net, fit, trainer, state)  # nothing to train: the trial's epochs are the run's
+    else:
+        fit_epochs(cfg, run, trainer, state)
+    shipped = keep_best_measured(cfg, run, state, kept)  # auto never ships less than it measured
     train_seconds = time.time() - started
-    calibration = calibrate_best_model(cfg, run, net, fit, state)  # a temperature for its probabilities
-    return record_run(cfg, run, net, plan, data, fit, trainer, state, train_seconds, calibration)
+    logits = best_model_logits(cfg, run, net, fit, state, shipped)  # of what best_model now holds
+    calibration = calibrate_best_model(cfg, run, fit, logits)  # a temperature for its probabilities
+    return record_run(cfg, run, net, plan, data, fit, trainer, state, train_seconds, calibration, logits, shipped)
 
 
 def start_run(cfg):
@@ -160,31 +168,82 @@ def load_network(cfg, run, data):
     return Network(spec, layer, pretrained)
 
 
+@dataclass
+class Measured:
+    """A candidate `auto` measured, as it could ship: its trial's best-epoch
+    weights in its own network, scored on the validation and Eval splits."""
+    name: str
+    cfg: object  # its config (its head, its strategy): config.yaml when it ships
+    layer: object  # the network holding its weights
+    model: dict  # describe_model's record of that network
+    score: float  # the validation score auto compared it on (its trial's)
+    trial: auto.Trial
+    logits: tuple  # (validation logits, labels, Eval logits, labels)
+
+
+@dataclass
+class Kept:
+    """What `auto` keeps in memory of its measuring for the run."""
+    winner: auto.Trial  # the winner's trial
+    installed: bool  # the winner completed its schedule in its trial: the run is that trial, not trained again
+    best: Measured  # the best measured candidate, shipped where the run ends below it on validation
+    record: dict  # auto.json
+
+
 def choose_auto(cfg, run, data):
-    """(the config to train, auto's record or None). `auto` with a budget
-    measures its candidates (engine/auto.py) and returns the winner's
-    config; a resumed run reads what was chosen (RUN/auto.json)."""
+    """(the config to train, auto's record or None, Kept or None). `auto`
+    with a budget measures its candidates (engine/auto.py) and returns the
+    winner's config; a resumed run reads what was chosen (RUN/auto.json)."""
     if cfg.Transfer.strategy != "auto":
-        return cfg, None
+        return cfg, None, None
     chosen = run.folder / AUTO_RECORD
     if run.resume is not None and chosen.is_file():
         record = json.loads(chosen.read_text())
         print(f"auto: resuming with {record['chosen']}, chosen before ({chosen})")
-        return _resolved(run, auto.restore(record, cfg)), record
+        return _resolved(run, auto.restore(record, cfg)), record, None
     why_not = "resuming a run that measured nothing (no auto.json)" if run.resume is not None else \
         auto.why_not_measured(cfg, run.processes, data.val is not None, cfg.Arch.pretrained is not False)
     if why_not:
         print(f"auto: the four-quadrant rule alone decides ({why_not})")
-        return cfg, None
+        return cfg, None, None
     candidates = auto.candidates(cfg, len(get_spec(cfg.Arch.name).stages), data.train.class_counts())
+    metric = selection_metric(data.class_weights)  # the run's weights, not a capped trial's
     started = time.time()
     with rng_kept():  # the run draws as it would have without the trials
         _cache_below(cfg, run, data, min(candidate.cut for candidate in candidates))
-        winner, record = auto.measure(cfg, lambda variant, epochs: _trial(variant, run, data, epochs), candidates,
-                                      started)
+        winner, record, trials = auto.measure(cfg, lambda variant, epochs: _trial(variant, run, data, epochs, metric),
+                                              candidates, data.val.class_counts(), started, metric)
+        best = _best_measured(record, metric)
+        kept = Kept(trials[record["chosen"]], record["complete"],
+                    _measured(auto.configured(cfg, best["overrides"]), run, data, best["name"],
+                              best[auto.score_key(metric)], trials[best["name"]]), record)
     if run.is_main:
         write_json(chosen, record)
-    return _resolved(run, winner), record
+    return _resolved(run, winner), record, kept
+
+
+def _best_measured(record, metric):
+    """The measured candidate with the best validation score (a tie goes to
+    the winner, then to the lower loss)."""
+    key = auto.score_key(metric)
+    rows = [row for row in record["candidates"] if "val_top1" in row]
+    return min(rows, key=lambda row: (-row[key], row["name"] != record["chosen"], row["val_loss"]))
+
+
+def _measured(variant, run, data, name, score, trial):
+    """The candidate `name` (validation `score`) as it could ship: a network of its config with
+    its trial's best weights, scored where the run would score it (on the
+    cached outputs its own fit uses, from the shared caches)."""
+    quiet = dataclasses.replace(run, is_main=False, resume=None)
+    net = load_network(variant, quiet, data)
+    plan = plan_strategy(variant, quiet, net, data)
+    state = start_state(variant, quiet, net, plan, data)
+    # Its weights replace the head a solve would start (a cost, no use here).
+    fit = choose_fit(auto.configured(variant, ("Transfer.head_init=random",)), quiet, net, plan, data, state)
+    net.layer.set_state_dict(trial.weights)
+    # What the cached splits hold depends on whether the best epoch was probing (LP-FT).
+    state.frozen_stages = next(r["frozen_stages"] for r in trial.history if r["epoch"] == trial.best_epoch)
+    return Measured(name, variant, net.layer, state.model, score, trial, _logits(variant, fit, fit.scorer(net.layer)))
 
 
 def _resolved(run, winner):
@@ -215,13 +274,14 @@ def _cache_below(cfg, run, data, boundary):
                        cfg.Transfer.cache_views, cfg.DataLoader.Eval, cfg.Global.seed, run.device)
 
 
-def _trial(cfg, run, data, epochs):
+def _trial(cfg, run, data, epochs, metric="top1"):
     """Train `cfg` for the first `epochs` of its Global.epochs (its schedule
     spans them all) without a run folder, on at most
     auto.TRIAL_IMAGES_PER_CLASS training images of each class, choosing and
     scoring on the validation split alone (it stands in for Eval, which a
-    trial never sees); an auto.Trial: validation top-1 and loss of its best
-    epoch, and the seconds an epoch of the run would take at its pace."""
+    trial never sees), on `metric` (top1 or balanced_accuracy); an
+    auto.Trial: validation scores of its best epoch and its weights then,
+    and the seconds an epoch of the run would take at its pace."""
     seed_everything(cfg.Global.seed)
     trial = dataclasses.replace(run, is_main=False, resume=None)
     images = subsample(data.train, auto.TRIAL_IMAGES_PER_CLASS, cfg.Global.seed)
@@ -232,10 +292,15 @@ def _trial(cfg, run, data, epochs):
     net = load_network(cfg, trial, trial_data)
     plan = plan_strategy(cfg, trial, net, trial_data)
     state = start_state(cfg, trial, net, plan, trial_data)
+    state.selection_metric = metric
     fit = choose_fit(cfg, trial, net, plan, trial_data, state)
     trainer = prepare_trainer(cfg, trial, net, plan, fit, trial_data, state)
-    clock = EpochClock()
-    trainer.callbacks += [clock, StopAfter(epochs)]
+    clock, best_weights = EpochClock(), BestWeights(state, net.layer)
+    if metric == "balanced_accuracy":  # hapi's metric on the split has no recall per class; this scores it too
+        trainer.callbacks.append(ValidationScore(state, fit.network, make_loader(
+            fit.eval_data, cfg.DataLoader.Eval.batch_size, shuffle=False, num_workers=fit.workers[1]),
+            trainer.eval_schedule.evaluates))
+    trainer.callbacks += [best_weights, clock, StopAfter(epochs)]
     fit_epochs(cfg, trial, trainer, state)
     best = next(row for row in state.history if row["epoch"] == state.best_epoch)
     # An epoch of the run trains on every image and scores the validation and
@@ -247,7 +312,18 @@ def _trial(cfg, run, data, epochs):
             row["train_seconds"] * len(data.train) / len(images)
             + (seconds - row["train_seconds"]) * (len(data.val) + len(data.eval)) / len(data.val))
     head, tuned = (statistics.mean(paces[kind] or paces[not kind]) for kind in (True, False))
-    return auto.Trial(best["eval_top1"], best["eval_loss"], head, tuned)
+    return auto.Trial(best["eval_top1"], best["eval_loss"], head, tuned, best.get("val_balanced_accuracy"),
+                      complete=images is data.train and epochs == cfg.Global.epochs, weights=best_weights.weights,
+                      history=[_as_validation(row) for row in state.history], best_epoch=state.best_epoch)
+
+
+def _as_validation(row):
+    """A trial's history row as the run's: what it calls eval is the validation split."""
+    renamed = {key: value for key, value in row.items() if not key.startswith("eval_")}
+    for key, value in row.items():
+        if key.startswith("eval_"):
+            renamed.setdefault("val_" + key[len("eval_"):], value)
+    return renamed
 
 
 def plan_strategy(cfg, run, net, data, auto_record=None):
@@ -276,14 +352,19 @@ def _anchored(plan, net):
     return plan
 
 
-def start_state(cfg, run, net, plan, data):
+def start_state(cfg, run, net, plan, data, kept=None):
     """The run's state: fresh, or a checkpoint's (its weights loaded; its
-    optimizer state is restored once the optimizer exists). Freezes the
-    stages the plan has frozen at the starting epoch."""
+    optimizer state is restored once the optimizer exists), or, where
+    `auto`'s winner completed its schedule in its trial (`kept`), that
+    trial's: its best weights and its epochs, nothing left to train.
+    Freezes the stages the plan has frozen at the starting epoch."""
     g = cfg.Global
-    state = RunState(seed=g.seed, class_names=data.class_names, epochs=g.epochs)
+    state = RunState(seed=g.seed, class_names=data.class_names, epochs=g.epochs,
+                     selection_metric=selection_metric(data.class_weights))
     if run.resume is not None:
         state = _resumed_state(run.resume, net.layer, data.class_names, g.epochs)
+    elif kept is not None and kept.installed:
+        _install_trial(state, net.layer, kept.winner, g.epochs)
     # In every checkpoint, a resumed older one's too: what eval and export rebuild.
     state.model = describe_model(net.spec, data.num_classes, cfg.Arch.kwargs, dataclasses.asdict(cfg.Arch.head),
                                  data.pre, data.class_names)
@@ -293,6 +374,20 @@ def start_state(cfg, run, net, plan, data):
     print(f"strategy: {plan.strategy} ({plan.reason}); {state.frozen_stages}/{plan.num_stages} stages "
           f"frozen; {counts['trainable_params']:,} trainable parameters")
     return state
+
+
+def _install_trial(state, network, trial, epochs):
+    """The state of a run that is `trial` (auto.Trial.complete): its best
+    weights in `network`, its epochs booked, none left (as a resumed
+    finished run's)."""
+    network.set_state_dict(trial.weights)
+    state.history = [dict(row) for row in trial.history]
+    best = next(row for row in state.history if row["epoch"] == trial.best_epoch)
+    key = choosing_key(best, state.selection_metric)
+    state.best_epoch, state.best_top1, state.best_loss = trial.best_epoch, best[key], best["val_loss"]
+    state.epochs_done, state.start_epoch = state.history[-1]["epoch"], epochs
+    print(f"auto: the winner's trial trained all {epochs} epochs of its schedule on every "
+          f"training image: its best epoch ({trial.best_epoch}) is the run's, not trained again")
 
 
 def choose_fit(cfg, run, net, plan, data, state):
@@ -412,36 +507,91 @@ def fit_epochs(cfg, run, trainer, state):
             f", or lower Arch.input_size; resume with -o Global.resume={run.folder}") from exc
 
 
-def calibrate_best_model(cfg, run, net, fit, state):
-    """Temperature scaling of best_model (calibration.py): T is fitted on
-    the validation split's logits, never on Eval (T = 1, and the reason,
-    without one), then written into best_model's model record, from which
-    export puts it into inference.yml. Returns metrics.json's `calibration`.
+def book_trial(cfg, run, net, fit, trainer, state):
+    """For a run that is auto's completed trial (start_state installed it):
+    its best epoch's Eval scores, best_model and latest (rank 0), and its
+    epochs in VisualDL, as training would have written them."""
+    best = next(row for row in state.history if row["epoch"] == state.best_epoch)
+    *_, eval_logits, eval_labels = _logits(cfg, fit, fit.scorer(net.layer))
+    scores = classification_metrics(eval_logits, eval_labels, state.class_names, topk=fit.metric.topk)
+    best.update({f"eval_{name}": scores[name] for name in metric_names(fit.metric.topk).values()},
+                eval_loss=scores["loss"])
+    if not run.is_main:
+        return
+    save_checkpoint(run.folder / BEST_MODEL, net.layer, state=state.to_dict())
+    # With the (unstepped) optimizer: resuming with more Global.epochs restores it as any run's.
+    save_checkpoint(run.folder / LATEST, net.layer, trainer.optimizer, state.to_dict())
+    logger = next(callback for callback in trainer.callbacks if isinstance(callback, VisualDLLogger))
+    for row in state.history:
+        logger.on_recorded(row, improved=row is best)
+    logger.on_train_end()
 
-    best_model is read back from disk, as eval and export load it: the
-    training network holds the last epoch's weights (float16 ones under
-    Global.amp=O2), and a resumed run's best epoch may predate this process.
-    Costs one pass over the validation and Eval splits (on cached features,
-    of the head alone). Rank 0 only."""
+
+def keep_best_measured(cfg, run, state, kept):
+    """auto never ships less than it measured: where the run's best epoch
+    scores below the best candidate auto measured, on the validation score
+    both were chosen on, that candidate's trial weights become best_model
+    (with their network's record) and config.yaml its config. Returns the
+    Measured shipped, or None."""
+    if kept is None or state.best_top1 >= kept.best.score:
+        return None
+    best = kept.best
+    why = (f"the run's best epoch scored {state.best_top1:.4f} on the validation split, below the "
+           f"{best.score:.4f} {best.name} reached in its trial: its trial's weights ship instead")
+    print(f"auto: {why}")
+    if run.is_main:
+        shipped = RunState(seed=cfg.Global.seed, class_names=state.class_names, epochs=best.cfg.Global.epochs,
+                           best_top1=best.score, best_epoch=best.trial.best_epoch, model=best.model,
+                           selection_metric=state.selection_metric, history=best.trial.history)
+        save_checkpoint(run.folder / BEST_MODEL, best.layer, state=shipped.to_dict())
+        _resolved(run, best.cfg)
+        kept.record["shipped"] = {"name": best.name, "why": why}
+        write_json(run.folder / AUTO_RECORD, kept.record)
+    return best
+
+
+def best_model_logits(cfg, run, net, fit, state, shipped=None):
+    """(validation logits, labels, Eval logits, labels) of best_model (the
+    validation pair None without a split): a `shipped` candidate's, scored
+    when auto measured it, else best_model read back from disk, as eval and
+    export load it: the training network holds the last epoch's weights
+    (float16 ones under Global.amp=O2), and a resumed run's best epoch may
+    predate this process. Costs one pass over the validation and Eval splits
+    (on cached features, of the head alone). Rank 0 only (else None)."""
     if not run.is_main:
         return None
-    prefix = run.folder / BEST_MODEL
-    network = rebuild_model(state.model, prefix)[0]
+    if shipped is not None:
+        return shipped.logits
+    network = rebuild_model(state.model, run.folder / BEST_MODEL)[0]
     # On cached features (activations) the splits are what the head (the top) alone scores.
-    scorer = fit.scorer(network)
+    return _logits(cfg, fit, fit.scorer(network))
 
+
+def _logits(cfg, fit, scorer):
+    """(validation logits, labels, Eval logits, labels) of `scorer` on the
+    fit's splits (the validation pair None without one)."""
     def logits_of(dataset):
         loader = make_loader(dataset, cfg.DataLoader.Eval.batch_size, shuffle=False, num_workers=fit.workers[1])
         return map_batches(dynamic_runner(scorer), loader)
 
+    return (*(logits_of(fit.val_data) if fit.val_data is not None else (None, None)), *logits_of(fit.eval_data))
+
+
+def calibrate_best_model(cfg, run, fit, logits):
+    """Temperature scaling of best_model (calibration.py), from its
+    `logits` (best_model_logits): T is fitted on the validation split's
+    logits, never on Eval (T = 1, and the reason, without one), then written
+    into best_model's model record, from which export puts it into
+    inference.yml. Returns metrics.json's `calibration`. Rank 0 only."""
+    if not run.is_main:
+        return None
     fraction = cfg.DataLoader.Train.val_fraction
     no_val = None if fit.val_data is not None else (
         f"no validation split (DataLoader.Train.val_fraction={fraction:g}"
         f"{' held out no image' if fraction else ''}): a temperature is fitted on held-out training images "
         "only, never on Eval; T = 1")
-    val_logits, val_labels = logits_of(fit.val_data) if fit.val_data is not None else (None, None)
-    calibration = calibrate(val_logits, val_labels, *logits_of(fit.eval_data), no_val_reason=no_val)
-    record_temperature(prefix, calibration["temperature"])
+    calibration = calibrate(*logits, no_val_reason=no_val)
+    record_temperature(run.folder / BEST_MODEL, calibration["temperature"])
     if calibration["fitted"]:
         print(f"calibration: temperature {calibration['temperature']:.3f} fitted on {calibration['val_images']} "
               f"validation images; ECE there {calibration['val_ece_before']:.4f} -> "
@@ -452,19 +602,33 @@ def calibrate_best_model(cfg, run, net, fit, state):
     return calibration
 
 
-def record_run(cfg, run, net, plan, data, fit, trainer, state, train_seconds, calibration=None):
-    """metrics.json and the report (rank 0); returns the metrics."""
+def record_run(cfg, run, net, plan, data, fit, trainer, state, train_seconds, calibration=None, logits=None,
+               shipped=None):
+    """metrics.json and the report (rank 0); returns the metrics. `logits`:
+    best_model's (best_model_logits); `shipped`: the candidate auto shipped
+    in place of the run's best epoch (keep_best_measured), or None."""
     g, loaders = cfg.Global, cfg.DataLoader
-    final_top1 = state.history[-1]["eval_top1"]  # the last epoch is always evaluated (EvalSchedule)
+    # The last epoch is always evaluated (EvalSchedule); not where the run is auto's
+    # completed trial whose last epoch was not its best (only the best's weights are kept).
+    final_top1 = state.history[-1].get("eval_top1")
     best = next(row for row in state.history if row["epoch"] == state.best_epoch)
     chosen_on = "validation" if "val_top1" in best else "eval"
+    scores = None if logits is None else classification_metrics(logits[2], logits[3], data.class_names, topk=(1,))
+    best_top1, val_top1, best_epoch = best["eval_top1"], best.get("val_top1"), state.best_epoch
+    if shipped is not None:  # its trial's best epoch, scored when auto measured it
+        best_top1, best_epoch = scores["top1"], shipped.trial.best_epoch
+        val_top1 = classification_metrics(logits[0], logits[1], data.class_names, topk=(1,))["top1"]
     metrics = {
         # best_top1: the Eval top-1 of the epoch chosen (best_model), on the
         # validation split unless there is none.
-        "best_top1": best["eval_top1"], "best_epoch": state.best_epoch, "final_top1": final_top1,
-        "val_top1": best.get("val_top1"),
+        "best_top1": best_top1, "best_epoch": best_epoch, "final_top1": final_top1,
+        "val_top1": val_top1,
         "selection": {"split": chosen_on, "val_images": len(data.val) if data.val is not None else 0,
                       "val_fraction": loaders.Train.val_fraction},
+        # What chose the best epoch (and auto's candidates): top1, or balanced_accuracy with a weighted loss.
+        "selection_metric": state.selection_metric if chosen_on == "validation" else "top1",
+        # best_model's on Eval: the mean recall over the classes, which a majority class cannot carry.
+        "balanced_accuracy": scores and scores["balanced_accuracy"],
         "epochs_run": state.epochs_done, "train_seconds": round(train_seconds, 2),
         "num_classes": data.num_classes, "class_names": data.class_names,
         "train_images": len(data.train), "eval_images": len(data.eval),
@@ -492,14 +656,34 @@ def record_run(cfg, run, net, plan, data, fit, trainer, state, train_seconds, ca
         "history": state.history,
         "processes": run.processes,
     }
+    if plan.rule is not None:  # auto measured: what ships, and why
+        metrics["strategy"]["shipped"] = {"name": shipped.name, "source": "trial", "why": (
+            f"the run's best epoch scored below the {shipped.score:.4f} it reached on validation in its trial")} \
+            if shipped is not None else {"name": plan.rule.get("winner"), "source": "trial" if plan.rule["complete"]
+                                         else "run", "why": "its trial completed its schedule" if
+                                         plan.rule["complete"] else "the run's best epoch scored at least as well "
+                                         "on validation as every candidate measured"}
     if not run.is_main:
         return metrics
     write_json(run.folder / METRICS_FILE, metrics)
     print(f"report: {write_report(run.folder)}")
-    chosen = f"chosen on validation top-1 {best['val_top1']:.4f}" if chosen_on == "validation" else \
-        "chosen on the Eval split itself"
-    print(f"done: eval top-1 {best['eval_top1']:.4f} at epoch {state.best_epoch} ({chosen}), final "
-          f"{final_top1:.4f}, {train_seconds:.0f} s of training; run folder {run.folder}")
+    if shipped is not None:
+        chosen = f"{shipped.name}'s trial, validation top-1 {val_top1:.4f}"
+    elif chosen_on == "validation":
+        chosen = f"chosen on validation {state.selection_metric.replace('top1', 'top-1').replace('_', ' ')} " \
+                 f"{state.best_top1:.4f}"
+    else:
+        chosen = "chosen on the Eval split itself"
+    final = "" if final_top1 is None else f", final {final_top1:.4f}"
+    print(f"done: eval top-1 {best_top1:.4f} at epoch {best_epoch} ({chosen}){final}, {train_seconds:.0f} s of "
+          f"training; run folder {run.folder}")
+    ratio = metrics["imbalance_ratio"]
+    if ratio > IMBALANCE_RATIO and scores is not None:
+        print(f"class imbalance {ratio:.1f}x: Eval balanced accuracy {scores['balanced_accuracy']:.4f} (top-1 "
+              + (f"{best_top1:.4f}); the loss is class-weighted (Loss.class_weights={cfg.Loss.class_weights}), "
+                 "epochs chosen on balanced accuracy" if data.class_weights else
+                 f"{best_top1:.4f}); the loss is unweighted: Loss.class_weights=auto weights it by inverse class "
+                 "frequency and chooses epochs on balanced accuracy"))
     return metrics
 
 

@@ -38,6 +38,7 @@ class TransferPlan:
     min_frozen_stages: int = 0  # gradual, lp_ft: bottom stages that never unfreeze
     lp_epochs: int = 0  # lp_ft: epochs of the linear probe before the top stages unfreeze
     candidates: list = None  # auto that measured: each candidate's validation top-1 and seconds
+    rule: dict = None  # auto that measured: how the winner was chosen (engine/auto.py choose)
     l2sp_alpha: float = 0.0
 
     def frozen_stages_at(self, epoch):

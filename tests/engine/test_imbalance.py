@@ -25,6 +25,21 @@ def test_class_weights_by_mode():
     assert imbalance_ratio([100, 0, 20]) == 5.0
 
 
+def test_class_weights_are_off_by_default_and_weighted_runs_choose_on_balanced_accuracy():
+    """Issue 22: `auto` weights cost top-1 silently (0.815 -> 0.754 on a
+    7.1x-imbalanced product set); off by default, as PaddleClas, timm and
+    fastai; where on, epochs are chosen on validation balanced accuracy."""
+    from paddle_tl.engine.callbacks import choosing_key
+    from paddle_tl.engine.losses import selection_metric
+    assert load_config(None, []).Loss.class_weights == "none"
+    assert class_weights(load_config(None, []).Loss, [100, 10], 2) is None
+    assert selection_metric(None) == "top1" and selection_metric([0.6, 3.0]) == "balanced_accuracy"
+    row = {"val_top1": 0.9, "val_balanced_accuracy": 0.6, "val_loss": 0.3, "eval_top1": 0.8}
+    assert choosing_key(row) == choosing_key(row, "top1") == "val_top1"
+    assert choosing_key(row, "balanced_accuracy") == "val_balanced_accuracy"
+    assert choosing_key({"eval_top1": 0.8}, "balanced_accuracy") == "eval_top1"  # no validation split
+
+
 def test_weighted_loss_matches_paddles_weighted_cross_entropy():
     rng = np.random.RandomState(0)
     logits = paddle.to_tensor(rng.randn(6, 3).astype("float32"))

@@ -712,6 +712,7 @@ def test_imbalanced_data_gets_weighted_loss_and_balanced_sampling(workspace, tmp
         extra.unlink()
     metrics = train(make_cfg(workspace, tmp_path / "run", f"Transfer.strategy={strategy}", "Global.epochs=2",
                              f"DataLoader.Train.dataset.root={root}", "DataLoader.Train.sampler=balanced",
+                             "Loss.class_weights=auto",
                              "DataLoader.Train.val_fraction=0"))  # every image counts in the weights
     assert metrics["imbalance_ratio"] == 5.0 and metrics["sampler"] == "balanced"
     assert metrics["class_weights"] == pytest.approx([22 / (3 * 2), 22 / (3 * 10), 22 / (3 * 10)])  # blue, green, red
