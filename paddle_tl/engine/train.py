@@ -287,8 +287,13 @@ def _trial(cfg, run, data, epochs, metric="top1"):
     images = subsample(data.train, auto.TRIAL_IMAGES_PER_CLASS, cfg.Global.seed)
     # Capping every class changes the balance the loss's class weights answer.
     weights = class_weights(cfg.Loss, images.class_counts(), data.num_classes)
-    trial_data = dataclasses.replace(data, train=images, eval=data.val, val=None, duplicates=[],
-                                     class_weights=weights)
+    # A linear probe's head starts as the solved logistic regression, its L2
+    # strength chosen on the validation split (fit._start_head): its trial
+    # keeps that split to choose on too, so that a trial that completes the
+    # schedule is the run's recipe, shipped as is (auto.Trial.complete).
+    solves = cfg.Transfer.strategy == "linear_probe" and cfg.Arch.head.type == "linear"
+    trial_data = dataclasses.replace(data, train=images, eval=data.val, val=data.val if solves else None,
+                                     duplicates=[], class_weights=weights)
     net = load_network(cfg, trial, trial_data)
     plan = plan_strategy(cfg, trial, net, trial_data)
     state = start_state(cfg, trial, net, plan, trial_data)
@@ -296,7 +301,7 @@ def _trial(cfg, run, data, epochs, metric="top1"):
     fit = choose_fit(cfg, trial, net, plan, trial_data, state)
     trainer = prepare_trainer(cfg, trial, net, plan, fit, trial_data, state)
     clock, best_weights = EpochClock(), BestWeights(state, net.layer)
-    if metric == "balanced_accuracy":  # hapi's metric on the split has no recall per class; this scores it too
+    if metric == "balanced_accuracy" and trial_data.val is None:  # hapi's metric has no recall per class
         trainer.callbacks.append(ValidationScore(state, fit.network, make_loader(
             fit.eval_data, cfg.DataLoader.Eval.batch_size, shuffle=False, num_workers=fit.workers[1]),
             trainer.eval_schedule.evaluates))
@@ -305,12 +310,13 @@ def _trial(cfg, run, data, epochs, metric="top1"):
     best = next(row for row in state.history if row["epoch"] == state.best_epoch)
     # An epoch of the run trains on every image and scores the validation and
     # Eval splits; the trial's trained on `images` and scored the validation
-    # split. Head-only epochs (LP-FT's probe) and the others go at their own pace.
-    paces = defaultdict(list)
+    # split (twice where it chose on it). Head-only epochs (LP-FT's probe) and
+    # the others go at their own pace.
+    paces, scored = defaultdict(list), len(data.val) * (2 if trial_data.val is not None else 1)
     for row, seconds in zip(state.history, clock.seconds):
         paces[row["frozen_stages"] == plan.num_stages].append(
             row["train_seconds"] * len(data.train) / len(images)
-            + (seconds - row["train_seconds"]) * (len(data.val) + len(data.eval)) / len(data.val))
+            + (seconds - row["train_seconds"]) * (len(data.val) + len(data.eval)) / scored)
     head, tuned = (statistics.mean(paces[kind] or paces[not kind]) for kind in (True, False))
     return auto.Trial(best["eval_top1"], best["eval_loss"], head, tuned, best.get("val_balanced_accuracy"),
                       complete=images is data.train and epochs == cfg.Global.epochs, weights=best_weights.weights,
