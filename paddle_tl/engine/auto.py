@@ -196,16 +196,24 @@ RULE = ("one-standard-error rule: among the candidates that can train their whol
 
 def standard_error(score, val_counts, metric):
     """One standard error of a validation `score` on a split of `val_counts`
-    images per class, binomial: sqrt(p(1-p)/n) for top-1; for balanced
-    accuracy, the mean of per-class recalls, each taken as binomial with
-    p = the score on its n_c images: sqrt(p(1-p) * sum(1/n_c)) / K."""
+    images per class, binomial, with the Agresti-Coull adjustment for one
+    standard error (half a success added, n + 1 trials): the plain
+    sqrt(p(1-p)/n) is 0 at a score of 1, which 24 validation images reach
+    by chance (ants/bees). For top-1, p~ = (pn + 0.5) / (n + 1) and
+    sqrt(p~(1-p~)/(n+1)); for balanced accuracy, the mean of K per-class
+    recalls, each taken as binomial on its n_c images at the score:
+    sqrt(sum over classes of p~c(1-p~c)/(n_c+1)) / K."""
     counts = [count for count in val_counts if count]
     if not counts:
         return 0.0
-    variance = score * (1 - score)
+
+    def variance(n):
+        adjusted = (score * n + 0.5) / (n + 1)
+        return adjusted * (1 - adjusted) / (n + 1)
+
     if metric == "balanced_accuracy":
-        return math.sqrt(variance * sum(1 / count for count in counts)) / len(counts)
-    return math.sqrt(variance / sum(counts))
+        return math.sqrt(sum(variance(count) for count in counts)) / len(counts)
+    return math.sqrt(variance(sum(counts)))
 
 
 def schedule_seconds(variant, epochs, head_epoch_seconds, epoch_seconds):

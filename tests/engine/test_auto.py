@@ -140,7 +140,8 @@ def test_a_lead_inside_the_noise_goes_to_the_complete_candidate_not_an_undertrai
     assert record["chosen"] == "linear_probe" and record["complete"] and record["epochs"] == 10
     assert (winner.Transfer.strategy, winner.Global.epochs) == ("linear_probe", 10)
     rule = record["rule"]
-    assert rule["standard_error"] == pytest.approx((0.9228 * 0.0772 / 578) ** 0.5, abs=1e-6)
+    assert rule["standard_error"] == pytest.approx(auto.standard_error(0.9228, [578], "top1"), abs=1e-6)
+    assert rule["standard_error"] == pytest.approx((0.9228 * 0.0772 / 578) ** 0.5, abs=1e-4)
     assert rule["tied"] == ["linear_probe", "mlp_head"] and rule["val_images"] == 578
     rows = {row["name"]: row for row in record["candidates"] if "val_top1" in row}
     assert rows["lp_ft_top"]["seconds_to_train"] == pytest.approx(5 * 3.6 + 5 * 110) and not rows["lp_ft_top"]["fits"]
@@ -165,10 +166,18 @@ def test_a_clear_lead_that_fits_still_wins_and_trains():
 
 
 def test_standard_errors():
-    assert auto.standard_error(0.9, [50, 50], "top1") == pytest.approx((0.09 / 100) ** 0.5)
+    def adjusted(p, n):  # Agresti-Coull for one standard error: half a success added, n + 1 trials
+        q = (p * n + 0.5) / (n + 1)
+        return q * (1 - q) / (n + 1)
+
+    assert auto.standard_error(0.9, [50, 50], "top1") == pytest.approx(adjusted(0.9, 100) ** 0.5)
+    assert auto.standard_error(0.9, [50, 50], "top1") == pytest.approx((0.09 / 100) ** 0.5, rel=0.05)
+    # A perfect score on few images is no certainty: 24 images at 1.0 keep a standard error near 3 points.
+    assert auto.standard_error(1.0, [12, 12], "top1") == pytest.approx(adjusted(1.0, 24) ** 0.5)
+    assert auto.standard_error(1.0, [12, 12], "top1") > 0.025
     # balanced accuracy: the mean of K recalls, each on its class's images
     assert auto.standard_error(0.8, [10, 90], "balanced_accuracy") == pytest.approx(
-        (0.16 * (1 / 10 + 1 / 90)) ** 0.5 / 2)
+        (adjusted(0.8, 10) + adjusted(0.8, 90)) ** 0.5 / 2)
     assert auto.standard_error(0.8, [], "top1") == 0.0
 
 
