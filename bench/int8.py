@@ -20,9 +20,10 @@ batch size and threads.
 
 The trained networks (configs/mobilenet_v2_imagefolder.yaml on
 ../shared/datasets/hymenoptera, RECIPES below): mobilenet_v2 with
-Global.epochs=EPOCHS; efficientnet_lite0 from its ImageNet weights as a
-linear probe (the config's 10 epochs). --run reuses a finished run folder of
-that network instead of training one.
+Global.epochs=EPOCHS (the config's strategy `auto` picks how to train;
+the table names what it picked); efficientnet_lite0 from its ImageNet
+weights as a linear probe (the config's 10 epochs). --run reuses a finished
+run folder of that network instead of training one.
 """
 
 import argparse
@@ -45,6 +46,7 @@ from paddle_tl.deploy import quantize  # noqa: E402
 from paddle_tl.deploy.export import export  # noqa: E402
 from paddle_tl.models.zoo import build_model  # noqa: E402
 from paddle_tl.predict.predictor import OnnxModel, Predictor, time_batches  # noqa: E402
+from paddle_tl.runs import METRICS_FILE  # noqa: E402
 from paddle_tl.runs.checkpoint import save_checkpoint  # noqa: E402
 from paddle_tl.runs.run_folder import run_config, trained_model  # noqa: E402
 from paddle_tl.runtime import import_paddle  # noqa: E402
@@ -138,6 +140,11 @@ def onnxruntime_comparison(run, work, calib_images, int8_dir):
     return [(name, top1[name], sizes[name], speed[f"{name}_images_per_second"]) for name in models]
 
 
+def trained_strategy(run):
+    """What the run trained: its metrics.json's strategy (the config's `auto` picks one)."""
+    return json.loads((Path(run) / METRICS_FILE).read_text())["strategy"]["strategy"]
+
+
 def batch1_latency(run, overrides, int8_dir, work, arch, images, runs):
     """Median ms per image at batch 1 of the fp32 export and of the INT8
     folder, through the Predictor, after two untimed runs each; the two take
@@ -170,6 +177,8 @@ def main():
     args = parser.parse_args()
     if not HYMENOPTERA.is_dir():
         sys.exit(f"{HYMENOPTERA} is absent (../shared beside the checkout)")
+    if any("=" not in item for item in args.run):
+        sys.exit("--run takes ARCH=RUN_DIR, e.g. --run mobilenet_v2=output/run1")
     given = dict(item.split("=", 1) for item in args.run)
     if set(given) - set(RECIPES):
         sys.exit(f"--run names {', '.join(sorted(set(given) - set(RECIPES)))}: only {', '.join(RECIPES)} are trained")
@@ -192,8 +201,7 @@ def main():
             dataset = quantize.eval_dataset(cfg, eval_transform(pre), class_names)
             images = np.stack([dataset[i][0] for i in range(min(len(dataset), args.latency_runs))])
             latency = batch1_latency(run, overrides, int8_dir, work, arch, images, args.latency_runs)
-            weights = ("ImageNet, fine-tuned" if arch == "mobilenet_v2" else "ImageNet, linear probe") if trained \
-                else "random (top-1 meaningless)"
+            weights = f"ImageNet, {trained_strategy(run)}" if trained else "random (top-1 meaningless)"
             rows.append(f"| {arch} | {weights} | {report['fp32_top1']:.4f} | {report['int8_top1']:.4f} | "
                         f"{report['drop']:+.4f} | {megabytes(report['fp32_size_bytes'])} | "
                         f"{megabytes(report['int8_size_bytes'])} | "
