@@ -144,3 +144,60 @@ def test_export_refuses_fewer_than_one_calibration_image(tmp_path, capsys):
         cli.main(["export", str(tmp_path), "--output", str(tmp_path / "out"), "--int8", "--calib_images", "0"])
     assert exited.value.code == 2
     assert "--calib_images must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # about 10 s on 2 cores: calibration and two oneDNN predictors
+def test_efficientnet_lite0_quantizes_every_convolution_and_predicts(tmp_path, colour_folder):
+    """A second family through the same path: EfficientNet-Lite's ReLU6 and
+    its TensorFlow-"SAME"-padded (depthwise) convolutions, which MobileNet
+    does not have. Random weights at 64 px: the gate is opened (--max_drop 1),
+    what is checked is that every convolution and the classifier got INT8
+    weights and that the published folder predicts what quantization.json
+    says it scored."""
+    import numpy as np
+    from paddle.base.proto import framework_pb2
+
+    from paddle_tl.deploy.quantize import export_int8
+    from paddle_tl.models.zoo import build_model
+    from paddle_tl.runs.checkpoint import save_checkpoint
+    from paddle_tl.runs.run_folder import run_config
+    from paddle_tl.runtime import import_paddle
+
+    paddle = import_paddle()
+    classes = ["red", "green", "blue"]
+    run = tmp_path / "run"
+    run.mkdir()
+    paddle.seed(0)
+    save_checkpoint(run / "best_model", build_model("efficientnet_lite0", len(classes)),
+                    state={"class_names": classes})
+    val = colour_folder(tmp_path / "val", 2, 1)
+    out = tmp_path / "int8"
+    export_int8(run_config(run, [f"Global.save_inference_dir={out}", "Arch.name=efficientnet_lite0",
+                                 "Arch.input_size=64", f"DataLoader.Train.dataset.root="
+                                 f"{colour_folder(tmp_path / 'train', 2, 0)}",
+                                 f"DataLoader.Eval.dataset.root={val}"]), calib_images=6, max_drop=1.0)
+
+    report = json.loads((out / "quantization.json").read_text())
+    assert REQUIRED_KEYS <= set(report) and report["eval_images"] == 6
+    assert 0 < report["int8_size_bytes"] < report["fp32_size_bytes"] / 3  # INT8 weights: about a quarter
+    meta = yaml.safe_load((out / "inference.yml").read_text())
+    assert meta["precision"] == "int8" and meta["arch"] == "efficientnet_lite0"
+
+    program = framework_pb2.ProgramDesc()
+    program.ParseFromString((out / meta["model_file"]).read_bytes())
+    ops = program.blocks[0].ops
+    made_by = {name: op.type for op in ops for var in op.outputs for name in var.arguments}
+    weighted = {"conv2d": "Filter", "depthwise_conv2d": "Filter", "matmul_v2": "Y"}
+    weights = [(op.type, made_by.get(var.arguments[0])) for op in ops if op.type in weighted
+               for var in op.inputs if var.parameter == weighted[op.type]]
+    # Lite0: stem, 16 blocks (15 expand), head; 16 depthwise; one classifier.
+    assert sorted({kind for kind, _ in weights}) == ["conv2d", "depthwise_conv2d", "matmul_v2"]
+    assert len(weights) == 1 + 16 + 15 + 16 + 1 + 1
+    assert {source for _, source in weights} == {"dequantize_linear"}
+
+    predictor = Predictor(out)
+    images = np.stack([predictor.preprocess(path) for path in sorted(val.rglob("*.png"))])
+    logits = predictor.predict_arrays(images)
+    assert logits.shape == (6, 3) and np.isfinite(logits).all()
+    labels = [classes.index(path.parent.name) for path in sorted(val.rglob("*.png"))]
+    assert float(np.mean(logits.argmax(1) == labels)) == pytest.approx(report["int8_top1"])
