@@ -65,14 +65,29 @@ class MultiScaleRoIAlign(paddle.nn.Layer):
         return pooled[paddle.argsort(order)]  # back to the boxes' order
 
 
+def _linear(in_features, out_features, std=None):
+    """A Linear layer initialised as torchvision's box head: N(0, std) with
+    zero bias for the predictor, else torch's nn.Linear default U(+-1 /
+    sqrt(fan_in)) (KaimingUniform with a = sqrt(5)), not paddle's Xavier,
+    which is about twice as wide on the 7 x 7 x C input. Measured: with
+    paddle's defaults the first class loss was 4.8 rather than log(K + 1)
+    and 30 SGD steps on the synthetic shapes diverged for 1 seed of 3."""
+    if std is None:
+        weight = paddle.nn.initializer.KaimingUniform(negative_slope=math.sqrt(5))
+    else:
+        weight = paddle.nn.initializer.Normal(std=std)
+    return paddle.nn.Linear(in_features, out_features, weight_attr=weight,
+                            bias_attr=paddle.nn.initializer.Constant(0.0))
+
+
 class TwoMLPHead(paddle.nn.Layer):
     """Flatten, then two fully connected layers with ReLU (torchvision's
     TwoMLPHead; representation_size 1024 there, smaller for CPU)."""
 
     def __init__(self, in_features, representation_size=1024):
         super().__init__()
-        self.fc6 = paddle.nn.Linear(in_features, representation_size)
-        self.fc7 = paddle.nn.Linear(representation_size, representation_size)
+        self.fc6 = _linear(in_features, representation_size)
+        self.fc7 = _linear(representation_size, representation_size)
 
     def forward(self, x):
         return F.relu(self.fc7(F.relu(self.fc6(x.flatten(start_axis=1)))))
@@ -80,12 +95,14 @@ class TwoMLPHead(paddle.nn.Layer):
 
 class FastRCNNPredictor(paddle.nn.Layer):
     """Class logits (num_classes including the background) and
-    class-specific box deltas [N, 4 * num_classes]."""
+    class-specific box deltas [N, 4 * num_classes]; weights N(0, 0.01) and
+    N(0, 0.001) as Detectron2's FastRCNNOutputLayers: the first logits near
+    zero (a loss of log(num_classes)), the first boxes the proposals."""
 
     def __init__(self, in_features, num_classes):
         super().__init__()
-        self.cls_score = paddle.nn.Linear(in_features, num_classes)
-        self.bbox_pred = paddle.nn.Linear(in_features, 4 * num_classes)
+        self.cls_score = _linear(in_features, num_classes, std=0.01)
+        self.bbox_pred = _linear(in_features, 4 * num_classes, std=0.001)
 
     def forward(self, x):
         return self.cls_score(x), self.bbox_pred(x)
