@@ -245,3 +245,34 @@ def test_loss_falls_on_synthetic_shapes(shared_dir):
     assert np.mean(totals[-5:]) < 0.7 * np.mean(totals[:5])
     objectness = [step["loss_objectness"] for step in history]
     assert np.mean(objectness[-5:]) < 0.5 * np.mean(objectness[:5])
+
+
+def test_a_batch_without_objects_trains_on_background_only():
+    paddle.seed(0)
+    model = FasterRCNN(3, **SMALL)
+    model.train()
+    empty = {"boxes": np.zeros((0, 4), "float32"), "labels": np.zeros((0,), "int64")}
+    losses = model(paddle.rand([2, 3, 64, 96]), [empty, empty])
+    # nothing to regress; every sampled anchor and proposal is background
+    assert float(losses["loss_rpn_box_reg"]) == 0 and float(losses["loss_box_reg"]) == 0
+    assert all(math.isfinite(float(v)) and float(v) >= 0 for v in losses.values())
+    sum(losses.values()).backward()  # and the graph has a gradient path
+    assert model.rpn.head.objectness.weight.grad is not None
+
+
+def test_eval_gives_detections_within_each_image_and_may_give_none():
+    paddle.seed(0)
+    model = FasterRCNN(3, **{**SMALL, "roi_kwargs": dict(score_thresh=0.0)})
+    model.eval()
+    sizes = [(100, 150), (128, 120)]
+    with paddle.no_grad():
+        found = model([paddle.rand([3, h, w]) for h, w in sizes])
+    for detections, (height, width) in zip(found, sizes):
+        boxes = detections["boxes"].numpy()
+        assert 0 < len(boxes) <= 100 and len(detections["scores"]) == len(detections["labels"]) == len(boxes)
+        assert (boxes >= 0).all() and (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
+        assert set(detections["labels"].numpy().tolist()) <= {0, 1, 2}
+    model.roi_heads.score_thresh = 1.0  # no softmax score exceeds 1: no detections, and no error
+    with paddle.no_grad():
+        found = model(paddle.rand([1, 3, 64, 64]))
+    assert [tuple(found[0][k].shape) for k in ("boxes", "scores", "labels")] == [(0, 4), (0,), (0,)]
