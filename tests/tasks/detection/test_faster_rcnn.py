@@ -52,6 +52,15 @@ def test_body_taps_the_resnet_and_efficientnet_stage_ends():
         assert (body.out_channels, body.strides) == (channels, [8, 16, 32]), arch
 
 
+def test_body_holds_the_imagenet_weights_and_statistics(shared_dir):
+    state = paddle.load(str(shared_dir / "weights" / "mobilenet_v2_imagenet.pdparams"))
+    body = DetectionBody("mobilenet_v2", pretrained=str(shared_dir / "weights" / "mobilenet_v2_imagenet.pdparams"))
+    # steps: features.0 .. features.18, in order; the classifier is cut off
+    assert len(body.steps) == 19 and not any("classifier" in n for n, _ in body.named_parameters())
+    assert np.array_equal(body.steps[0][0].weight.numpy(), state["features.0.0.weight"])
+    assert np.array_equal(body.steps[18][1]._mean.numpy(), state["features.18.1._mean"])
+
+
 def test_batch_images_pads_to_a_multiple_of_32_and_records_sizes():
     batch, sizes = batch_images([paddle.ones([3, 100, 150]), paddle.ones([3, 128, 120])])
     assert tuple(batch.shape) == (2, 3, 128, 160) and sizes == [(100, 150), (128, 120)]
