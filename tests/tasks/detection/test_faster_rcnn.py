@@ -130,6 +130,29 @@ def test_rpn_loss_trains_only_sampled_anchors_and_positive_deltas():
     assert float(losses["loss_rpn_box_reg"]) == pytest.approx((1 - 0.5 / 9) / 3, rel=1e-6)
 
 
+def test_rpn_head_flattens_as_the_anchors_are_laid_out():
+    # Anchor a of cell (row, col) is row * (W * A) + col * A + a: with zero
+    # weights and a bias per anchor, the flattened outputs must cycle with
+    # period A, and the per-cell map must land on its cell.
+    head = RPNHead(2, 3)
+    for conv in (head.conv, head.objectness, head.deltas):
+        conv.weight.set_value(np.zeros(conv.weight.shape, "float32"))
+    head.objectness.bias.set_value(np.array([0, 5, 0], "float32"))
+    head.deltas.bias.set_value(np.arange(12, dtype="float32"))  # anchor a's (dx, dy, dw, dh) = 4a .. 4a + 3
+    objectness, deltas = head([paddle.rand([1, 2, 4, 5])])
+    assert objectness[0].numpy()[0].tolist() == [0, 5, 0] * 20
+    np.testing.assert_array_equal(deltas[0].numpy()[0], np.tile(np.arange(12, dtype="float32").reshape(3, 4), (20, 1)))
+    # the cells: a 1x1 objectness conv reading channel 0, fed a map that is its row * 10 + col
+    head.conv.weight.set_value(np.pad(np.ones((1, 1, 1, 1), "float32"), [(0, 1), (0, 1), (1, 1), (1, 1)]))
+    head.conv.bias.set_value(np.zeros(2, "float32"))
+    head.objectness.weight.set_value(np.pad(np.ones((3, 1, 1, 1), "float32"), [(0, 0), (0, 1), (0, 0), (0, 0)]))
+    head.objectness.bias.set_value(np.zeros(3, "float32"))
+    grid = np.add.outer(np.arange(4) * 10.0, np.arange(5)).astype("float32")
+    objectness, _ = head([paddle.to_tensor(np.stack([grid, grid])[None])])
+    expected = np.repeat(grid.ravel(), 3)  # cell-major, each cell's 3 anchors together
+    np.testing.assert_array_equal(objectness[0].numpy()[0], expected)
+
+
 def test_proposals_are_clipped_to_each_image_and_capped():
     paddle.seed(1)
     rpn = _rpn(post_nms_top_n={"train": 50, "test": 20}, min_size=1.0)
