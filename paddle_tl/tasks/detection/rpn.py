@@ -127,7 +127,7 @@ class RegionProposalNetwork(paddle.nn.Layer):
         """Binary cross-entropy of the sampled anchors' objectness (mean),
         smooth L1 of the positives' deltas summed over the batch and divided
         by the number of sampled anchors, as torchvision."""
-        sampled, positive, logits, targets, offsets, references, goals = [], [], [], [], [], [], []
+        logits, targets, offsets, references, goals = [], [], [], [], []
         for image, (image_labels, image_matched) in enumerate(zip(labels, matched)):
             pos, neg = self.sampler(image_labels.astype("int64"))
             chosen = paddle.nonzero(pos | neg).flatten()

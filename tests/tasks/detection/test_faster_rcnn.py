@@ -217,7 +217,8 @@ def test_box_head_targets_add_ground_truth_and_shift_labels():
 
 def _normalised(image):
     array = np.asarray(image, dtype="float32").transpose(2, 0, 1) / 255
-    return (array - np.asarray(IMAGENET_MEAN, "float32")[:, None, None]) / np.asarray(IMAGENET_STD, "float32")[:, None, None]
+    mean = np.asarray(IMAGENET_MEAN, "float32")[:, None, None]
+    return (array - mean) / np.asarray(IMAGENET_STD, "float32")[:, None, None]
 
 
 def _train(model, images, steps, lr=0.0025, batch=2):
