@@ -1,0 +1,142 @@
+"""COCO box AP of predictions on a DetectionDataset, with pycocotools'
+COCOeval: AP (IoU 0.50:0.95), AP50, AP75 and AP per class, as the
+contract's metrics.json names them (`bbox_ap`, `bbox_ap50`).
+
+Ground truth. Any DetectionDataset (VOC or COCO) becomes a COCO
+ground-truth dict in memory: image ids 1..N in the dataset's order,
+category ids label + 1 (COCO reserves no id 0, but 1-based ids keep the
+json conventional), `bbox` [x, y, w, h] from the sample's continuous
+x1y1x2y2 boxes, `area` the box's w * h (there are no segmentation areas for
+VOC; the area only picks small/medium/large, which are not reported).
+
+VOC's `difficult` objects are written as COCO crowd regions (iscrowd=1), so
+that, as in VOC's own evaluation, they are neither misses nor, when
+detected, false positives. Why iscrowd and not an `ignore` flag: COCOeval
+(pycocotools 2.0.x, `_prepare`) overwrites every ground truth's `ignore`
+with its `iscrowd`, so `ignore` alone does nothing. The one difference from
+VOC's rule that this brings: a detection's overlap with a crowd region is
+intersection / the detection's own area (not / the union), so a detection
+lying mostly inside a difficult box is ignored even when it is much smaller
+than the box (VOC would count it a false positive). COCO's own crowd
+annotations stay crowd regions.
+
+Predictions: one dict per dataset image, in the dataset's order, with
+`boxes` [M, 4] x1y1x2y2 in the ORIGINAL image's pixels (loader.predict maps
+them back), `scores` [M] and `labels` [M] (0..K-1).
+"""
+
+import contextlib
+import io
+import logging
+
+import numpy as np
+
+from paddle_tl.errors import DataError, UserError
+
+log = logging.getLogger("paddle_tl")
+
+
+class PycocotoolsMissingError(UserError, ImportError):
+    """pycocotools is not installed; the message says how to install it."""
+
+
+def import_cocoeval():
+    """pycocotools' (COCO, COCOeval), or one line saying how to install it."""
+    try:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+    except ImportError:
+        raise PycocotoolsMissingError("detection AP needs the pycocotools package: pip install pycocotools "
+                                      "(or this project's `detect` extra: pip install -e \".[detect]\")") from None
+    return COCO, COCOeval
+
+
+def coco_ground_truth(dataset):
+    """The COCO ground-truth dict (images, annotations, categories) of a
+    DetectionDataset; difficult objects become crowd regions (module
+    docstring)."""
+    data = {"images": [], "annotations": [],
+            "categories": [{"id": label + 1, "name": name} for label, name in enumerate(dataset.class_names)]}
+    for image_id, sample in enumerate(dataset.samples, 1):
+        width, height = sample.size
+        data["images"].append({"id": image_id, "file_name": sample.image, "width": width, "height": height})
+        for box, label, difficult, crowd in zip(sample.boxes, sample.labels, sample.difficult, sample.iscrowd):
+            x1, y1, x2, y2 = (float(v) for v in box)
+            data["annotations"].append({
+                "id": len(data["annotations"]) + 1, "image_id": image_id, "category_id": int(label) + 1,
+                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
+                "iscrowd": int(bool(difficult) or bool(crowd))})
+    return data
+
+
+def coco_results(predictions, num_classes):
+    """COCO's detection results list ([x, y, w, h] boxes, 1-based category
+    ids) of per-image predictions in the dataset's order."""
+    results = []
+    for image_id, found in enumerate(predictions, 1):
+        boxes = np.asarray(found["boxes"], dtype=np.float64).reshape(-1, 4)
+        scores = np.asarray(found["scores"], dtype=np.float64).reshape(-1)
+        labels = np.asarray(found["labels"]).reshape(-1).astype(np.int64)
+        if not len(boxes) == len(scores) == len(labels):
+            raise ValueError(f"image {image_id}: {len(boxes)} boxes, {len(scores)} scores, {len(labels)} labels")
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"image {image_id}: labels must be 0..{num_classes - 1}, got {sorted(set(labels))}")
+        for (x1, y1, x2, y2), score, label in zip(boxes, scores, labels):
+            results.append({"image_id": image_id, "category_id": int(label) + 1, "score": float(score),
+                            "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)]})
+    return results
+
+
+def evaluate(dataset, predictions):
+    """{"bbox_ap", "bbox_ap50", "bbox_ap75", "per_class": {name: ap}} of
+    `predictions` (one dict per image of `dataset`, module docstring).
+    A class without ground truth in the dataset has AP None (undefined,
+    and left out of the means, as COCOeval does). No predictions at all
+    score 0."""
+    COCO, COCOeval = import_cocoeval()  # before any work
+    predictions = list(predictions)
+    if len(predictions) != len(dataset):
+        raise ValueError(f"{len(predictions)} predictions for the {len(dataset)} images of {dataset.source}")
+    truth = coco_ground_truth(dataset)
+    counted = sum(1 for ann in truth["annotations"] if not ann["iscrowd"])
+    if counted == 0:
+        # AP is undefined without a single object to find; a number here would be made up.
+        raise DataError(f"{dataset.source}: no objects to evaluate against (every image is empty, or every "
+                        "object difficult or crowd)")
+    present = {ann["category_id"] - 1 for ann in truth["annotations"] if not ann["iscrowd"]}
+    results = coco_results(predictions, len(dataset.class_names))
+    if not results:
+        # loadRes cannot take an empty list; nothing found is AP 0 for every class that has objects.
+        return {"bbox_ap": 0.0, "bbox_ap50": 0.0, "bbox_ap75": 0.0,
+                "per_class": {name: (0.0 if label in present else None)
+                              for label, name in enumerate(dataset.class_names)}}
+
+    # COCO() and COCOeval print progress and the summary table to stdout; the
+    # numbers are kept, the text goes to the debug log.
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        coco_truth = COCO()
+        coco_truth.dataset = truth
+        coco_truth.createIndex()
+        evaluation = COCOeval(coco_truth, coco_truth.loadRes(results), "bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    log.debug("COCOeval:\n%s", printed.getvalue())
+    stats = evaluation.stats
+    return {"bbox_ap": float(stats[0]), "bbox_ap50": float(stats[1]), "bbox_ap75": float(stats[2]),
+            "per_class": _per_class(evaluation, dataset.class_names)}
+
+
+def _per_class(evaluation, class_names):
+    """AP (IoU 0.50:0.95, all areas, 100 detections) per class, in the
+    class names' order, from COCOeval's precision array [T, R, K, A, M]
+    (-1 where a class has no ground truth), as Detectron2's COCOEvaluator."""
+    precision = evaluation.eval["precision"]
+    area_all = evaluation.params.areaRngLbl.index("all")
+    per_class = {}
+    for k, name in enumerate(class_names):
+        values = precision[:, :, k, area_all, -1]
+        values = values[values > -1]
+        per_class[name] = float(values.mean()) if values.size else None
+    return per_class
