@@ -57,7 +57,7 @@ class Preprocess:
         return cls(**d)
 
 
-class _Normalize:
+class Normalize:
     """uint8 HWC RGB -> float32 CHW, (x / 255 - mean) / std."""
 
     def __init__(self, pre):
@@ -118,7 +118,7 @@ class EvalTransform:
 
     def __init__(self, pre):
         self.pre = pre
-        self.normalize = _Normalize(pre)
+        self.normalize = Normalize(pre)
 
     def __call__(self, image):
         image = center_crop(resize_short(image, self.pre.resize_short), self.pre.input_size)
@@ -139,7 +139,7 @@ class TrainTransform:
         self.vflip = augment.vflip
         self.jitter = augment.color_jitter
         self.trivial = augment.policy == "trivial"
-        self.normalize = _Normalize(pre)
+        self.normalize = Normalize(pre)
 
     def __call__(self, image):
         left, top, width, height = self._crop_box(*image.size)

@@ -104,13 +104,20 @@ class DetectionDataset(paddle.io.Dataset):
         return len(self.samples)
 
     def __getitem__(self, index):
+        return self.item(index, self.transform)
+
+    def item(self, index, transform):
+        """The pair of image `index` through `transform` (None: as decoded),
+        whatever the dataset's own transform is: the batch loader
+        (loader.py) gives the transform per use, so one dataset serves
+        training and evaluation."""
         sample = self.samples[index]
         image = load_rgb(sample.image)
         # Segmentations stay on the sample: the mask head will rasterise them
         # into "masks" arrays, which the transforms then move with the boxes.
         target = {"boxes": sample.boxes.copy(), "labels": sample.labels.copy(),
                   "difficult": sample.difficult.copy(), "iscrowd": sample.iscrowd.copy()}
-        return self.transform(image, target) if self.transform is not None else (image, target)
+        return transform(image, target) if transform is not None else (image, target)
 
     def objects_per_class(self):
         counts = Counter(int(label) for sample in self.samples for label in sample.labels)
