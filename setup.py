@@ -23,6 +23,8 @@ EXTRAS = {
     "serve": ["fastapi>=0.100", "uvicorn>=0.20", "python-multipart>=0.0.9"],
     # `paddle-tl check-labels`: confident learning (pulls scikit-learn and scipy).
     "labels": ["cleanlab>=2.6"],
+    # Object detection's box AP (paddle_tl/tasks/detection/evaluate.py): COCOeval.
+    "detect": ["pycocotools>=2.0"],
     # httpx: FastAPI's TestClient; websocket-client: the browser test drives Chromium over DevTools.
     "dev": ["pytest>=7", "pytest-timeout", "wheel", "httpx", "websocket-client"],
 }
