@@ -80,9 +80,9 @@ def main():
     trained = time.time() - start
     result = evaluate(dataset, predict(model, dataset, None, batch_size=1))
     shutil.rmtree(folder, ignore_errors=True)
+    per_class = {name: None if ap is None else round(ap, 4) for name, ap in result["per_class"].items()}
     print(json.dumps({"AP": round(result["bbox_ap"], 4), "AP50": round(result["bbox_ap50"], 4),
-                      "AP75": round(result["bbox_ap75"], 4),
-                      "per_class": {name: None if ap is None else round(ap, 4) for name, ap in result["per_class"].items()},
+                      "AP75": round(result["bbox_ap75"], 4), "per_class": per_class,
                       "steps": args.steps, "images": args.images,
                       "train_seconds": round(trained, 1), "seconds": round(time.time() - start, 1)}))
 
