@@ -48,7 +48,8 @@ PADDLE_INTERNALS = {
         "as _mean"),
     "_use_global_stats": (
         "BatchNorm layers' use_global_stats (paddle.nn.BatchNorm and _BatchNormBase)",
-        ("paddle_tl/transfer/freezing.py", "paddle_tl/engine/model.py", "bench/train_throughput.py"),
+        ("paddle_tl/transfer/freezing.py", "paddle_tl/engine/model.py", "paddle_tl/tasks/detection/backbone.py",
+         "bench/train_throughput.py"),
         "freezing a stage's statistics: hapi calls network.train() every batch, and only "
         "use_global_stats=True keeps a frozen BatchNorm on its stored statistics in train mode; set "
         "after construction because gradual unfreezing changes it between epochs"),
