@@ -23,42 +23,29 @@ paddle = import_paddle()
 # penalty is strength / 2 x |W|^2 beside the mean cross-entropy, on
 # standardised features.
 STRENGTHS = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001, 0.0003, 0.0001)
-ITERATIONS = 100  # L-BFGS iterations per strength, at most
+ITERATIONS = 100  # L-BFGS iterations per strength, at most (each warm-started from the stronger)
+REFIT_ITERATIONS = 500  # for the refit at the chosen strength, started from zero
 
 
-def solve_head(train_x, train_y, val_x, val_y, num_classes, class_weights=None):
+def solve_head(train_x, train_y, val_x, val_y, num_classes, class_weights=None, strengths=STRENGTHS,
+               iterations=ITERATIONS):
     """(weight [features, classes], bias [classes], record): the multinomial
-    logistic regression of `train_y` on `train_x` whose L2 strength scores
-    best on (`val_x`, `val_y`) (top-1; ties to the stronger), returned in the
-    Linear layer's terms for the raw features. `class_weights` weight the
-    cross-entropy as the training loss does."""
+    logistic regression of `train_y` on `train_x` whose L2 strength (of
+    `strengths`) scores best on (`val_x`, `val_y`) (top-1; ties to the
+    stronger), returned in the Linear layer's terms for the raw features.
+    `class_weights` weight the cross-entropy as the training loss does. The
+    record holds the chosen strength and its validation top-1 and loss,
+    which the validation split scores fairly: it was not fitted on."""
     started = time.time()
-    mean, spread = train_x.mean(axis=0), train_x.std(axis=0)
-    # A feature that barely varies is not blown up: folded back, its weight
-    # would multiply the float differences between runtimes (the cache's
-    # Paddle Inference and the network's own forward in eval and export).
-    scale = np.maximum(spread, 0.01 * spread.mean() + 1e-12)
-    x = paddle.to_tensor(((train_x - mean) / scale).astype("float32"))
-    y = paddle.to_tensor(np.asarray(train_y, dtype="int64").reshape(-1))
+    mean, scale = _standardiser(train_x)
+    x, y = _tensors(train_x, train_y, mean, scale)
     vx = paddle.to_tensor(((val_x - mean) / scale).astype("float32"))
     vy = np.asarray(val_y).reshape(-1)
-    weight = None if class_weights is None else paddle.to_tensor(np.asarray(class_weights, dtype="float32"))
-    w = paddle.create_parameter([train_x.shape[1], num_classes], "float32",
-                                default_initializer=paddle.nn.initializer.Constant(0.0))
-    b = paddle.create_parameter([num_classes], "float32", default_initializer=paddle.nn.initializer.Constant(0.0))
+    weight = _weight(class_weights)
+    w, b = _parameters(train_x.shape[1], num_classes)
     tried, best = [], None
-    for strength in STRENGTHS:
-        optimizer = paddle.optimizer.LBFGS(learning_rate=1.0, max_iter=ITERATIONS, line_search_fn="strong_wolfe",
-                                           parameters=[w, b])
-
-        def closure():
-            optimizer.clear_grad()
-            loss = paddle.nn.functional.cross_entropy(paddle.matmul(x, w) + b, y, weight=weight) \
-                + strength / 2 * (w * w).sum()
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
+    for strength in strengths:
+        _minimise(x, y, w, b, strength, weight, iterations)
         with paddle.no_grad():
             logits = paddle.matmul(vx, w) + b
             val_top1 = float((logits.argmax(axis=1).numpy() == vy).mean())
@@ -69,11 +56,68 @@ def solve_head(train_x, train_y, val_x, val_y, num_classes, class_weights=None):
         # first: the lower validation loss would favour the most confident (least penalised) fit whenever
         # the split is separated perfectly.
         if best is None or val_top1 > best[1]:
-            best = (strength, val_top1, w.numpy().copy(), b.numpy().copy())
-    strength, val_top1, w, b = best
-    # Standardising folded into the layer: (x - mean) / scale @ w + b == x @ w' + b'.
-    weight_raw = (w / scale[:, None]).astype("float32")
-    bias_raw = (b - (mean / scale) @ w).astype("float32")
-    record = {"solver": "L-BFGS", "strength": strength, "val_top1": round(val_top1, 4), "tried": tried,
-              "samples": int(train_x.shape[0]), "seconds": round(time.time() - started, 2)}
+            best = (strength, val_top1, val_loss, w.numpy().copy(), b.numpy().copy())
+    strength, val_top1, val_loss, w, b = best
+    weight_raw, bias_raw = _folded(w, b, mean, scale)
+    record = {"solver": "L-BFGS", "strength": strength, "val_top1": round(val_top1, 4),
+              "val_loss": round(val_loss, 4), "tried": tried, "samples": int(train_x.shape[0]),
+              "seconds": round(time.time() - started, 2)}
     return weight_raw, bias_raw, record
+
+
+def refit_head(x, y, strength, num_classes, class_weights=None, iterations=REFIT_ITERATIONS):
+    """(weight, bias): the logistic regression of `y` on `x` at one L2
+    `strength` (the penalty on `x` standardised), in the Linear layer's
+    terms for the raw features: the refit on training + validation images
+    once the validation split has chosen the strength, as transfer studies
+    fit their final probe (Kornblith et al., CVPR 2019)."""
+    mean, scale = _standardiser(x)
+    tx, ty = _tensors(x, y, mean, scale)
+    w, b = _parameters(x.shape[1], num_classes)
+    _minimise(tx, ty, w, b, strength, _weight(class_weights), iterations)
+    return _folded(w.numpy(), b.numpy(), mean, scale)
+
+
+def _standardiser(x):
+    mean, spread = x.mean(axis=0), x.std(axis=0)
+    # A feature that barely varies is not blown up: folded back, its weight
+    # would multiply the float differences between runtimes (the cache's
+    # Paddle Inference and the network's own forward in eval and export).
+    return mean, np.maximum(spread, 0.01 * spread.mean() + 1e-12)
+
+
+def _tensors(x, y, mean, scale):
+    return (paddle.to_tensor(((x - mean) / scale).astype("float32")),
+            paddle.to_tensor(np.asarray(y, dtype="int64").reshape(-1)))
+
+
+def _weight(class_weights):
+    return None if class_weights is None else paddle.to_tensor(np.asarray(class_weights, dtype="float32"))
+
+
+def _parameters(features, classes):
+    zero = paddle.nn.initializer.Constant(0.0)
+    return (paddle.create_parameter([features, classes], "float32", default_initializer=zero),
+            paddle.create_parameter([classes], "float32", default_initializer=zero))
+
+
+def _minimise(x, y, w, b, strength, weight, iterations):
+    """Mean (weighted) cross-entropy + strength / 2 x |w|^2 by full-batch
+    L-BFGS from where (w, b) are (the bias is not penalised, as in
+    scikit-learn)."""
+    optimizer = paddle.optimizer.LBFGS(learning_rate=1.0, max_iter=iterations, line_search_fn="strong_wolfe",
+                                       parameters=[w, b])
+
+    def closure():
+        optimizer.clear_grad()
+        loss = paddle.nn.functional.cross_entropy(paddle.matmul(x, w) + b, y, weight=weight) \
+            + strength / 2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+
+
+def _folded(w, b, mean, scale):
+    """Standardising folded into the layer: (x - mean) / scale @ w + b == x @ w' + b'."""
+    return (w / scale[:, None]).astype("float32"), (b - (mean / scale) @ w).astype("float32")
