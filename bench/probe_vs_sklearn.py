@@ -73,7 +73,7 @@ DATA = {
     "elpv": (ELPV, lambda tmp: []),
     "elpv4": (ELPV, lambda tmp: ["DataLoader.Train.dataset={name: elpv, label_mode: four_class}",
                                  "DataLoader.Eval.dataset={name: elpv, label_mode: four_class}"]),
-    "digits": (FOLDER, lambda tmp: _digits_folder(tmp / "digits")),
+    "digits": (FOLDER, lambda tmp: _digits_folder(tmp / "digits-images")),
 }
 
 

@@ -244,15 +244,20 @@ def _start_head(cfg, state, data, head, features, val_features):
     val_x, val_y = val_features.views[0].astype("float32"), np.asarray(val_features.labels).reshape(-1)
     classes = head.weight.shape[1]
     weight, bias, solved = solve_head(train_x, train_y, val_x, val_y, classes, data.class_weights)
-    refit = refit_head(np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y]), solved["strength"],
-                       classes, data.class_weights)
-    solved["refit_samples"] = len(train_y) + len(val_y)
+    if data.eval is data.val:
+        # auto's trial, whose Eval is the validation split (train.py _trial): a head refitted on it would
+        # score itself there, against candidates that never saw it.
+        refit, solved["refit_samples"] = (weight, bias), None
+    else:
+        refit = refit_head(np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y]), solved["strength"],
+                           classes, data.class_weights)
+        solved["refit_samples"] = len(train_y) + len(val_y)
     head.weight.set_value(weight)
     head.bias.set_value(bias)
     print(f"head: starts as the logistic regression on the cached features ({solved['samples']} samples), L2 "
           f"strength {solved['strength']:g} chosen on the validation split (top-1 {solved['val_top1']:.4f}), "
-          f"refitted on training + validation ({solved['refit_samples']}); it stays the head unless an epoch "
-          f"scores higher on the validation split, {solved['seconds']:.1f} s")
+          f"refitted on training + validation ({solved['refit_samples'] or 'not: a trial'}); it stays the head "
+          f"unless an epoch scores higher on the validation split, {solved['seconds']:.1f} s")
     return SolvedStart(head, (weight, bias), refit, solved)
 
 
