@@ -124,9 +124,12 @@ def _top1(weight, bias, x, y):
     return float(((x @ weight + bias).argmax(axis=1) == y).mean())
 
 
+OLD_STRENGTHS = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001, 0.0003, 0.0001)  # main's, on the mean loss, any n
+
+
 def ablations(captured, num_classes):
-    """{arm: (Eval top-1, strength)}: paddle_tl's solve on the captured
-    features, each arm one change from the one before it (or from `today`)."""
+    """{arm: (Eval top-1, C chosen)}: paddle_tl's solve on the captured
+    features, each arm one change from the arm above it."""
     views = [view.astype("float32") for view in captured["train"].views]
     ty = np.asarray(captured["train"].labels).reshape(-1)
     vx, vy = _xy(captured["val"])
@@ -134,24 +137,28 @@ def ablations(captured, num_classes):
     all_x, all_y = np.concatenate([views[0], vx]), np.concatenate([ty, vy])
     arms = {}
 
-    def solve(x, y, weights=None, strengths=logistic.STRENGTHS, refit=False, iterations=logistic.ITERATIONS):
+    def solve(x, y, weights=None, strengths=OLD_STRENGTHS, refit=False, iterations=logistic.ITERATIONS):
         w, b, record = logistic.solve_head(x, y, vx, vy, num_classes, weights, strengths=strengths,
                                            iterations=iterations)
+        c = 1 / (len(x) * record["strength"])  # per sample of what it was fitted on
         if refit:
-            w, b = logistic.refit_head(all_x, all_y, record["strength"], num_classes, weights)
-        return _top1(w, b, ex, ey), record["strength"]
+            w, b = logistic.refit_head(all_x, all_y, c, num_classes, weights)
+        return _top1(w, b, ex, ey), c
 
-    arms["solved start alone, every cached view, 90% (today's start)"] = solve(np.concatenate(views),
-                                                                              np.tile(ty, len(views)))
-    arms["plain view only, 90%"] = solve(views[0], ty)
-    arms["plain view only, 90%, converged (1000 iterations per strength)"] = solve(views[0], ty, iterations=1000)
-    arms["plain view, refit on train+val at the chosen strength"] = solve(views[0], ty, refit=True)
+    n = len(ty)
+    arms["solved start alone: every cached view, 90%, strengths 1..1e-4 (main's start)"] = solve(
+        np.concatenate(views), np.tile(ty, len(views)))
+    arms["plain view only"] = solve(views[0], ty)
+    arms["plain view only, 1000 L-BFGS iterations per strength (not 100)"] = solve(views[0], ty, iterations=1000)
+    arms["plain view, refit on train+val at the chosen C"] = solve(views[0], ty, refit=True)
     counts = np.bincount(all_y, minlength=num_classes)
     inverse = (len(all_y) / (num_classes * np.maximum(counts, 1))).tolist()  # Loss.class_weights=balanced's
     arms["... + inverse-frequency class weights"] = solve(views[0], ty, inverse, refit=True)
-    # The textbook grid on our scale: C = 1 / (samples x strength).
-    arms["... strengths = the textbook's C grid"] = solve(
-        views[0], ty, strengths=tuple(1 / (len(ty) * c) for c in GRID), refit=True)
+    arms["plain, refit, strengths = the textbook's C grid 0.001..0.1"] = solve(
+        views[0], ty, strengths=logistic.strengths_for(n, GRID), refit=True)
+    if hasattr(logistic, "C_GRID"):
+        arms["plain, refit, strengths = C_GRID 0.0003..0.3 (the fix)"] = solve(
+            views[0], ty, strengths=logistic.strengths_for(n), refit=True)
     arms["textbook without standardising"] = (textbook(all_x, all_y, ex, ey, scale=False)[0], None)
     return arms
 
@@ -162,8 +169,8 @@ def main():
     parser.add_argument("--ablate", action="store_true", help="paddle_tl's solve one change at a time")
     parser.add_argument("-o", dest="overrides", action="append", default=[], help="more config overrides")
     args = parser.parse_args()
-    if args.ablate and "refit_head" not in dir(logistic):
-        parser.error("--ablate needs transfer/logistic.py's refit_head")
+    if args.ablate and "strengths_for" not in dir(logistic):
+        parser.error("--ablate needs transfer/logistic.py's strengths_for and refit_head")
     print(f"solve_head{inspect.signature(logistic.solve_head)}")
     rows, tables = [], {}
     with tempfile.TemporaryDirectory() as folder:
@@ -178,22 +185,22 @@ def main():
             ours = metrics["best_top1"]
             theirs, c = textbook(all_x, all_y, ex, ey)
             init = metrics["strategy"].get("head_init") or {}
-            rows.append((name, len(all_y), len(ey), ours, metrics["best_epoch"], init.get("strength"), theirs, c, seconds))
+            rows.append((name, len(all_y), len(ey), ours, metrics["best_epoch"], init.get("C"), theirs, c, seconds))
             if args.ablate:
                 classes = int(max(all_y.max(), ey.max()) + 1)
-                tables[name] = {"paddle_tl as run (best epoch)": (ours, init.get("strength")),
+                tables[name] = {"paddle_tl as run (best epoch)": (ours, init.get("C")),
                                 **ablations(captured, classes), "textbook": (theirs, c)}
             print(f"[{name}] paddle_tl {ours:.4f} (epoch {metrics['best_epoch']}), textbook {theirs:.4f} "
                   f"(C {c:g}), {seconds:.0f} s", flush=True)
     print("\n| data | training images | Eval images | paddle_tl linear probe | best epoch | "
-          "its L2 strength | textbook probe | its C | paddle_tl - textbook (points) | run s |")
+          "its C | textbook probe | its C | paddle_tl - textbook (points) | run s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, n, m, ours, epoch, strength, theirs, c, seconds in rows:
-        print(f"| {name} | {n} | {m} | {ours:.4f} | {epoch} | {strength if strength is None else f'{strength:g}'} | "
+        print(f"| {name} | {n} | {m} | {ours:.4f} | {epoch} | {'' if strength is None else f'{strength:.3g}'} | "
               f"{theirs:.4f} | {c:g} | {100 * (ours - theirs):+.1f} | {seconds:.0f} |")
     if tables:
         names = list(tables)
-        print("\n| arm (Eval top-1; L2 strength or C chosen) | " + " | ".join(names) + " |")
+        print("\n| arm (Eval top-1; C chosen) | " + " | ".join(names) + " |")
         print("| --- |" + " --- |" * len(names))
         for arm in tables[names[0]]:
             cells = []

@@ -249,13 +249,13 @@ def _start_head(cfg, state, data, head, features, val_features):
         # score itself there, against candidates that never saw it.
         refit, solved["refit_samples"] = (weight, bias), None
     else:
-        refit = refit_head(np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y]), solved["strength"],
-                           classes, data.class_weights)
+        refit = refit_head(np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y]), solved["C"],
+                           classes, data.class_weights)  # the same C: the penalty per sample
         solved["refit_samples"] = len(train_y) + len(val_y)
     head.weight.set_value(weight)
     head.bias.set_value(bias)
     print(f"head: starts as the logistic regression on the cached features ({solved['samples']} samples), L2 "
-          f"strength {solved['strength']:g} chosen on the validation split (top-1 {solved['val_top1']:.4f}), "
+          f"strength {solved['strength']:g} (C {solved['C']:g}) chosen on the validation split (top-1 {solved['val_top1']:.4f}), "
           f"refitted on training + validation ({solved['refit_samples'] or 'not: a trial'}); it stays the head "
           f"unless an epoch scores higher on the validation split, {solved['seconds']:.1f} s")
     return SolvedStart(head, (weight, bias), refit, solved)

@@ -19,24 +19,35 @@ from paddle_tl.runtime import import_paddle
 
 paddle = import_paddle()
 
-# L2 strengths tried, from strong to weak (each warm-starts the next): the
-# penalty is strength / 2 x |W|^2 beside the mean cross-entropy, on
-# standardised features.
-STRENGTHS = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001, 0.0003, 0.0001)
+# Inverse L2 strengths tried, from strong to weak (each warm-starts the
+# next), as scikit-learn's C: the penalty |W|^2 / 2 beside C x the summed
+# cross-entropy, on standardised features; here strength / 2 x |W|^2 beside
+# the mean, strength = 1 / (samples x C). A penalty per sample, not per
+# mean: the same strength on the mean loss over-regularises a large set and
+# under-regularises a small one (on ants/bees' 221 images the best strength
+# lay above the 1.0 a fixed range started at). The textbook probe's grid
+# (0.001 to 0.1) widened by half a decade each side.
+C_GRID = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
 ITERATIONS = 100  # L-BFGS iterations per strength, at most (each warm-started from the stronger)
 REFIT_ITERATIONS = 500  # for the refit at the chosen strength, started from zero
 
 
-def solve_head(train_x, train_y, val_x, val_y, num_classes, class_weights=None, strengths=STRENGTHS,
+def strengths_for(samples, grid=C_GRID):
+    """The L2 strengths (on the mean loss) of the inverse strengths `grid` for `samples` images."""
+    return tuple(1 / (samples * c) for c in grid)
+
+
+def solve_head(train_x, train_y, val_x, val_y, num_classes, class_weights=None, strengths=None,
                iterations=ITERATIONS):
     """(weight [features, classes], bias [classes], record): the multinomial
     logistic regression of `train_y` on `train_x` whose L2 strength (of
-    `strengths`) scores best on (`val_x`, `val_y`) (top-1; ties to the
-    stronger), returned in the Linear layer's terms for the raw features.
+    `strengths`, by default strengths_for the samples) scores best on
+    (`val_x`, `val_y`) (top-1; ties to the stronger), returned in the Linear layer's terms for the raw features.
     `class_weights` weight the cross-entropy as the training loss does. The
     record holds the chosen strength and its validation top-1 and loss,
     which the validation split scores fairly: it was not fitted on."""
     started = time.time()
+    strengths = strengths_for(len(train_x)) if strengths is None else strengths
     mean, scale = _standardiser(train_x)
     x, y = _tensors(train_x, train_y, mean, scale)
     vx = paddle.to_tensor(((val_x - mean) / scale).astype("float32"))
@@ -59,22 +70,22 @@ def solve_head(train_x, train_y, val_x, val_y, num_classes, class_weights=None, 
             best = (strength, val_top1, val_loss, w.numpy().copy(), b.numpy().copy())
     strength, val_top1, val_loss, w, b = best
     weight_raw, bias_raw = _folded(w, b, mean, scale)
-    record = {"solver": "L-BFGS", "strength": strength, "val_top1": round(val_top1, 4),
-              "val_loss": round(val_loss, 4), "tried": tried, "samples": int(train_x.shape[0]),
+    record = {"solver": "L-BFGS", "strength": strength, "C": 1 / (len(train_x) * strength),
+              "val_top1": round(val_top1, 4), "val_loss": round(val_loss, 4), "tried": tried, "samples": int(train_x.shape[0]),
               "seconds": round(time.time() - started, 2)}
     return weight_raw, bias_raw, record
 
 
-def refit_head(x, y, strength, num_classes, class_weights=None, iterations=REFIT_ITERATIONS):
-    """(weight, bias): the logistic regression of `y` on `x` at one L2
-    `strength` (the penalty on `x` standardised), in the Linear layer's
+def refit_head(x, y, c, num_classes, class_weights=None, iterations=REFIT_ITERATIONS):
+    """(weight, bias): the logistic regression of `y` on `x` at one inverse
+    L2 strength `c` (scikit-learn's C, on `x` standardised), in the Linear layer's
     terms for the raw features: the refit on training + validation images
     once the validation split has chosen the strength, as transfer studies
     fit their final probe (Kornblith et al., CVPR 2019)."""
     mean, scale = _standardiser(x)
     tx, ty = _tensors(x, y, mean, scale)
     w, b = _parameters(x.shape[1], num_classes)
-    _minimise(tx, ty, w, b, strength, _weight(class_weights), iterations)
+    _minimise(tx, ty, w, b, 1 / (len(x) * c), _weight(class_weights), iterations)
     return _folded(w.numpy(), b.numpy(), mean, scale)
 
 

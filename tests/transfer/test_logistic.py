@@ -13,7 +13,7 @@ from paddle_tl.engine.train import train
 from paddle_tl.engine import fit as fit_module
 from paddle_tl.runs import BEST_MODEL
 from paddle_tl.runtime import import_paddle
-from paddle_tl.transfer.logistic import STRENGTHS, refit_head, solve_head
+from paddle_tl.transfer.logistic import C_GRID, refit_head, solve_head, strengths_for
 
 paddle = import_paddle()
 
@@ -39,12 +39,14 @@ def test_the_solved_head_is_the_regularised_logistic_regression_on_the_raw_featu
     x, y = _blobs(1, 60)
     val_x, val_y = _blobs(2, 20)
     weight, bias, record = solve_head(x, y, val_x, val_y, 3)
-    assert record["strength"] in STRENGTHS and [row["strength"] for row in record["tried"]] == list(STRENGTHS)
+    strengths = strengths_for(len(x))  # C_GRID's, for the samples
+    assert record["strength"] in strengths and [row["strength"] for row in record["tried"]] == list(strengths)
     assert record["val_top1"] == max(row["val_top1"] for row in record["tried"]) > 0.8
     assert record["samples"] == len(x) and weight.shape == (12, 3) and bias.shape == (3,)
 
     scaler = StandardScaler().fit(x)
-    reference = sklearn.LogisticRegression(C=1 / (len(x) * record["strength"]), tol=1e-10, max_iter=10000)
+    assert record["C"] == pytest.approx(1 / (len(x) * record["strength"])) and record["C"] == pytest.approx(min(C_GRID, key=lambda c: abs(c - record["C"])))
+    reference = sklearn.LogisticRegression(C=record["C"], tol=1e-10, max_iter=10000)
     reference.fit(scaler.transform(x), y)
     ours = _softmax(val_x @ weight + bias)
     np.testing.assert_allclose(ours, reference.predict_proba(scaler.transform(val_x)), atol=2e-3)
@@ -59,9 +61,10 @@ def test_equal_validation_scores_choose_the_strongest_penalty():
     x, y = _blobs(3, 30, classes=2)
     x[:, 1] += np.where(y == 1, 1e3, -1e3)  # separable by far: every strength scores 1.0
     _, _, record = solve_head(x, y, x, y, 2)
-    assert all(row["val_top1"] == 1.0 for row in record["tried"]) and record["strength"] == STRENGTHS[0]
+    strongest = strengths_for(len(x))[0]
+    assert all(row["val_top1"] == 1.0 for row in record["tried"]) and record["strength"] == strongest
     # ... though the weakest penalty fits the validation split with the lowest loss
-    assert min(record["tried"], key=lambda row: row["val_loss"])["strength"] != STRENGTHS[0]
+    assert min(record["tried"], key=lambda row: row["val_loss"])["strength"] != strongest
 
 
 def test_a_feature_that_barely_varies_is_not_blown_up():
@@ -96,7 +99,7 @@ def test_a_linear_probe_starts_from_the_solved_head_and_says_so(colour_folder, t
     solved = train(load_config(None, [f"Global.output_dir={tmp_path / 'solved'}", *common]))
     init = solved["strategy"]["head_init"]
     # The plain cached view alone; refitted with the validation images.
-    assert init["strength"] in STRENGTHS and init["samples"] == solved["train_images"]
+    assert init["C"] == pytest.approx(min(C_GRID, key=lambda c: abs(c - init["C"]))) and init["samples"] == solved["train_images"]
     assert init["refit_samples"] > init["samples"] and solved["history"][0]["epoch"] == 0
     assert json.loads((tmp_path / "solved" / "metrics.json").read_text())["strategy"]["head_init"] == init
 
@@ -117,7 +120,7 @@ def test_the_refit_is_scikit_learns_optimum_at_that_strength():
     x, y = _blobs(7, 50)
     weight, bias = refit_head(x, y, 0.01, 3)
     scaler = StandardScaler().fit(x)
-    reference = sklearn.LogisticRegression(C=1 / (len(x) * 0.01), tol=1e-10, max_iter=10000)
+    reference = sklearn.LogisticRegression(C=0.01, tol=1e-10, max_iter=10000)
     reference.fit(scaler.transform(x), y)
     np.testing.assert_allclose(_softmax(x @ weight + bias), reference.predict_proba(scaler.transform(x)), atol=2e-3)
 
@@ -162,8 +165,8 @@ def test_the_probe_ships_scikit_learns_optimum_where_training_epochs_would_move_
     # floor, not by its ~0 spread (test_a_feature_that_barely_varies_is_not_blown_up).
     spread = x.std(axis=0)
     mean, scale = x.mean(axis=0), np.maximum(spread, 0.01 * spread.mean() + 1e-12)
-    reference = sklearn.LogisticRegression(C=1 / (len(x) * metrics["strategy"]["head_init"]["strength"]),
-                                           tol=1e-10, max_iter=10000).fit((x - mean) / scale, y)
+    reference = sklearn.LogisticRegression(C=metrics["strategy"]["head_init"]["C"], tol=1e-10,
+                                           max_iter=10000).fit((x - mean) / scale, y)
     expected = reference.predict_proba((eval_x - mean) / scale)
     weight, bias = head(BEST_MODEL)
     np.testing.assert_allclose(_softmax(eval_x @ weight + bias), expected, atol=5e-3)
