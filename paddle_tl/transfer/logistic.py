@@ -1,14 +1,13 @@
-"""A linear head started where a linear probe ends: the logistic regression
-on the cached features solved to convergence (full-batch L-BFGS), its L2
-strength chosen on the validation split.
-
-Transfer studies measure linear probes this way (Kornblith et al., CVPR
-2019, "Do Better ImageNet Models Transfer Better?"), and LP-FT's probe is
-one (Kumar et al., ICLR 2022); a few epochs of SGD at a fine-tuning
-learning rate stop short of it. The head starts there, and training goes
-on as configured (epochs, schedule, cached views, the best epoch chosen on
-the validation split). Measured by bench/head_init.py
-(docs/strategies.md#cached-features).
+"""A linear probe as transfer studies fit one: the logistic regression on
+the cached features solved to convergence (full-batch L-BFGS), its L2
+strength chosen on the validation split, then refitted at that strength on
+training + validation images (Kornblith et al., CVPR 2019, "Do Better
+ImageNet Models Transfer Better?"; LP-FT's probe is one too, Kumar et al.,
+ICLR 2022). A few epochs of SGD at a fine-tuning learning rate stop short
+of it. A linear probe's head starts there, and its epochs replace it only
+where the validation split scores one higher (engine/fit.py SolvedStart).
+Measured against scikit-learn's textbook probe by bench/probe_vs_sklearn.py
+(docs/strategies.md#the-linear-probe-against-the-textbook-one).
 """
 
 import time
@@ -90,11 +89,16 @@ def refit_head(x, y, c, num_classes, class_weights=None, iterations=REFIT_ITERAT
 
 
 def _standardiser(x):
+    x = x.astype("float64")
     mean, spread = x.mean(axis=0), x.std(axis=0)
     # A feature that barely varies is not blown up: folded back, its weight
     # would multiply the float differences between runtimes (the cache's
-    # Paddle Inference and the network's own forward in eval and export).
-    return mean, np.maximum(spread, 0.01 * spread.mean() + 1e-12)
+    # Paddle Inference and the network's own forward in eval and export),
+    # which are relative to the feature's size (~1e-5 of it): so its spread
+    # is floored against the others' and against its own magnitude (a body
+    # whose every feature is near-constant, as an untrained one's can be,
+    # shipped a solved head that eval scored differently, 1/12 against 4/12).
+    return mean, np.maximum.reduce([spread, np.full_like(spread, 0.01 * spread.mean() + 1e-12), 1e-3 * np.abs(mean)])
 
 
 def _tensors(x, y, mean, scale):
@@ -130,5 +134,7 @@ def _minimise(x, y, w, b, strength, weight, iterations):
 
 
 def _folded(w, b, mean, scale):
-    """Standardising folded into the layer: (x - mean) / scale @ w + b == x @ w' + b'."""
+    """Standardising folded into the layer: (x - mean) / scale @ w + b == x @ w' + b'
+    (in float64: the bias is a difference of large terms)."""
+    w, b = np.asarray(w, "float64"), np.asarray(b, "float64")
     return (w / scale[:, None]).astype("float32"), (b - (mean / scale) @ w).astype("float32")

@@ -489,7 +489,8 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(workspace, tmp_pat
     assert not [p.name for p in run.iterdir() if ".tmp" in p.name]
     assert load_state(run / "latest")["epochs_done"] == 1  # its files match its record
     resumed = train(make_cfg(workspace, run, *common, f"Global.resume={run}"))
-    assert resumed["epochs_run"] == 2 and [row["epoch"] for row in resumed["history"]] == [1, 2]
+    # epoch 0: the linear probe's solved head (fit.SolvedStart)
+    assert resumed["epochs_run"] == 2 and [row["epoch"] for row in resumed["history"]] == [0, 1, 2]
 
 
 @pytest.mark.slow
