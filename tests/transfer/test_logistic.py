@@ -79,6 +79,19 @@ def test_a_feature_that_barely_varies_is_not_blown_up():
     np.testing.assert_allclose(jitter @ weight + bias, x @ weight + bias, atol=1e-2)
 
 
+def test_a_body_whose_every_feature_barely_varies_gets_a_head_the_runtimes_agree_on():
+    """Every feature near-constant (an untrained body's can be): the floor
+    against the other features' spread does not bind, the one against each
+    feature's own magnitude does, so runtime differences (~1e-5 of a
+    feature) cannot flip predictions."""
+    rng = np.random.RandomState(0)
+    x = (5.0 + 1e-7 * rng.randn(60, 8)).astype("float32")
+    y = rng.randint(0, 3, 60)
+    weight, bias, _ = solve_head(x, y, x, y, 3)
+    jitter = x * (1 + 1e-5 * rng.randn(*x.shape)).astype("float32")
+    np.testing.assert_allclose(_softmax(jitter @ weight + bias), _softmax(x @ weight + bias), atol=1e-3)
+
+
 def test_class_weights_move_the_solution_toward_the_rare_class():
     x, y = _blobs(4, 40, classes=2)
     x, y = x[20:], y[20:]  # 20 of class 0 against 40 of class 1
