@@ -23,6 +23,9 @@ and four-class (configs/quickstart.yaml), and scikit-learn's 8x8 digits
 train/Eval split, random_state 0; configs/mobilenet_v2_imagefolder.yaml).
 
     python bench/probe_vs_sklearn.py [--data ants elpv elpv4 digits] [--ablate]
+
+About 8 minutes on 2 CPU cores, nearly all of it the four runs' feature
+caches. The result: docs/strategies.md#the-linear-probe-against-the-textbook-one.
 """
 
 import argparse
