@@ -122,9 +122,11 @@ class TransferConfig:
     cache_features: bool = True
     cache_views: int = 2
     # logistic: a linear probe's Linear head (the body frozen, features
-    # cached) starts as the logistic regression on the cached features solved
-    # to convergence, its L2 strength chosen on the validation split
-    # (transfer/logistic.py); random: as built
+    # cached) starts as the logistic regression on the plain cached view
+    # solved to convergence, its L2 strength chosen on the validation split,
+    # refitted on training + validation, and stays the head (epoch 0) unless
+    # an epoch scores higher on the validation split (transfer/logistic.py,
+    # engine/fit.py SolvedStart); random: as built
     head_init: Literal["logistic", "random"] = "logistic"
     # Unsupervised domain adaptation toward the unlabeled DataLoader.Target
     # images: mmd (multi-kernel MMD between source and target features) or

@@ -299,10 +299,14 @@ class Checkpointer(AfterEpoch):
 
     def on_recorded(self, row, improved):
         if improved:
-            save_checkpoint(self.run_dir / BEST_MODEL, self.network, state=self.state.to_dict())
+            self.save_best()
         with self.average.raw_weights() if self.average else nullcontext():
             save_checkpoint(self.run_dir / LATEST, self.network, self.optimizer, self.state.to_dict(),
                             self.extra_layers, self.average.state() if self.average else None)
+
+
+    def save_best(self):
+        save_checkpoint(self.run_dir / BEST_MODEL, self.network, state=self.state.to_dict())
 
 
 class BestWeights(AfterEpoch):

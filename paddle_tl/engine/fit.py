@@ -32,7 +32,7 @@ from paddle_tl.transfer.distill import DistillationLoss, LabelAccuracy, WithTeac
 from paddle_tl.transfer.domain import DomainSchedule, LabeledAccuracy, pair_collate, setup_domain_adaptation
 from paddle_tl.transfer.feature_cache import (ACTIVATION_DTYPE, HeadOnly, ProbeFirst, TopOrHead, ViewSwitcher,
                                               cached_activations, cached_datasets)
-from paddle_tl.transfer.logistic import solve_head
+from paddle_tl.transfer.logistic import refit_head, solve_head
 
 paddle = import_paddle()
 
@@ -63,6 +63,7 @@ class Fit:
     record: dict = field(default_factory=dict)  # what metrics.json says about it
     label_specs: list = field(default_factory=lambda: [LABEL_SPEC])  # of what a training batch holds after its input
     distill: Optional[dict] = None  # metrics.json's `distill`: the teacher and the loss's settings
+    solved_start: Optional["SolvedStart"] = None  # a linear probe's solved head, the epoch the others must beat
 
 
 def choose_fit_mode(cfg, plan, network, spec, processes, images):
@@ -201,35 +202,63 @@ def _cached_features(cfg, run, net, data, state, plan, reason, loss, metric, tea
             network, spec, data.pre.input_size, data.train, _plain_sets(data), data.eval_tf, data.train_tf, views,
             cfg.DataLoader.Eval, cfg.Global.seed, run.device, teacher)
     solved = _start_head(cfg, state, data, head.head, train_data, plain[1] if data.val is not None else None)
-    return _on_cached("cached_features", reason, head, train_data, plain,
-                      paddle.static.InputSpec([None, feature_size], "float32", "features"), loss, metric, state,
-                      _label_specs(data, teacher_network), scorer=lambda network: HeadOnly(feature_head(network, spec)),
-                      record={"cache_views": views, "head_init": solved})
+    fit = _on_cached("cached_features", reason, head, train_data, plain,
+                     paddle.static.InputSpec([None, feature_size], "float32", "features"), loss, metric, state,
+                     _label_specs(data, teacher_network), scorer=lambda network: HeadOnly(feature_head(network, spec)),
+                     record={"cache_views": views, "head_init": solved and solved.record})
+    fit.solved_start = solved
+    return fit
+
+
+@dataclass
+class SolvedStart:
+    """A linear probe's solved head (_start_head), booked before the first
+    epoch as the run's epoch 0 (train.py book_solved_start): the epochs
+    replace it only where the validation split scores one of them higher.
+    The head holds `held_out` (fitted on the training split alone, so the
+    validation split scores it as fairly as it scores an epoch), which the
+    epochs start from; `refit` (the same strength refitted on training +
+    validation images) is what ships when no epoch beats it."""
+    head: object  # the network's Linear head
+    held_out: tuple  # (weight, bias)
+    refit: tuple  # (weight, bias)
+    record: dict
 
 
 def _start_head(cfg, state, data, head, features, val_features):
     """A fresh linear probe's Linear head, about to train on the cached
     `features` (FeatureViews), starts as the logistic regression on them
     solved to convergence (transfer/logistic.py), where `val_features` (a
-    validation split) can choose its L2 strength; returns the solve's record
-    for metrics.json (None where the head starts as built). Only where the
-    body never trains: a solved head can be large (a weak penalty), and what
-    it would do to stages unfrozen under it (LP-FT, gradual) is not
-    measured; in a test, at learning rate 0.05, their gradients overflowed."""
+    validation split) can choose its L2 strength; returns the SolvedStart
+    (None where the head starts as built). Only where the body never
+    trains: a solved head can be large (a weak penalty), and what it would
+    do to stages unfrozen under it (LP-FT, gradual) is not measured; in a
+    test, at learning rate 0.05, their gradients overflowed."""
     if cfg.Transfer.head_init != "logistic" or state.start_epoch or val_features is None or \
             not isinstance(head, paddle.nn.Linear):
         return None
-    # Every cached view: the augmentation the epochs would train on.
-    train_x = np.concatenate([view.astype("float32") for view in features.views])
-    train_y = np.tile(np.asarray(features.labels).reshape(-1), len(features.views))
-    weight, bias, solved = solve_head(train_x, train_y, val_features.views[0].astype("float32"),
-                                      val_features.labels, head.weight.shape[1], data.class_weights)
+    # The plain view alone, as transfer studies fit a probe: the augmented
+    # views (Transfer.cache_views) are what the epochs train on, and in the
+    # solve they scored lower (docs/strategies.md#the-linear-probe-against-the-textbook-one).
+    train_x, train_y = features.views[0].astype("float32"), np.asarray(features.labels).reshape(-1)
+    val_x, val_y = val_features.views[0].astype("float32"), np.asarray(val_features.labels).reshape(-1)
+    classes = head.weight.shape[1]
+    weight, bias, solved = solve_head(train_x, train_y, val_x, val_y, classes, data.class_weights)
+    if data.eval is data.val:
+        # auto's trial, whose Eval is the validation split (train.py _trial): a head refitted on it would
+        # score itself there, against candidates that never saw it.
+        refit, solved["refit_samples"] = (weight, bias), None
+    else:
+        refit = refit_head(np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y]), solved["C"],
+                           classes, data.class_weights)  # the same C: the penalty per sample
+        solved["refit_samples"] = len(train_y) + len(val_y)
     head.weight.set_value(weight)
     head.bias.set_value(bias)
     print(f"head: starts as the logistic regression on the cached features ({solved['samples']} samples), L2 "
-          f"strength {solved['strength']:g} chosen on the validation split (top-1 {solved['val_top1']:.4f}), "
-          f"{solved['seconds']:.1f} s")
-    return solved
+          f"strength {solved['strength']:g} (C {solved['C']:g}) chosen on the validation split (top-1 {solved['val_top1']:.4f}), "
+          f"refitted on training + validation ({solved['refit_samples'] or 'not: a trial'}); it stays the head "
+          f"unless an epoch scores higher on the validation split, {solved['seconds']:.1f} s")
+    return SolvedStart(head, (weight, bias), refit, solved)
 
 
 def _size(count):

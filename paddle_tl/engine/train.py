@@ -13,6 +13,7 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 from paddle_tl.calibration import calibrate
 from paddle_tl.combinations import Facts, check_combinations
@@ -313,7 +314,7 @@ def _trial(cfg, run, data, epochs, metric="top1"):
     # split (twice where it chose on it). Head-only epochs (LP-FT's probe) and
     # the others go at their own pace.
     paces, scored = defaultdict(list), len(data.val) * (2 if trial_data.val is not None else 1)
-    for row, seconds in zip(state.history, clock.seconds):
+    for row, seconds in zip([row for row in state.history if row["epoch"]], clock.seconds):  # not epoch 0
         paces[row["frozen_stages"] == plan.num_stages].append(
             row["train_seconds"] * len(data.train) / len(images)
             + (seconds - row["train_seconds"]) * (len(data.val) + len(data.eval)) / scored)
@@ -415,6 +416,7 @@ class Trainer:
     eval_loader: object
     callbacks: list
     eval_schedule: EvalSchedule
+    book_start: Optional[Callable] = None  # books a linear probe's solved head as epoch 0 (book_solved_start)
 
 
 def prepare_trainer(cfg, run, net, plan, fit, data, state):
@@ -480,7 +482,45 @@ def prepare_trainer(cfg, run, net, plan, fit, data, state):
     callbacks += fit.callbacks
     if run.processes > 1 or balanced_labels is not None:
         callbacks.append(SamplerEpoch(train_loader.batch_sampler, state))
-    return Trainer(model, optimizer, train_loader, eval_loader, callbacks, eval_schedule)
+    trainer = Trainer(model, optimizer, train_loader, eval_loader, callbacks, eval_schedule)
+    if fit.solved_start is not None:
+        trainer.book_start = lambda: book_solved_start(cfg, fit, trainer, state)
+    return trainer
+
+
+def book_solved_start(cfg, fit, trainer, state):
+    """A linear probe's solved head (fit.SolvedStart) as the run's epoch 0,
+    the best so far: its validation scores are the held-out fit's (the
+    split was not fitted on), its Eval scores and best_model the refit's.
+    An epoch then replaces it only as any epoch replaces a better one
+    (higher on the validation split, or equal at a lower loss), so training
+    epochs never move a probe off its optimum unless the split says they
+    help. The epochs start from the held-out fit, so that what the split
+    scores of them is fair against it."""
+    solved = fit.solved_start
+    head = solved.head
+    val_logits, val_labels, _, _ = _logits(cfg, fit, fit.val_network)  # the held-out fit, in the head now
+    val = classification_metrics(val_logits, val_labels, state.class_names, topk=(1,))
+    head.weight.set_value(solved.refit[0])
+    head.bias.set_value(solved.refit[1])
+    *_, eval_logits, eval_labels = _logits(cfg, fit, fit.val_network)
+    scores = classification_metrics(eval_logits, eval_labels, state.class_names, topk=fit.metric.topk)
+    row = {"epoch": 0, "frozen_stages": state.frozen_stages, "train_seconds": solved.record["seconds"],
+           "val_loss": val["loss"], "val_top1": val["top1"], "eval_loss": scores["loss"],
+           **{f"eval_{name}": scores[name] for name in metric_names(fit.metric.topk).values()}}
+    if state.selection_metric == "balanced_accuracy":  # a column only where it chooses, as ValidationScore's
+        row["val_balanced_accuracy"] = val["balanced_accuracy"]
+    key = choosing_key(row, state.selection_metric)
+    state.history.append(row)
+    state.best_top1, state.best_epoch, state.best_loss = row[key], 0, row["val_loss"]
+    for callback in trainer.callbacks:  # what AfterEpoch callbacks do with an improved epoch
+        if isinstance(callback, Checkpointer):
+            callback.save_best()  # best_model; `latest` is the first epoch's, which resumes
+        elif isinstance(callback, (BestWeights, VisualDLLogger)):
+            callback.on_recorded(row, improved=True)
+    head.weight.set_value(solved.held_out[0])
+    head.bias.set_value(solved.held_out[1])
+    print(f"epoch 0 (the solved head): validation top-1 {row['val_top1']:.4f}, Eval top-1 {row['eval_top1']:.4f}")
 
 
 def _scaled_for(optimizer_cfg, processes, batch_size):
@@ -497,6 +537,8 @@ def _scaled_for(optimizer_cfg, processes, batch_size):
 def fit_epochs(cfg, run, trainer, state):
     """hapi's fit over the epochs left; running out of memory becomes advice."""
     g = cfg.Global
+    if trainer.book_start is not None and not state.start_epoch:
+        trainer.book_start()
     try:
         trainer.model.fit(trainer.train_loader, trainer.eval_loader, epochs=g.epochs - state.start_epoch,
                           eval_freq=trainer.eval_schedule, log_freq=g.log_interval,
