@@ -255,7 +255,8 @@ def _start_head(cfg, state, data, head, features, val_features):
     head.weight.set_value(weight)
     head.bias.set_value(bias)
     print(f"head: starts as the logistic regression on the cached features ({solved['samples']} samples), L2 "
-          f"strength {solved['strength']:g} (C {solved['C']:g}) chosen on the validation split (top-1 {solved['val_top1']:.4f}), "
+          f"strength {solved['strength']:g} (C {solved['C']:g}) chosen on the validation split "
+          f"(top-1 {solved['val_top1']:.4f}), "
           f"refitted on training + validation ({solved['refit_samples'] or 'not: a trial'}); it stays the head "
           f"unless an epoch scores higher on the validation split, {solved['seconds']:.1f} s")
     return SolvedStart(head, (weight, bias), refit, solved)

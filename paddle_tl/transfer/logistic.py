@@ -70,7 +70,8 @@ def solve_head(train_x, train_y, val_x, val_y, num_classes, class_weights=None, 
     strength, val_top1, val_loss, w, b = best
     weight_raw, bias_raw = _folded(w, b, mean, scale)
     record = {"solver": "L-BFGS", "strength": strength, "C": 1 / (len(train_x) * strength),
-              "val_top1": round(val_top1, 4), "val_loss": round(val_loss, 4), "tried": tried, "samples": int(train_x.shape[0]),
+              "val_top1": round(val_top1, 4), "val_loss": round(val_loss, 4), "tried": tried,
+              "samples": int(train_x.shape[0]),
               "seconds": round(time.time() - started, 2)}
     return weight_raw, bias_raw, record
 
