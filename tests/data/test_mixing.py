@@ -94,6 +94,7 @@ def test_trivial_policy_is_augmentation():
     assert outputs[0].shape == (3, 16, 16) and any(not np.array_equal(outputs[0], other) for other in outputs[1:])
 
 
+@pytest.mark.slow
 def test_mixing_alphas_are_checked_and_mixing_trains_on_images(workspace, tmp_path):
     from paddle_tl.errors import ConfigError
     with pytest.raises(ConfigError, match=r"DataLoader.Train.augment.mixup: must be >= 0"):

@@ -130,6 +130,7 @@ def _weights(run):
 
 @pytest.mark.parametrize("strategy", ["full", "linear_probe", "partial"],
                          ids=["images", "cached_features", "cached_activations"])
+@pytest.mark.slow
 def test_alpha_zero_trains_bit_for_bit_as_plain_training(workspace, tmp_path, no_report, strategy):
     """alpha=0 leaves only the labels' cross-entropy (times exactly 1), and
     the teacher, built and run beside the student, draws nothing from the
@@ -274,6 +275,7 @@ def test_distill_settings_are_checked_when_the_config_is_read():
 
 # ---------------------------------------------------------------- end to end
 
+@pytest.mark.slow
 def test_a_distilled_student_trains_exports_and_infers_without_its_teacher(workspace, tmp_path, capsys):
     run, inference = tmp_path / "student", tmp_path / "inference"
     assert cli.main(["train", "-c", str(_config_file(tmp_path)), "-o", f"Global.output_dir={run}",

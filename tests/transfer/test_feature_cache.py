@@ -21,6 +21,7 @@ PARTIAL = ("Transfer.strategy=partial", "Transfer.freeze_stages=3", "Global.epoc
            "Optimizer.lr.learning_rate=0.002")  # small steps: runtime float differences stay small
 
 
+@pytest.mark.slow
 def test_top_stages_train_the_same_on_cached_activations_as_on_images(workspace, tmp_path, monkeypatch):
     """With augmentation off, the top stages trained on cached activations
     end where training through the whole network on images ends.
@@ -59,6 +60,7 @@ def _dynamic_runner(network, input_size, batch_size, device):
     yield dynamic_runner(network)
 
 
+@pytest.mark.slow
 def test_activations_that_do_not_fit_in_memory_fall_back_to_images(workspace, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(fit, "available_memory", lambda: 1000)
     metrics = train(make_cfg(workspace, tmp_path / "run", *PARTIAL, "Global.epochs=1"))
@@ -96,6 +98,7 @@ def test_activations_are_stored_in_half_precision_within_its_rounding(workspace,
     np.testing.assert_allclose(half.astype("float32"), exact, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_shared_caches_compute_higher_cuts_from_a_lower_one_without_the_images(workspace, shared_dir, monkeypatch):
     """Within shared caches, once the activations below stage 3 exist, the
     activations below stage 4 and the features come from them (no second

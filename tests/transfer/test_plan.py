@@ -38,6 +38,7 @@ def test_lp_ft_that_leaves_no_stage_to_fine_tune_is_refused():
         _plan("Transfer.strategy=lp_ft", "Transfer.lp_epochs=0")
 
 
+@pytest.mark.slow
 def test_lp_ft_keeps_the_bottom_stages_bit_identical_on_cached_activations(workspace, tmp_path):
     metrics = train(make_cfg(workspace, tmp_path / "run", "Transfer.strategy=lp_ft", "Transfer.freeze_stages=3",
                              "Transfer.lp_epochs=1", "Global.epochs=3"))
@@ -55,6 +56,7 @@ def test_lp_ft_keeps_the_bottom_stages_bit_identical_on_cached_activations(works
                if stage is not None and stage >= 3)  # the top stages fine-tuned after the probe
 
 
+@pytest.mark.slow
 def test_the_linear_probe_phase_trains_the_head_on_features_computed_from_the_activations(workspace, tmp_path,
                                                                                            monkeypatch):
     """LP-FT's probe epochs feed the head features (computed once from the
