@@ -304,7 +304,6 @@ class Checkpointer(AfterEpoch):
             save_checkpoint(self.run_dir / LATEST, self.network, self.optimizer, self.state.to_dict(),
                             self.extra_layers, self.average.state() if self.average else None)
 
-
     def save_best(self):
         save_checkpoint(self.run_dir / BEST_MODEL, self.network, state=self.state.to_dict())
 

@@ -48,7 +48,6 @@ def test_report_finds_duplicates_imbalance_unreadable_and_missing_classes(tiny_i
     assert "fox 1 0" in [" ".join(line.split()) for line in format_table(report).splitlines()]
 
 
-
 def test_report_lists_files_under_two_classes(tiny_image_folder, tmp_path):
     """ants/tobees -> ../bees was "no problems found"; training refuses it,
     and the report is still made, the conflict among its problems."""

@@ -330,7 +330,6 @@ def test_bad_list_line_refused_naming_file_and_line(listed, tmp_path, bad_line, 
         build_dataset(list_config(path, label_names_file=str(tmp_path / "names.txt")), "train", None)
 
 
-
 def test_a_list_file_naming_one_image_under_two_labels_is_refused(listed):
     path = listed(["my images/img 0.png 0", "my images/img 1.png 1", "my images/img 0.png 1"])
     with pytest.raises(DataError, match=r"list file .*list.txt: 1 images are filed under more than one class .*"
@@ -465,7 +464,6 @@ def test_symlink_loop_in_the_data_folder_is_skipped(tiny_image_folder, tmp_path,
     assert "cat/loop" in caplog.text and "links back" in caplog.text
 
 
-
 def test_a_link_from_one_class_folder_into_another_is_refused_before_decoding(tiny_image_folder, monkeypatch):
     """cat/todog -> ../dog filed every dog also as a cat, silently."""
     root = tiny_image_folder()
@@ -478,7 +476,6 @@ def test_a_link_from_one_class_folder_into_another_is_refused_before_decoding(ti
             f"ImageFolder {root}: 6 images are filed under more than one class (by their real path): 6 under "
             f"'cat' and 'dog', e.g. {root}/cat/todog/dog_0.png is {root}/dog/dog_0.png; an image needs one "
             "class: remove the link or the copy under the wrong class")
-
 
 
 def test_a_link_between_class_folders_is_one_line_from_the_cli(tiny_image_folder, tmp_path, capsys):
