@@ -43,8 +43,12 @@ def _eval_data(folder):
 
 def run_train(argv):
     args = _config_parser("paddle-tl train", "Fine-tune a pretrained network.").parse_args(argv)
-    from paddle_tl.engine.train import train
-    train(_load(args))
+    cfg = _load(args)
+    if cfg.Global.task == "detection":
+        from paddle_tl.tasks.detection.train import train
+    else:
+        from paddle_tl.engine.train import train
+    train(cfg)
 
 
 def _eval_parser():
@@ -58,9 +62,12 @@ def _eval_parser():
 def run_eval(argv):
     args = _eval_parser().parse_args(argv)
     check_flags("eval", args)
-    from paddle_tl.engine.evaluate import evaluate
-    result = evaluate(_load(args, _eval_data(args.data)))
-    print(json.dumps(result))
+    cfg = _load(args, _eval_data(args.data))
+    if cfg.Global.task == "detection":
+        from paddle_tl.tasks.detection.evaluate import evaluate_checkpoint as evaluate
+    else:
+        from paddle_tl.engine.evaluate import evaluate
+    print(json.dumps(evaluate(cfg)))
 
 
 def _export_parser():

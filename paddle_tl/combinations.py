@@ -155,6 +155,30 @@ def _freezes_exactly_every_stage(facts):
 
 ALL_STAGES = Setting("Transfer.freeze_stages", _freezes_exactly_every_stage, _shown_frozen)
 
+DETECTING = _is("Global.task", lambda task: task == "detection")
+TASK = _is("Global.task", lambda _task: True)
+_DETECTION_DATA = ("VOC", "COCO")
+
+
+def _other_task_data(side):
+    """The dataset of DataLoader.<side> is of the other task: boxes (VOC,
+    COCO) for classification, labelled images for detection."""
+    name = _config_value(f"DataLoader.{side}.dataset.name")
+    return Setting(f"DataLoader.{side}.dataset.name",
+                   lambda facts: (name(facts) in _DETECTION_DATA) != (facts.cfg.Global.task == "detection"),
+                   lambda facts: name(facts))
+
+
+# What classification's engine does and detection's loop (tasks/detection/train.py) does not.
+_CLASSIFICATION_ONLY = (
+    _is("Transfer.strategy", lambda strategy: strategy not in ("auto", "partial", "full")),
+    _is("Transfer.bn", lambda bn: bn == "train"), MLP_HEAD, DISTILLING, ADAPTING, MIXUP, CUTMIX, AMP, TO_STATIC,
+    L2SP, LAYER_DECAY, STAGE_LR_MULTS, _is("Global.ema_decay", bool),
+    _is("DataLoader.Eval.tta", lambda tta: tta != "none"), _is("DataLoader.Train.sampler", lambda s: s != "random"),
+    _is("Loss.class_weights", lambda weights: weights != "none"), _is("Loss.label_smoothing", bool),
+    DATA_PARALLEL, _fact("paddle-tl command", "command", lambda command: command in ("cv", "check-labels"),
+                         lambda command, _: command))
+
 RULES = (
     Rule(LAYER_DECAY, STAGE_LR_MULTS, "give either layer_decay or stage_lr_mults, not both"),
     Rule(AMP, CPU, "mixed precision needs a GPU; set Global.amp=false or run on a GPU"),
@@ -191,6 +215,13 @@ RULES = (
     Rule(RESUMING, CROSS_VALIDATING, "cross-validation trains every fold afresh; leave it unset"),
     Rule(DISTILLING, CROSS_VALIDATING, "the teacher was trained on the images every fold holds out, so its soft "
                                        "targets would leak them into the folds' scores; cross-validate without it"),
+    *(Rule(TASK, _other_task_data(side), "detection reads boxes from a PASCAL VOC folder or a COCO json (dataset "
+                                          "name VOC or COCO), classification labelled images (ImageFolder, "
+                                          "ListFile, elpv); set Global.task to what the data holds (for detection, "
+                                          "e.g. configs/faster_rcnn_mobilenet_v2_voc.yaml)")
+      for side in ("Train", "Eval")),
+    *(Rule(DETECTING, setting, "detection's training (paddle_tl/tasks/detection) does not take it; leave it at "
+                               "its default") for setting in _CLASSIFICATION_ONLY),
 )
 
 

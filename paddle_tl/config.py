@@ -22,6 +22,9 @@ from paddle_tl.errors import ConfigError
 
 @dataclass
 class GlobalConfig:
+    # classification: one label per image; detection: boxes (Faster R-CNN +
+    # FPN on the zoo's bodies, paddle_tl/tasks/detection), VOC or COCO data
+    task: Literal["classification", "detection"] = "classification"
     output_dir: str = "output/run"
     epochs: int = 10
     device: Literal["auto", "cpu", "gpu"] = "auto"
@@ -79,6 +82,49 @@ class HeadConfig:
 
 
 @dataclass
+class DetectorConfig:
+    """Faster R-CNN + FPN (Global.task=detection; docs/detection.md). Sizes are
+    of the resized image: the shorter side to short_side, the longer at most
+    max_size (the aspect ratio kept)."""
+    short_side: int = 512  # evaluation, export and inference
+    max_size: int = 853
+    train_short_sides: list = field(default_factory=lambda: [448, 480, 512, 544, 576])  # scale jitter: one per image
+    hflip: bool = True  # training: mirror half the images
+    fpn_channels: int = 128
+    representation_size: int = 1024  # the box head's two fully connected layers
+    anchor_sizes: Optional[list] = None  # one per FPN level (strides 8..64); default 4x the stride: 32..256
+    aspect_ratios: list = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    rpn_pre_nms_top_n: list = field(default_factory=lambda: [1000, 500])  # per level: training, evaluation
+    rpn_post_nms_top_n: list = field(default_factory=lambda: [500, 300])  # per image: training, evaluation
+    rois_per_image: int = 256  # box-head training samples per image, up to a quarter objects
+    score_threshold: float = 0.05  # detections kept above this score
+    nms_threshold: float = 0.5  # per class
+    detections_per_image: int = 100
+
+    def validate(self, at):
+        for key in ("short_side", "max_size", "fpn_channels", "representation_size", "rois_per_image",
+                    "detections_per_image"):
+            _require(getattr(self, key) >= 1, f"{at}.{key}", "must be >= 1")
+        _require(self.max_size >= self.short_side, f"{at}.max_size", "must be >= short_side")
+        _require(_positive_ints(self.train_short_sides), f"{at}.train_short_sides",
+                 "must be a non-empty list of positive integers")
+        _require(self.anchor_sizes is None or (len(self.anchor_sizes) == 4 and _positive_ints(self.anchor_sizes)),
+                 f"{at}.anchor_sizes", "must be null or 4 positive integers, one per FPN level (strides 8, 16, 32, 64)")
+        _require(bool(self.aspect_ratios) and all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0
+                                                  for r in self.aspect_ratios), f"{at}.aspect_ratios",
+                 "must be a non-empty list of positive numbers")
+        for key in ("rpn_pre_nms_top_n", "rpn_post_nms_top_n"):
+            _require(len(getattr(self, key)) == 2 and _positive_ints(getattr(self, key)), f"{at}.{key}",
+                     "must be [training, evaluation], two positive integers")
+        _require(0 <= self.score_threshold < 1, f"{at}.score_threshold", "must be in [0, 1)")
+        _require(0 < self.nms_threshold <= 1, f"{at}.nms_threshold", "must be in (0, 1]")
+
+
+def _positive_ints(values):
+    return bool(values) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)
+
+
+@dataclass
 class ArchConfig:
     name: str = "mobilenet_v2"
     # "imagenet", false, a .pdparams path or a torchvision .pth path
@@ -88,6 +134,8 @@ class ArchConfig:
     input_size: Optional[int] = None  # overrides the architecture's table
     kwargs: dict = field(default_factory=dict)  # extra constructor arguments, e.g. {scale: 0.25}
     head: HeadConfig = field(default_factory=HeadConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)  # Global.task=detection
+    mask: bool = False  # Global.task=detection: add Mask R-CNN's mask head (not built yet)
 
     def validate(self, at):
         _require(self.pretrained is not True, f"{at}.pretrained",
@@ -196,9 +244,13 @@ class OptimizerConfig:
 @dataclass
 class DatasetConfig:
     # Images: any folder of images, searched recursively, without labels (DataLoader.Target only)
-    name: Literal["ImageFolder", "ListFile", "elpv", "Images"] = "ImageFolder"
-    # ImageFolder: folder of class sub-folders; ListFile: base of relative paths; Images: the folder
+    # VOC, COCO: detection (Global.task=detection)
+    name: Literal["ImageFolder", "ListFile", "elpv", "Images", "VOC", "COCO"] = "ImageFolder"
+    # ImageFolder: folder of class sub-folders; ListFile: base of relative paths; Images: the folder;
+    # VOC: the folder holding JPEGImages/, Annotations/, ImageSets/Main/; COCO: the image folder
     root: Optional[str] = None
+    image_set: Optional[str] = None  # VOC: ImageSets/Main/<image_set>.txt; default train (Train), val (Eval)
+    annotation_file: Optional[str] = None  # COCO: the instances json
     list_file: Optional[str] = None  # ListFile: "relative/path.jpg label" per line
     label_names_file: Optional[str] = None  # ListFile: one class name per line, in label order
     split: Optional[Literal["train", "eval"]] = None  # elpv: side of the split; default: the loader's own

@@ -109,7 +109,30 @@ CASES = {
     "Distill.teacher x paddle-tl command": (
         ["Distill.teacher=runs/teacher"], {"command": "cv"},
         [(["Distill.teacher=runs/teacher"], {"command": "check-labels"}), ([], {"command": "cv"})], None),
+    **{f"Global.task x DataLoader.{side}.dataset.name": (
+        [f"DataLoader.{side}.dataset.name=VOC"], {},
+        [(["Global.task=detection", "DataLoader.Train.dataset.name=VOC", "DataLoader.Eval.dataset.name=VOC"], {}),
+         ([], {})], None) for side in ("Train", "Eval")},
 }
+_DETECTION = ["Global.task=detection", "DataLoader.Train.dataset.name=VOC", "DataLoader.Eval.dataset.name=COCO"]
+# Settings detection does not take: each is refused with Global.task=detection and passes with classification
+# (detection's allowed neighbour trains in tests/tasks/detection/test_detection_train.py).
+for key, on, facts in [
+        ("Transfer.strategy", ["Transfer.strategy=lp_ft"], {}), ("Transfer.bn", ["Transfer.bn=train"], {}),
+        ("Arch.head.type", ["Arch.head.type=mlp"], {}), ("Distill.teacher", ["Distill.teacher=runs/t"], {}),
+        ("Transfer.domain_adaptation", ["Transfer.domain_adaptation=mmd"], {}),
+        ("DataLoader.Train.augment.mixup", ["DataLoader.Train.augment.mixup=0.2"], {}),
+        ("DataLoader.Train.augment.cutmix", ["DataLoader.Train.augment.cutmix=1.0"], {}),
+        ("Global.amp", ["Global.amp=O1"], {"device": "gpu"}), ("Global.to_static", ["Global.to_static=true"], {}),
+        ("Transfer.l2sp_alpha", ["Transfer.l2sp_alpha=0.1"], {}),
+        ("Transfer.layer_decay", ["Transfer.layer_decay=0.5"], {}),
+        ("Transfer.stage_lr_mults", ["Transfer.stage_lr_mults=[1, 1, 1, 1, 1]"], {}),
+        ("Global.ema_decay", ["Global.ema_decay=0.9"], {}), ("DataLoader.Eval.tta", ["DataLoader.Eval.tta=flip"], {}),
+        ("DataLoader.Train.sampler", ["DataLoader.Train.sampler=balanced"], {}),
+        ("Loss.class_weights", ["Loss.class_weights=balanced"], {}),
+        ("Loss.label_smoothing", ["Loss.label_smoothing=0.1"], {}),
+        ("data-parallel training", [], {"processes": 2}), ("paddle-tl command", [], {"command": "cv"})]:
+    CASES[f"Global.task x {key}"] = ([*_DETECTION, *on], facts, [(_DETECTION, {}), (on, facts)], None)
 
 
 def test_every_rule_has_its_cases():

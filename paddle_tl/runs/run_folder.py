@@ -166,6 +166,9 @@ def trained_model(cfg):
                           "written by paddle_tl training (e.g. RUN/best_model)")
     state = read_record(state_file)
     record = state.get("model")
+    if record and record.get("task", "classification") != "classification":
+        raise ConfigError(f"Global.pretrained_model: {prefix} is a {record['task']} run's checkpoint; evaluate or "
+                          f"export it with its own config (Global.task={record['task']}), e.g. paddle-tl eval RUN")
     if not record:  # written before checkpoints recorded their network: built from the config
         class_names = state["class_names"]
         spec = get_spec(cfg.Arch.name)

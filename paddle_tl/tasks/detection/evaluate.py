@@ -140,3 +140,19 @@ def _per_class(evaluation, class_names):
         values = values[values > -1]
         per_class[name] = float(values.mean()) if values.size else None
     return per_class
+
+
+def evaluate_checkpoint(cfg):
+    """`paddle-tl eval` of a detection run: Global.pretrained_model's box AP
+    on the Eval split, at the evaluation size the checkpoint records."""
+    from paddle_tl.tasks.detection.loader import predict
+    from paddle_tl.tasks.detection.model import trained_detector
+    from paddle_tl.tasks.detection.train import read_dataset
+    from paddle_tl.tasks.detection.transforms import EvalTransform
+    import_cocoeval()
+    model, record = trained_detector(cfg)
+    dataset = read_dataset(cfg.DataLoader.Eval.dataset, "Eval", record["class_names"])
+    pre = record["preprocess"]
+    found = evaluate(dataset, predict(model, dataset, EvalTransform(pre["short_side"], pre["max_size"])))
+    return {"task": "detection", "bbox_ap": found["bbox_ap"], "bbox_ap50": found["bbox_ap50"],
+            "bbox_ap75": found["bbox_ap75"], "per_class_ap": found["per_class"], "images": len(dataset)}
