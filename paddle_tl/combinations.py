@@ -172,7 +172,8 @@ def _other_task_data(side):
 # What classification's engine does and detection's loop (tasks/detection/train.py) does not.
 _CLASSIFICATION_ONLY = (
     _is("Transfer.strategy", lambda strategy: strategy not in ("auto", "partial", "full")),
-    _is("Transfer.bn", lambda bn: bn == "train"), MLP_HEAD, DISTILLING, ADAPTING, MIXUP, CUTMIX, AMP, TO_STATIC,
+    _is("Transfer.bn", lambda bn: bn == "train"), _is("Arch.kwargs", bool), _is("Arch.input_size", bool),
+    _is("Arch.num_classes", bool), MLP_HEAD, DISTILLING, ADAPTING, MIXUP, CUTMIX, AMP, TO_STATIC,
     L2SP, LAYER_DECAY, STAGE_LR_MULTS, _is("Global.ema_decay", bool),
     _is("DataLoader.Eval.tta", lambda tta: tta != "none"), _is("DataLoader.Train.sampler", lambda s: s != "random"),
     _is("Loss.class_weights", lambda weights: weights != "none"), _is("Loss.label_smoothing", bool),

@@ -119,6 +119,8 @@ _DETECTION = ["Global.task=detection", "DataLoader.Train.dataset.name=VOC", "Dat
 # (detection's allowed neighbour trains in tests/tasks/detection/test_detection_train.py).
 for key, on, facts in [
         ("Transfer.strategy", ["Transfer.strategy=lp_ft"], {}), ("Transfer.bn", ["Transfer.bn=train"], {}),
+        ("Arch.kwargs", ["Arch.kwargs={scale: 0.5}"], {}), ("Arch.input_size", ["Arch.input_size=160"], {}),
+        ("Arch.num_classes", ["Arch.num_classes=3"], {}),
         ("Arch.head.type", ["Arch.head.type=mlp"], {}), ("Distill.teacher", ["Distill.teacher=runs/t"], {}),
         ("Transfer.domain_adaptation", ["Transfer.domain_adaptation=mmd"], {}),
         ("DataLoader.Train.augment.mixup", ["DataLoader.Train.augment.mixup=0.2"], {}),
