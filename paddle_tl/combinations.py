@@ -156,6 +156,7 @@ def _freezes_exactly_every_stage(facts):
 ALL_STAGES = Setting("Transfer.freeze_stages", _freezes_exactly_every_stage, _shown_frozen)
 
 DETECTING = _is("Global.task", lambda task: task == "detection")
+CLASSIFYING = _is("Global.task", lambda task: task == "classification")
 TASK = _is("Global.task", lambda _task: True)
 _DETECTION_DATA = ("VOC", "COCO")
 
@@ -168,6 +169,10 @@ def _other_task_data(side):
                    lambda facts: (name(facts) in _DETECTION_DATA) != (facts.cfg.Global.task == "detection"),
                    lambda facts: name(facts))
 
+
+_TASK_DATA = ("detection reads boxes from a PASCAL VOC folder or a COCO json (dataset name VOC or COCO), "
+              "classification labelled images (ImageFolder, ListFile, elpv); set Global.task to what the data "
+              "holds (for detection, e.g. configs/faster_rcnn_mobilenet_v2_voc.yaml)")
 
 # What classification's engine does and detection's loop (tasks/detection/train.py) does not.
 _CLASSIFICATION_ONLY = (
@@ -216,11 +221,9 @@ RULES = (
     Rule(RESUMING, CROSS_VALIDATING, "cross-validation trains every fold afresh; leave it unset"),
     Rule(DISTILLING, CROSS_VALIDATING, "the teacher was trained on the images every fold holds out, so its soft "
                                        "targets would leak them into the folds' scores; cross-validate without it"),
-    *(Rule(TASK, _other_task_data(side), "detection reads boxes from a PASCAL VOC folder or a COCO json (dataset "
-                                          "name VOC or COCO), classification labelled images (ImageFolder, "
-                                          "ListFile, elpv); set Global.task to what the data holds (for detection, "
-                                          "e.g. configs/faster_rcnn_mobilenet_v2_voc.yaml)")
-      for side in ("Train", "Eval")),
+    *(Rule(TASK, _other_task_data(side), _TASK_DATA) for side in ("Train", "Eval")),
+    Rule(CLASSIFYING, _is("Global.budget_minutes", lambda minutes: minutes is not None),
+         "the budget applies to detection; classification's is Transfer.auto_budget_minutes"),
     *(Rule(DETECTING, setting, "detection's training (paddle_tl/tasks/detection) does not take it; leave it at "
                                "its default") for setting in _CLASSIFICATION_ONLY),
 )

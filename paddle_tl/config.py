@@ -50,8 +50,14 @@ class GlobalConfig:
     # evaluation, the best epoch, best_model, calibration and export use the
     # average; training goes on from the raw weights. 0 or null: off.
     ema_decay: Optional[float] = None
+    # Detection: the run ends within this many minutes (null: no limit). After
+    # the first epoch, where Global.epochs at its pace would not fit, the
+    # learning-rate schedule is shortened to the epochs that do
+    # (tasks/detection/train.py); classification's is Transfer.auto_budget_minutes.
+    budget_minutes: Optional[float] = None
 
     def validate(self, at):
+        _require(self.budget_minutes is None or self.budget_minutes > 0, f"{at}.budget_minutes", "must be > 0")
         _require(self.ema_decay is None or 0 <= self.ema_decay < 1, f"{at}.ema_decay", "must be in [0, 1)")
         _require(self.epochs >= 1, f"{at}.epochs", "must be >= 1")
         _require(self.eval_interval >= 1, f"{at}.eval_interval", "must be >= 1")

@@ -113,6 +113,10 @@ CASES = {
         [f"DataLoader.{side}.dataset.name=VOC"], {},
         [(["Global.task=detection", "DataLoader.Train.dataset.name=VOC", "DataLoader.Eval.dataset.name=VOC"], {}),
          ([], {})], None) for side in ("Train", "Eval")},
+    "Global.task x Global.budget_minutes": (["Global.budget_minutes=5"], {},
+                                            [(["Global.budget_minutes=5", "Global.task=detection",
+                                               "DataLoader.Train.dataset.name=VOC", "DataLoader.Eval.dataset.name=VOC"],
+                                              {}), ([], {})], None),
 }
 _DETECTION = ["Global.task=detection", "DataLoader.Train.dataset.name=VOC", "DataLoader.Eval.dataset.name=COCO"]
 # Settings detection does not take: each is refused with Global.task=detection and passes with classification

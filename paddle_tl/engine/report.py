@@ -414,4 +414,9 @@ def report_command(argv=None):
                                                  "most confident errors and index.html.")
     parser.add_argument("run", metavar="RUN", help="a finished run folder (Global.output_dir)")
     args = parser.parse_args(argv)
+    metrics_file = Path(args.run) / METRICS_FILE
+    if metrics_file.is_file() and json.loads(metrics_file.read_text()).get("task") == "detection":
+        from paddle_tl.tasks.detection.report import write_detection_report
+        print(write_detection_report(args.run))
+        return
     print(write_report(args.run))

@@ -93,7 +93,7 @@ def evaluate(dataset, predictions):
     A class without ground truth in the dataset has AP None (undefined,
     and left out of the means, as COCOeval does). No predictions at all
     score 0."""
-    COCO, COCOeval = import_cocoeval()  # before any work
+    import_cocoeval()  # before any work
     predictions = list(predictions)
     if len(predictions) != len(dataset):
         raise ValueError(f"{len(predictions)} predictions for the {len(dataset)} images of {dataset.source}")
@@ -111,6 +111,22 @@ def evaluate(dataset, predictions):
                 "per_class": {name: (0.0 if label in present else None)
                               for label, name in enumerate(dataset.class_names)}}
 
+    evaluation = _run_cocoeval(truth, results)
+    stats = evaluation.stats
+    return {"bbox_ap": float(stats[0]), "bbox_ap50": float(stats[1]), "bbox_ap75": float(stats[2]),
+            "per_class": _per_class(evaluation, dataset.class_names)}
+
+
+def coco_evaluation(dataset, predictions):
+    """The accumulated COCOeval of `predictions` (its precision array, for
+    the report's curves and table); None where nothing was predicted."""
+    import_cocoeval()
+    results = coco_results(list(predictions), len(dataset.class_names))
+    return _run_cocoeval(coco_ground_truth(dataset), results) if results else None
+
+
+def _run_cocoeval(truth, results):
+    COCO, COCOeval = import_cocoeval()
     # COCO() and COCOeval print progress and the summary table to stdout; the
     # numbers are kept, the text goes to the debug log.
     printed = io.StringIO()
@@ -123,9 +139,7 @@ def evaluate(dataset, predictions):
         evaluation.accumulate()
         evaluation.summarize()
     log.debug("COCOeval:\n%s", printed.getvalue())
-    stats = evaluation.stats
-    return {"bbox_ap": float(stats[0]), "bbox_ap50": float(stats[1]), "bbox_ap75": float(stats[2]),
-            "per_class": _per_class(evaluation, dataset.class_names)}
+    return evaluation
 
 
 def _per_class(evaluation, class_names):

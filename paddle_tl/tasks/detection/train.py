@@ -40,6 +40,7 @@ from paddle_tl.tasks.detection.data import DetectionDataset, read_coco, read_voc
 from paddle_tl.tasks.detection.evaluate import evaluate, import_cocoeval
 from paddle_tl.tasks.detection.loader import batches, predict
 from paddle_tl.tasks.detection.model import build_detector, describe_detector
+from paddle_tl.tasks.detection.report import write_detection_report
 from paddle_tl.tasks.detection.transforms import EvalTransform, TrainTransform
 
 paddle = import_paddle()
@@ -78,13 +79,17 @@ def train(cfg):
     with opened_run_folder(folder, resuming=resume is not None):
         cfg.save(folder / CONFIG_FILE)
         record = describe_detector(cfg, data.train.class_names)
-        frozen = frozen_stages(cfg)
-        model = build_detector(record, pretrained=cfg.Arch.pretrained or None, frozen_stages=frozen)
-        steps = len(data.train) // cfg.DataLoader.Train.batch_size or 1
+        state = start_state(cfg, record, resume)
+        model = build_detector(record, pretrained=cfg.Arch.pretrained or None, frozen_stages=state["frozen_stages"])
+        steps = len(data.train) // cfg.DataLoader.Train.batch_size
+        # Built for the epochs the run schedules: Global.epochs, or fewer where the budget cut them (a resume).
         optimizer = build_optimizer(cfg.Optimizer, [p for p in model.parameters() if not p.stop_gradient],
-                                    steps, cfg.Global.epochs)
-        state = start_state(cfg, record, frozen, resume, model, optimizer)
-    fit(cfg, folder, model, optimizer, state, data, steps)
+                                    steps, state["epochs"])
+        if resume is not None:
+            load_weights(model, resume)
+            restore_optimizer(model, optimizer, str(resume) + ".pdopt")
+            print(f"resuming from {resume} after epoch {state['epochs_done']} of {state['epochs']}")
+    fit(cfg, folder, model, optimizer, state, data, steps, started)
     return record_run(cfg, folder, model, state, data, time.time() - started)
 
 
@@ -141,24 +146,49 @@ def split_validation(dataset, fraction, seed):
     return part(True), part(False)
 
 
-def start_state(cfg, record, frozen, resume, model, optimizer):
-    """A fresh state, or the one `latest` recorded (weights and optimizer
-    restored into model and optimizer)."""
+def start_state(cfg, record, resume):
+    """A fresh state, or the one `resume` recorded."""
     if resume is None:
         return {"seed": cfg.Global.seed, "class_names": record["class_names"], "epochs": cfg.Global.epochs,
-                "epochs_done": 0, "frozen_stages": frozen, "selection_metric": SELECTION_METRIC,
+                "epochs_done": 0, "frozen_stages": frozen_stages(cfg), "selection_metric": SELECTION_METRIC,
                 "best_epoch": -1, "best_score": None, "epochs_without_improvement": 0, "skipped_batches": 0,
                 "history": [], "model": record}
     state = load_state(resume)
     if state.get("model", {}).get("task") != "detection":
         raise DataError(f"Global.resume: {resume} is not a detection run's checkpoint")
-    load_weights(model, resume)
-    restore_optimizer(model, optimizer, str(resume) + ".pdopt")
-    print(f"resuming from {resume} after epoch {state['epochs_done']}")
     return state
 
 
-def fit(cfg, folder, model, optimizer, state, data, steps):
+def fit_budget(cfg, state, optimizer, steps, run_started, epoch_seconds):
+    """Global.budget_minutes: after an epoch, the epochs that still fit at
+    its pace (with one more evaluation of the Eval split's size to end the
+    run); where Global.epochs do not, the schedule is shortened to end
+    with the last epoch that fits (cosine decays fully by then)."""
+    budget = cfg.Global.budget_minutes
+    if budget is None:
+        return
+    left = budget * 60 - (time.time() - run_started) - epoch_seconds * 0.25
+    fit = state["epochs_done"] + max(0, math.floor(left / epoch_seconds))
+    if fit >= state["epochs"]:
+        return
+    fit = max(fit, state["epochs_done"])
+    print(f"Global.budget_minutes={budget:g}: at {epoch_seconds:.0f} s an epoch, {fit} of the {state['epochs']} "
+          f"scheduled epochs fit; the learning-rate schedule now ends after epoch {fit}")
+    state["epochs"] = fit
+    shorten_schedule(optimizer, steps * fit)
+
+
+def shorten_schedule(optimizer, total_steps):
+    """Make the (warmed-up) schedule end at total_steps: cosine's T_max
+    counts the steps after warmup."""
+    schedule = optimizer._learning_rate
+    inner = getattr(schedule, "learning_rate", schedule)  # LinearWarmup wraps the decay
+    warmup = getattr(schedule, "warmup_steps", 0)
+    if isinstance(inner, paddle.optimizer.lr.CosineAnnealingDecay):
+        inner.T_max = max(1, total_steps - warmup)
+
+
+def fit(cfg, folder, model, optimizer, state, data, steps, run_started):
     """The epochs from where the state is, each evaluated on the choosing
     split every Global.eval_interval epochs (and the last), `latest` saved
     after every epoch, best_model when the choosing score improved."""
@@ -169,7 +199,8 @@ def fit(cfg, folder, model, optimizer, state, data, steps):
     eval_tf = EvalTransform(det.short_side, det.max_size)
     arch = model.body.arch
     try:
-        for epoch in range(state["epochs_done"], g.epochs):
+        epoch = state["epochs_done"]
+        while epoch < state["epochs"]:
             # Seeded per epoch: a resumed run draws the batches the killed one would have.
             random.seed(g.seed * 1000 + epoch)
             paddle.seed(g.seed * 1000 + epoch)
@@ -177,7 +208,7 @@ def fit(cfg, folder, model, optimizer, state, data, steps):
             sums, stopped = train_epoch(cfg, model, optimizer, state, data, train_tf, arch, epoch, steps, writer)
             row = {"epoch": epoch, "lr": optimizer.get_lr(), **{f"train_{k}": v for k, v in sums.items()},
                    "train_seconds": round(time.time() - started, 1)}
-            last = stopped or epoch == g.epochs - 1
+            last = stopped or epoch == state["epochs"] - 1
             improved = False
             if (epoch + 1) % g.eval_interval == 0 or last:
                 found = evaluate(data.choosing, predict(model, data.choosing, eval_tf, arch=arch))
@@ -195,13 +226,15 @@ def fit(cfg, folder, model, optimizer, state, data, steps):
                 if key != "epoch":
                     writer.add_scalar(key.replace("_", "/", 1), value, epoch)
             writer.flush()
+            print(epoch_line(row, state["epochs"]), flush=True)
+            fit_budget(cfg, state, optimizer, steps, run_started, time.time() - started)
             if improved:
                 save_checkpoint(folder / BEST_MODEL, model, state=state)
             save_checkpoint(folder / LATEST, model, optimizer, state)
-            print(epoch_line(row, g.epochs), flush=True)
             patience = g.early_stopping_patience
             if stopped or (patience and state["epochs_without_improvement"] >= patience):
                 break
+            epoch += 1
     finally:
         writer.close()
     if state["best_epoch"] < 0:
@@ -218,7 +251,8 @@ def train_epoch(cfg, model, optimizer, state, data, transform, arch, epoch, step
     sums, counted, skipped_in_a_row, stopped = dict.fromkeys(LOSS_NAMES, 0.0), 0, 0, False
     batch_size = cfg.DataLoader.Train.batch_size
     loader = batches(data.train, transform, batch_size, arch, shuffle=True, drop_last=True)
-    for step, batch in enumerate(progress(loader, f"epoch {epoch + 1}/{g.epochs}", total=steps, unit="batches")):
+    for step, batch in enumerate(progress(loader, f"epoch {epoch + 1}/{state['epochs']}", total=steps,
+                                          unit="batches")):
         losses = model(batch.images, batch.targets)
         loss = sum(losses.values())
         if math.isfinite(float(loss)):
@@ -264,12 +298,14 @@ def record_run(cfg, folder, model, state, data, train_seconds):
     """Eval AP of best_model (and of the last epoch where it differs) into
     metrics.json."""
     eval_tf = EvalTransform(cfg.Arch.detector.short_side, cfg.Arch.detector.max_size)
-    last = evaluate(data.eval, predict(model, data.eval, eval_tf))
+    found = predict(model, data.eval, eval_tf)
+    last = evaluate(data.eval, found)
     if state["best_epoch"] == state["epochs_done"] - 1:
         best = last
     else:
         load_weights(model, folder / BEST_MODEL)
-        best = evaluate(data.eval, predict(model, data.eval, eval_tf))
+        found = predict(model, data.eval, eval_tf)
+        best = evaluate(data.eval, found)
     images = state["epochs_done"] * (len(data.train) // cfg.DataLoader.Train.batch_size) \
         * cfg.DataLoader.Train.batch_size
     chooser = "val" if data.val is not None else "eval"
@@ -289,5 +325,6 @@ def record_run(cfg, folder, model, state, data, train_seconds):
         "history": state["history"],
     }
     write_json(Path(folder) / METRICS_FILE, metrics)
+    print(f"report: {write_detection_report(folder, found, data.eval)}")
     print(json.dumps({key: metrics[key] for key in ("bbox_ap", "bbox_ap50", "best_epoch", "train_seconds")}))
     return metrics

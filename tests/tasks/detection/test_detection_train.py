@@ -149,3 +149,35 @@ def test_too_few_training_images_for_a_batch_are_refused_before_the_run_folder(v
     with pytest.raises(DataError, match="fewer than one batch"):
         train(_cfg(voc, run, "DataLoader.Train.batch_size=7"))
     assert not run.exists()
+
+
+def test_a_budget_shortens_the_schedule_to_the_epochs_that_fit(voc, tmp_path, capsys):
+    metrics = train(_cfg(voc, tmp_path / "run", "Global.epochs=5", "Global.budget_minutes=0.001"))
+    assert metrics["epochs_run"] == 1
+    assert "Global.budget_minutes=0.001: at " in capsys.readouterr().out
+    state = json.loads((tmp_path / "run" / "latest.state.json").read_text())
+    assert state["epochs"] == 1 and len(state["history"]) == 1
+
+
+def test_the_report_draws_curves_errors_and_the_ap_table(finished):
+    run, metrics = finished
+    for name in ("index.html", "curves.png", "pr_curves.png", "per_class.csv", "false_positives.png", "misses.png"):
+        assert (run / "report" / name).is_file(), name
+    rows = (run / "report" / "per_class.csv").read_text().splitlines()
+    assert rows[0] == "class,AP,AP50,AP75,objects" and [r.split(",")[0] for r in rows[1:]] == metrics["class_names"]
+    page = (run / "report" / "index.html").read_text()
+    assert "Missed objects" in page and "false positives" in page
+
+
+def test_false_positives_and_misses_are_matched_as_voc_does():
+    from paddle_tl.tasks.detection.data import DetectionDataset, DetectionSample
+    from paddle_tl.tasks.detection.report import match_errors
+    boxes = np.array([[0, 0, 10, 10], [20, 20, 40, 40]], np.float32)
+    sample = DetectionSample("a.jpg", boxes, np.array([0, 0]), np.zeros(2, bool), np.zeros(2, bool), (50, 50), "a.xml")
+    dataset = DetectionDataset([sample], ["cat"])
+    found = {"boxes": np.array([[0, 0, 10, 10], [0, 0, 11, 10], [30, 30, 50, 50]], np.float32),
+             "scores": np.array([0.9, 0.8, 0.7], np.float32), "labels": np.array([0, 0, 0])}
+    false_positives, misses = match_errors(dataset, [found])
+    # the second detection repeats the taken first object, the third overlaps the other at IoU 100/700
+    assert [round(e["score"], 2) for e in false_positives] == [0.8, 0.7]
+    assert len(misses) == 1 and list(misses[0]["box"]) == [20, 20, 40, 40]
