@@ -108,8 +108,14 @@ def run_check_data(argv):
     parser = _config_parser("paddle-tl check-data", "Summarise and check the Train and Eval data.")
     parser.add_argument("--output", default="data_check", help="folder for data_check.json and the histogram")
     args = parser.parse_args(argv)
+    cfg = _load(args)
+    if cfg.Global.task == "detection":
+        from paddle_tl.tasks.detection.check import check_config, format_table
+        print(format_table(check_config(cfg, args.output)))
+        print(f"report: {args.output}/data_check.json")
+        return
     from paddle_tl.data.check import check_data, format_table
-    report = check_data(_load(args), args.output)
+    report = check_data(cfg, args.output)
     print(format_table(report))
     print(f"report: {args.output}/data_check.json, {args.output}/class_histogram.png")
 

@@ -11,7 +11,7 @@ same one line.
 import json
 from pathlib import Path
 
-from paddle_tl.tasks.detection.data import DEFAULT_SPLITS, read_voc
+from paddle_tl.tasks.detection.data import DEFAULT_SPLITS, read_dataset, read_voc
 
 # Examples of each kind printed by format_table; data_check.json has them all.
 EXAMPLES = 3
@@ -25,6 +25,12 @@ def check_voc(train_root, eval_root=None, out_dir=None, splits=DEFAULT_SPLITS):
     evaluation = read_voc(eval_root or train_root, splits["eval"], class_names=train.class_names,
                           where="DataLoader.Eval.dataset.root")
     return check_datasets(train, evaluation, out_dir)
+
+
+def check_config(cfg, out_dir=None):
+    """`paddle-tl check-data` of a detection config: its Train and Eval datasets (VOC or COCO)."""
+    train = read_dataset(cfg.DataLoader.Train.dataset, "Train")
+    return check_datasets(train, read_dataset(cfg.DataLoader.Eval.dataset, "Eval", train.class_names), out_dir)
 
 
 def check_datasets(train, evaluation, out_dir=None):

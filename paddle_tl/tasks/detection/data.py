@@ -436,3 +436,18 @@ def read_coco(image_root, annotation_file, class_names=None, transform=None):
                                       segmentation=ann.get("segmentation")))
     return _build(list(images.values()), list(class_names), transform, f"COCO {annotation_file}",
                   keep_segmentations=True)
+
+
+def read_dataset(dataset_cfg, side, class_names=None):
+    """The dataset a config's DataLoader.<side>.dataset names (VOC: split
+    `image_set`, by default train for Train and val for Eval; COCO: the
+    image folder `root` and `annotation_file`)."""
+    where = f"DataLoader.{side}.dataset"
+    if dataset_cfg.root is None:
+        raise DataError(f"{where}.root: required (a VOC folder, or COCO's image folder)")
+    if dataset_cfg.name == "COCO":
+        if dataset_cfg.annotation_file is None:
+            raise DataError(f"{where}.annotation_file: required for COCO (the instances json)")
+        return read_coco(dataset_cfg.root, dataset_cfg.annotation_file, class_names)
+    split = dataset_cfg.image_set or ("train" if side == "Train" else "val")
+    return read_voc(dataset_cfg.root, split, class_names, where=f"{where}.root")

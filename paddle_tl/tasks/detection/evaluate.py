@@ -161,7 +161,7 @@ def evaluate_checkpoint(cfg):
     on the Eval split, at the evaluation size the checkpoint records."""
     from paddle_tl.tasks.detection.loader import predict
     from paddle_tl.tasks.detection.model import trained_detector
-    from paddle_tl.tasks.detection.train import read_dataset
+    from paddle_tl.tasks.detection.data import read_dataset
     from paddle_tl.tasks.detection.transforms import EvalTransform
     import_cocoeval()
     model, record = trained_detector(cfg)

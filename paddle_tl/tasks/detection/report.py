@@ -66,7 +66,7 @@ def predict_eval(cfg):
     """(predictions in original pixels, dataset) of Global.pretrained_model on the Eval split."""
     from paddle_tl.tasks.detection.loader import predict
     from paddle_tl.tasks.detection.model import trained_detector
-    from paddle_tl.tasks.detection.train import read_dataset
+    from paddle_tl.tasks.detection.data import read_dataset
     from paddle_tl.tasks.detection.transforms import EvalTransform
     model, record = trained_detector(cfg)
     dataset = read_dataset(cfg.DataLoader.Eval.dataset, "Eval", record["class_names"])

@@ -36,7 +36,7 @@ from paddle_tl.runs import BEST_MODEL, CONFIG_FILE, LATEST, METRICS_FILE, VDL_DI
 from paddle_tl.runs.checkpoint import load_state, load_weights, resolve_resume, restore_optimizer, save_checkpoint
 from paddle_tl.runs.run_folder import check_output_dir, opened_run_folder
 from paddle_tl.runtime import import_paddle, progress, seed_everything, select_device
-from paddle_tl.tasks.detection.data import DetectionDataset, read_coco, read_voc
+from paddle_tl.tasks.detection.data import DetectionDataset, read_dataset
 from paddle_tl.tasks.detection.evaluate import evaluate, import_cocoeval
 from paddle_tl.tasks.detection.loader import batches, predict
 from paddle_tl.tasks.detection.model import build_detector, describe_detector
@@ -114,18 +114,6 @@ def load_data(cfg):
           f"{0 if val is None else len(val)} validation, {len(evaluation)} Eval; "
           f"classes {', '.join(train.class_names)}")
     return DetectionData(train, val, evaluation)
-
-
-def read_dataset(dataset_cfg, side, class_names=None):
-    where = f"DataLoader.{side}.dataset"
-    if dataset_cfg.root is None:
-        raise DataError(f"{where}.root: required (a VOC folder, or COCO's image folder)")
-    if dataset_cfg.name == "COCO":
-        if dataset_cfg.annotation_file is None:
-            raise DataError(f"{where}.annotation_file: required for COCO (the instances json)")
-        return read_coco(dataset_cfg.root, dataset_cfg.annotation_file, class_names)
-    split = dataset_cfg.image_set or ("train" if side == "Train" else "val")
-    return read_voc(dataset_cfg.root, split, class_names, where=f"{where}.root")
 
 
 def split_validation(dataset, fraction, seed):
