@@ -374,6 +374,11 @@ def _image_folder(root):
     if not class_dirs:
         raise DataError(f"ImageFolder root {root} has no class folders (expected {root}/<class>/<images>)")
     names = [entry.name for entry in class_dirs]
+    if {"Annotations", "JPEGImages"} <= set(names):
+        # A PASCAL VOC folder would train a classifier of "JPEGImages" against the rest.
+        raise DataError(f"ImageFolder root {root} holds Annotations/ and JPEGImages/: a PASCAL VOC detection "
+                        "folder, not class folders; train it with a detection config (Global.task=detection, "
+                        "e.g. configs/faster_rcnn_mobilenet_v2_voc.yaml)")
     if set(names) <= _SPLIT_NAMES:
         log.warning("ImageFolder root %s has class folders %s, which look like splits; "
                     "should root be one of them?", root, names)

@@ -181,3 +181,12 @@ def test_false_positives_and_misses_are_matched_as_voc_does():
     # the second detection repeats the taken first object, the third overlaps the other at IoU 100/700
     assert [round(e["score"], 2) for e in false_positives] == [0.8, 0.7]
     assert len(misses) == 1 and list(misses[0]["box"]) == [20, 20, 40, 40]
+
+
+def test_a_voc_folder_given_to_a_classification_config_is_refused_in_one_line(voc, tmp_path, capsys):
+    run = tmp_path / "run"
+    code = main(["train", "-c", "configs/mobilenet_v2_imagefolder.yaml", "-o", f"Global.output_dir={run}",
+                 "-o", f"DataLoader.Train.dataset.root={voc['root']}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "a PASCAL VOC detection folder" in err and "Global.task=detection" in err and not run.exists()
