@@ -190,3 +190,12 @@ def test_a_voc_folder_given_to_a_classification_config_is_refused_in_one_line(vo
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "a PASCAL VOC detection folder" in err and "Global.task=detection" in err and not run.exists()
+
+
+def test_a_classification_checkpoint_is_refused_by_detection_eval(voc, tmp_path):
+    from paddle_tl.runs.checkpoint import save_checkpoint
+    prefix = tmp_path / "best_model"
+    save_checkpoint(prefix, paddle.nn.Linear(2, 2), state={"model": {"arch": "mobilenet_v2", "num_classes": 2}})
+    cfg = _cfg(voc, tmp_path / "run", f"Global.pretrained_model={prefix}")
+    with pytest.raises(ConfigError, match="is a classification checkpoint, and Global.task is detection"):
+        evaluate_checkpoint(cfg)
