@@ -224,6 +224,9 @@ RULES = (
     *(Rule(TASK, _other_task_data(side), _TASK_DATA) for side in ("Train", "Eval")),
     Rule(CLASSIFYING, _is("Global.budget_minutes", lambda minutes: minutes is not None),
          "the budget applies to detection; classification's is Transfer.auto_budget_minutes"),
+    Rule(_is("Arch.mask", bool), CLASSIFYING,
+         "the mask head is Mask R-CNN's, a detector; set Global.task=detection (e.g. "
+         "configs/mask_rcnn_mobilenet_v2_coco.yaml) or Arch.mask=false"),
     *(Rule(DETECTING, setting, "detection's training (paddle_tl/tasks/detection) does not take it; leave it at "
                                "its default") for setting in _CLASSIFICATION_ONLY),
 )

@@ -106,10 +106,11 @@ class DetectorConfig:
     score_threshold: float = 0.05  # detections kept above this score
     nms_threshold: float = 0.5  # per class
     detections_per_image: int = 100
+    mask_channels: int = 64  # Arch.mask: width of the mask head's four 3x3 convolutions (torchvision 256; CPU)
 
     def validate(self, at):
         for key in ("short_side", "max_size", "fpn_channels", "representation_size", "rois_per_image",
-                    "detections_per_image"):
+                    "detections_per_image", "mask_channels"):
             _require(getattr(self, key) >= 1, f"{at}.{key}", "must be >= 1")
         _require(self.max_size >= self.short_side, f"{at}.max_size", "must be >= short_side")
         _require(_positive_ints(self.train_short_sides), f"{at}.train_short_sides",
@@ -141,7 +142,9 @@ class ArchConfig:
     kwargs: dict = field(default_factory=dict)  # extra constructor arguments, e.g. {scale: 0.25}
     head: HeadConfig = field(default_factory=HeadConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)  # Global.task=detection
-    mask: bool = False  # Global.task=detection: add Mask R-CNN's mask head (not built yet)
+    # Global.task=detection: Mask R-CNN, the mask head trained on the objects' masks (COCO segmentations or
+    # VOC SegmentationObject PNGs; docs/detection.md)
+    mask: bool = False
 
     def validate(self, at):
         _require(self.pretrained is not True, f"{at}.pretrained",

@@ -47,6 +47,7 @@ import numpy as np
 from paddle_tl.data.datasets import IMAGE_EXTENSIONS, PROGRESS_MIN_FILES, find_images, load_rgb
 from paddle_tl.errors import DataError
 from paddle_tl.runtime import import_paddle, progress
+from paddle_tl.tasks.detection.masks import check_instance_png, check_segmentation, sample_masks
 
 paddle = import_paddle()
 log = logging.getLogger("paddle_tl")
@@ -67,9 +68,12 @@ class DetectionSample:
     iscrowd: np.ndarray  # bool [N]: COCO's crowd regions (ignored in training and AP); False for VOC
     size: tuple  # (width, height) of the decoded, upright image
     annotation: str  # the file the objects come from (XML, or the COCO json)
-    # COCO segmentation per object, polygons or RLE exactly as in the json,
-    # for the mask head; None where there is none (VOC).
+    # Per object, for the mask head (masks.sample_masks): COCO's segmentation
+    # (polygons or RLE exactly as in the json), or, with mask_file, VOC's
+    # instance index in that PNG (the object's 1-based place in the XML).
+    # None where the reader kept none (VOC read without masks).
     segmentations: list = field(default=None)
+    mask_file: str = None  # VOC: SegmentationObject/<id>.png, read with masks
 
     def __len__(self):
         return len(self.labels)
@@ -106,17 +110,20 @@ class DetectionDataset(paddle.io.Dataset):
     def __getitem__(self, index):
         return self.item(index, self.transform)
 
-    def item(self, index, transform):
+    def item(self, index, transform, masks=False):
         """The pair of image `index` through `transform` (None: as decoded),
         whatever the dataset's own transform is: the batch loader
         (loader.py) gives the transform per use, so one dataset serves
-        training and evaluation."""
+        training and evaluation. masks: the target gets "masks" uint8
+        [N, H, W], rasterised here, on access, as the image is decoded (all
+        of a dataset's at once would not fit in memory), then moved by the
+        transform with the boxes."""
         sample = self.samples[index]
         image = load_rgb(sample.image)
-        # Segmentations stay on the sample: the mask head will rasterise them
-        # into "masks" arrays, which the transforms then move with the boxes.
         target = {"boxes": sample.boxes.copy(), "labels": sample.labels.copy(),
                   "difficult": sample.difficult.copy(), "iscrowd": sample.iscrowd.copy()}
+        if masks:
+            target["masks"] = sample_masks(sample)
         return transform(image, target) if transform is not None else (image, target)
 
     def objects_per_class(self):
@@ -154,6 +161,7 @@ class _Record:
     annotation: str
     size: tuple  # (width, height) the annotation declares, or None
     objects: list
+    mask_file: Path = None  # VOC's SegmentationObject PNG, when read with masks
 
 
 def _build(records, class_names, transform, source, keep_segmentations):
@@ -180,7 +188,8 @@ def _build(records, class_names, transform, source, keep_segmentations):
             difficult=np.array([obj.difficult for obj, _ in kept], dtype=bool),
             iscrowd=np.array([obj.iscrowd for obj, _ in kept], dtype=bool),
             size=size, annotation=record.annotation,
-            segmentations=[obj.segmentation for obj, _ in kept] if keep_segmentations else None))
+            segmentations=[obj.segmentation for obj, _ in kept] if keep_segmentations else None,
+            mask_file=None if record.mask_file is None else str(record.mask_file)))
     for kind in ("clipped", "dropped", "unreadable"):
         found = getattr(issues, kind)
         if found:
@@ -295,15 +304,21 @@ def voc_split_ids(root, split, where="VOC root"):
     return path, ids
 
 
-def read_voc(root, split, class_names=None, transform=None, where="VOC root"):
+def read_voc(root, split, class_names=None, transform=None, where="VOC root", masks=False):
     """The DetectionDataset of a VOC folder's split. class_names: the
     training set's, when reading evaluation data; otherwise the sorted
-    object names of the split's annotations."""
+    object names of the split's annotations. masks (Mask R-CNN): every
+    image with objects needs SegmentationObject/<id>.png, whose instance
+    index k is the XML's k-th object (VOC's own convention), refused in
+    one line where it is missing or not of the image's size."""
     check_voc_root(root, where)
     root = Path(root)
     list_path, ids = voc_split_ids(root, split, where)
     records = [_voc_record(root, image_id, f"{list_path}:{number}")
                for number, image_id in enumerate(ids, 1)]
+    if masks:
+        for image_id, record in zip(ids, records):
+            _voc_instances(root, image_id, record)
     names = sorted({obj.name for record in records for obj in record.objects})
     if class_names is None:
         if not names:
@@ -312,7 +327,24 @@ def read_voc(root, split, class_names=None, transform=None, where="VOC root"):
     for record in records:
         for obj in record.objects:
             _check_known(obj.name, class_names, record.annotation)
-    return _build(records, list(class_names), transform, f"VOC {root} split {split}", keep_segmentations=False)
+    dataset = _build(records, list(class_names), transform, f"VOC {root} split {split}", keep_segmentations=masks)
+    for sample in dataset.samples if masks else ():
+        if sample.mask_file is not None:
+            check_instance_png(sample.mask_file, sample.size)
+    return dataset
+
+
+def _voc_instances(root, image_id, record):
+    """Point the record's objects at their instance indices in the image's
+    SegmentationObject PNG (1-based, in XML order: set before any box is
+    dropped, so the indices stay those of the file)."""
+    png = root / "SegmentationObject" / f"{image_id}.png"
+    if record.objects and not png.is_file():
+        raise DataError(f"{record.annotation}: its objects have no masks: {png} is missing (Arch.mask needs "
+                        "VOC's SegmentationObject PNG for every image with objects)")
+    record.mask_file = png if png.is_file() else None
+    for number, obj in enumerate(record.objects, 1):
+        obj.segmentation = number
 
 
 def _voc_record(root, image_id, listed_at):
@@ -377,11 +409,14 @@ def _voc_image(root, image_id, filename, xml_path):
 
 # ---------------------------------------------------------------- COCO
 
-def read_coco(image_root, annotation_file, class_names=None, transform=None):
+def read_coco(image_root, annotation_file, class_names=None, transform=None, masks=False):
     """The DetectionDataset of a COCO annotation file whose images'
     file_name are relative to image_root. Every listed image is a sample,
     those without annotations too. class_names: the training set's, when
-    reading evaluation data; otherwise the categories in id order."""
+    reading evaluation data; otherwise the categories in id order. masks
+    (Mask R-CNN): every object, crowd regions too, needs a segmentation
+    (polygons, or RLE of the image's size), refused in one line naming the
+    annotation where it has none."""
     annotation_file, image_root = Path(annotation_file), Path(image_root)
     where = str(annotation_file)
     try:
@@ -432,22 +467,31 @@ def read_coco(image_root, annotation_file, class_names=None, transform=None):
                 and all(np.isfinite(bbox))):
             raise DataError(f"{at}: bbox {bbox!r} is not [x, y, width, height]")
         x, y, w, h = (float(v) for v in bbox)
+        segmentation = ann.get("segmentation")
+        if masks:
+            check_segmentation(segmentation, None, at)  # its size: once the image is decoded, below
         record.objects.append(_Object(name, (x, y, x + w, y + h), bbox, iscrowd=bool(ann.get("iscrowd", 0)),
-                                      segmentation=ann.get("segmentation")))
-    return _build(list(images.values()), list(class_names), transform, f"COCO {annotation_file}",
-                  keep_segmentations=True)
+                                      segmentation=segmentation))
+    dataset = _build(list(images.values()), list(class_names), transform, f"COCO {annotation_file}",
+                     keep_segmentations=True)
+    for sample in dataset.samples if masks else ():
+        for segmentation in sample.segmentations:
+            # Against the decoded size, which may differ from the one the json declares.
+            check_segmentation(segmentation, sample.size, sample.annotation)
+    return dataset
 
 
-def read_dataset(dataset_cfg, side, class_names=None):
+def read_dataset(dataset_cfg, side, class_names=None, masks=False):
     """The dataset a config's DataLoader.<side>.dataset names (VOC: split
     `image_set`, by default train for Train and val for Eval; COCO: the
-    image folder `root` and `annotation_file`)."""
+    image folder `root` and `annotation_file`). masks (Mask R-CNN): every
+    object's mask is needed, refused in one line where one has none."""
     where = f"DataLoader.{side}.dataset"
     if dataset_cfg.root is None:
         raise DataError(f"{where}.root: required (a VOC folder, or COCO's image folder)")
     if dataset_cfg.name == "COCO":
         if dataset_cfg.annotation_file is None:
             raise DataError(f"{where}.annotation_file: required for COCO (the instances json)")
-        return read_coco(dataset_cfg.root, dataset_cfg.annotation_file, class_names)
+        return read_coco(dataset_cfg.root, dataset_cfg.annotation_file, class_names, masks=masks)
     split = dataset_cfg.image_set or ("train" if side == "Train" else "val")
-    return read_voc(dataset_cfg.root, split, class_names, where=f"{where}.root")
+    return read_voc(dataset_cfg.root, split, class_names, where=f"{where}.root", masks=masks)

@@ -1,6 +1,8 @@
 """COCO box AP of predictions on a DetectionDataset, with pycocotools'
 COCOeval: AP (IoU 0.50:0.95), AP50, AP75 and AP per class, as the
-contract's metrics.json names them (`bbox_ap`, `bbox_ap50`).
+contract's metrics.json names them (`bbox_ap`, `bbox_ap50`); and, for
+predictions with masks (Mask R-CNN), mask AP the same way (COCOeval's
+iouType "segm": `mask_ap`, `mask_ap50`).
 
 Ground truth. Any DetectionDataset (VOC or COCO) becomes a COCO
 ground-truth dict in memory: image ids 1..N in the dataset's order,
@@ -20,9 +22,14 @@ lying mostly inside a difficult box is ignored even when it is much smaller
 than the box (VOC would count it a false positive). COCO's own crowd
 annotations stay crowd regions.
 
+Mask ground truth: COCO's segmentations as written (polygons or RLE);
+VOC's from its SegmentationObject PNGs, as RLE (masks.py). The dataset must
+have been read with masks.
+
 Predictions: one dict per dataset image, in the dataset's order, with
 `boxes` [M, 4] x1y1x2y2 in the ORIGINAL image's pixels (loader.predict maps
-them back), `scores` [M] and `labels` [M] (0..K-1).
+them back), `scores` [M] and `labels` [M] (0..K-1), and optionally `masks`:
+M COCO RLE dicts of the original image's size (loader.predict pastes them).
 """
 
 import contextlib
@@ -32,6 +39,7 @@ import logging
 import numpy as np
 
 from paddle_tl.errors import DataError, UserError
+from paddle_tl.tasks.detection.masks import sample_segmentations
 
 log = logging.getLogger("paddle_tl")
 
@@ -51,27 +59,32 @@ def import_cocoeval():
     return COCO, COCOeval
 
 
-def coco_ground_truth(dataset):
+def coco_ground_truth(dataset, masks=False):
     """The COCO ground-truth dict (images, annotations, categories) of a
     DetectionDataset; difficult objects become crowd regions (module
-    docstring)."""
+    docstring). masks: each annotation gets its `segmentation`."""
     data = {"images": [], "annotations": [],
             "categories": [{"id": label + 1, "name": name} for label, name in enumerate(dataset.class_names)]}
     for image_id, sample in enumerate(dataset.samples, 1):
         width, height = sample.size
         data["images"].append({"id": image_id, "file_name": sample.image, "width": width, "height": height})
-        for box, label, difficult, crowd in zip(sample.boxes, sample.labels, sample.difficult, sample.iscrowd):
+        segmentations = sample_segmentations(sample) if masks else [None] * len(sample)
+        for box, label, difficult, crowd, segmentation in zip(sample.boxes, sample.labels, sample.difficult,
+                                                              sample.iscrowd, segmentations):
             x1, y1, x2, y2 = (float(v) for v in box)
             data["annotations"].append({
                 "id": len(data["annotations"]) + 1, "image_id": image_id, "category_id": int(label) + 1,
                 "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
-                "iscrowd": int(bool(difficult) or bool(crowd))})
+                "iscrowd": int(bool(difficult) or bool(crowd)),
+                **({"segmentation": segmentation} if masks else {})})
     return data
 
 
-def coco_results(predictions, num_classes):
+def coco_results(predictions, num_classes, masks=False):
     """COCO's detection results list ([x, y, w, h] boxes, 1-based category
-    ids) of per-image predictions in the dataset's order."""
+    ids) of per-image predictions in the dataset's order; masks: the
+    results of the masks instead (`segmentation` and no `bbox`, which would
+    make pycocotools' loadRes take them for box results)."""
     results = []
     for image_id, found in enumerate(predictions, 1):
         boxes = np.asarray(found["boxes"], dtype=np.float64).reshape(-1, 4)
@@ -81,6 +94,12 @@ def coco_results(predictions, num_classes):
             raise ValueError(f"image {image_id}: {len(boxes)} boxes, {len(scores)} scores, {len(labels)} labels")
         if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
             raise ValueError(f"image {image_id}: labels must be 0..{num_classes - 1}, got {sorted(set(labels))}")
+        if masks:
+            if len(found.get("masks", ())) != len(labels):
+                raise ValueError(f"image {image_id}: {len(found.get('masks', ()))} masks for {len(labels)} boxes")
+            results += [{"image_id": image_id, "category_id": int(label) + 1, "score": float(score),
+                         "segmentation": rle} for score, label, rle in zip(scores, labels, found["masks"])]
+            continue
         for (x1, y1, x2, y2), score, label in zip(boxes, scores, labels):
             results.append({"image_id": image_id, "category_id": int(label) + 1, "score": float(score),
                             "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)]})
@@ -89,32 +108,45 @@ def coco_results(predictions, num_classes):
 
 def evaluate(dataset, predictions):
     """{"bbox_ap", "bbox_ap50", "bbox_ap75", "per_class": {name: ap}} of
-    `predictions` (one dict per image of `dataset`, module docstring).
-    A class without ground truth in the dataset has AP None (undefined,
-    and left out of the means, as COCOeval does). No predictions at all
-    score 0."""
+    `predictions` (one dict per image of `dataset`, module docstring), and
+    where they hold masks "mask_ap", "mask_ap50", "mask_ap75",
+    "mask_per_class". A class without ground truth in the dataset has AP
+    None (undefined, and left out of the means, as COCOeval does). No
+    predictions at all score 0."""
     import_cocoeval()  # before any work
     predictions = list(predictions)
     if len(predictions) != len(dataset):
         raise ValueError(f"{len(predictions)} predictions for the {len(dataset)} images of {dataset.source}")
-    truth = coco_ground_truth(dataset)
+    masks = any("masks" in found for found in predictions)
+    truth = coco_ground_truth(dataset, masks=masks)
     counted = sum(1 for ann in truth["annotations"] if not ann["iscrowd"])
     if counted == 0:
         # AP is undefined without a single object to find; a number here would be made up.
         raise DataError(f"{dataset.source}: no objects to evaluate against (every image is empty, or every "
                         "object difficult or crowd)")
-    present = {ann["category_id"] - 1 for ann in truth["annotations"] if not ann["iscrowd"]}
-    results = coco_results(predictions, len(dataset.class_names))
+    found = _coco_ap(truth, coco_results(predictions, len(dataset.class_names)), "bbox", dataset.class_names)
+    scores = {"bbox_ap": found["ap"], "bbox_ap50": found["ap50"], "bbox_ap75": found["ap75"],
+              "per_class": found["per_class"]}
+    if masks:
+        found = _coco_ap(truth, coco_results(predictions, len(dataset.class_names), masks=True), "segm",
+                         dataset.class_names)
+        scores.update({"mask_ap": found["ap"], "mask_ap50": found["ap50"], "mask_ap75": found["ap75"],
+                       "mask_per_class": found["per_class"]})
+    return scores
+
+
+def _coco_ap(truth, results, iou_type, class_names):
+    """COCOeval's AP, AP50, AP75 and AP per class of `results` against
+    the ground-truth dict `truth`, for iou_type "bbox" or "segm"."""
     if not results:
         # loadRes cannot take an empty list; nothing found is AP 0 for every class that has objects.
-        return {"bbox_ap": 0.0, "bbox_ap50": 0.0, "bbox_ap75": 0.0,
-                "per_class": {name: (0.0 if label in present else None)
-                              for label, name in enumerate(dataset.class_names)}}
-
-    evaluation = _run_cocoeval(truth, results)
+        present = {ann["category_id"] - 1 for ann in truth["annotations"] if not ann["iscrowd"]}
+        return {"ap": 0.0, "ap50": 0.0, "ap75": 0.0,
+                "per_class": {name: (0.0 if label in present else None) for label, name in enumerate(class_names)}}
+    evaluation = _run_cocoeval(truth, results, iou_type)
     stats = evaluation.stats
-    return {"bbox_ap": float(stats[0]), "bbox_ap50": float(stats[1]), "bbox_ap75": float(stats[2]),
-            "per_class": _per_class(evaluation, dataset.class_names)}
+    return {"ap": float(stats[0]), "ap50": float(stats[1]), "ap75": float(stats[2]),
+            "per_class": _per_class(evaluation, class_names)}
 
 
 def coco_evaluation(dataset, predictions):
@@ -125,7 +157,7 @@ def coco_evaluation(dataset, predictions):
     return _run_cocoeval(coco_ground_truth(dataset), results) if results else None
 
 
-def _run_cocoeval(truth, results):
+def _run_cocoeval(truth, results, iou_type="bbox"):
     COCO, COCOeval = import_cocoeval()
     # COCO() and COCOeval print progress and the summary table to stdout; the
     # numbers are kept, the text goes to the debug log.
@@ -134,11 +166,11 @@ def _run_cocoeval(truth, results):
         coco_truth = COCO()
         coco_truth.dataset = truth
         coco_truth.createIndex()
-        evaluation = COCOeval(coco_truth, coco_truth.loadRes(results), "bbox")
+        evaluation = COCOeval(coco_truth, coco_truth.loadRes(results), iou_type)
         evaluation.evaluate()
         evaluation.accumulate()
         evaluation.summarize()
-    log.debug("COCOeval:\n%s", printed.getvalue())
+    log.debug("COCOeval (%s):\n%s", iou_type, printed.getvalue())
     return evaluation
 
 
@@ -158,15 +190,20 @@ def _per_class(evaluation, class_names):
 
 def evaluate_checkpoint(cfg):
     """`paddle-tl eval` of a detection run: Global.pretrained_model's box AP
-    on the Eval split, at the evaluation size the checkpoint records."""
+    (and mask AP, for a Mask R-CNN) on the Eval split, at the evaluation
+    size the checkpoint records."""
     from paddle_tl.tasks.detection.loader import predict
     from paddle_tl.tasks.detection.model import trained_detector
     from paddle_tl.tasks.detection.data import read_dataset
     from paddle_tl.tasks.detection.transforms import EvalTransform
     import_cocoeval()
     model, record = trained_detector(cfg)
-    dataset = read_dataset(cfg.DataLoader.Eval.dataset, "Eval", record["class_names"])
+    dataset = read_dataset(cfg.DataLoader.Eval.dataset, "Eval", record["class_names"], masks=model.mask)
     pre = record["preprocess"]
     found = evaluate(dataset, predict(model, dataset, EvalTransform(pre["short_side"], pre["max_size"])))
-    return {"task": "detection", "bbox_ap": found["bbox_ap"], "bbox_ap50": found["bbox_ap50"],
-            "bbox_ap75": found["bbox_ap75"], "per_class_ap": found["per_class"], "images": len(dataset)}
+    scores = {"task": "detection", "bbox_ap": found["bbox_ap"], "bbox_ap50": found["bbox_ap50"],
+              "bbox_ap75": found["bbox_ap75"], "per_class_ap": found["per_class"]}
+    if model.mask:
+        scores.update({"mask_ap": found["mask_ap"], "mask_ap50": found["mask_ap50"],
+                       "mask_ap75": found["mask_ap75"], "per_class_mask_ap": found["mask_per_class"]})
+    return {**scores, "images": len(dataset)}

@@ -5,6 +5,7 @@ keeps of it, so that eval, export and the predictor rebuild what trained
 The record (state.json's `model`):
     task "detection", arch, num_classes, class_names,
     detector: Arch.detector as trained (sizes, anchors, thresholds),
+    mask: Arch.mask (Mask R-CNN, its branch Arch.detector.mask_channels wide),
     preprocess: mean, std, channel_order (the body's, from the zoo),
                 short_side and max_size (the evaluation resize)
 """
@@ -32,7 +33,8 @@ def describe_detector(cfg, class_names):
 
 
 def build_detector(record, pretrained=None, frozen_stages=0):
-    """A FasterRCNN as `record` describes it; the body from `pretrained`
+    """A FasterRCNN (a Mask R-CNN where record["mask"]) as `record`
+    describes it; the body from `pretrained`
     (models/weights.py's sources; None: random) with its bottom
     `frozen_stages` stages frozen (backbone.py)."""
     d = record["detector"]
@@ -46,7 +48,9 @@ def build_detector(record, pretrained=None, frozen_stages=0):
         rpn_kwargs={"pre_nms_top_n": {"train": train_pre, "test": test_pre},
                     "post_nms_top_n": {"train": train_post, "test": test_post}},
         roi_kwargs={"batch_size_per_image": d["rois_per_image"], "score_thresh": d["score_threshold"],
-                    "nms_thresh": d["nms_threshold"], "detections_per_img": d["detections_per_image"]})
+                    "nms_thresh": d["nms_threshold"], "detections_per_img": d["detections_per_image"]},
+        # Records written before Mask R-CNN have no mask_channels, and no mask.
+        **({"mask": True, "mask_channels": d["mask_channels"]} if record.get("mask") else {}))
 
 
 def is_detection_record(record):

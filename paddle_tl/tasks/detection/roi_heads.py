@@ -1,6 +1,7 @@
 """The box head of Faster R-CNN over FPN, as torchvision's RoIHeads:
 multi-scale RoIAlign, a two-layer MLP, the class and box predictor, the
-head's training targets and losses, and the postprocessing into detections.
+head's training targets and losses, and the postprocessing into detections;
+with a mask branch (mask_head.py), Mask R-CNN's masks on the same boxes.
 
 Classes: the data's labels are 0..K-1; the head predicts K + 1 classes with
 0 the background, so class c of the data is the head's c + 1 (and
@@ -10,9 +11,10 @@ detections are given back as 0..K-1).
 import math
 
 from paddle_tl.runtime import import_paddle
-from paddle_tl.tasks.detection.boxes import (BalancedSampler, BoxCoder, Matcher, batched_nms, box_iou,
-                                             clip_boxes, remove_small_boxes)
+from paddle_tl.tasks.detection.boxes import (BalancedSampler, BoxCoder, Matcher, batched_nms, box_iou, clip_boxes,
+                                             remove_small_boxes)
 from paddle_tl.tasks.detection.losses import smooth_l1
+from paddle_tl.tasks.detection.mask_head import maskrcnn_loss, own_class, project_masks_on_boxes
 
 paddle = import_paddle()
 F = paddle.nn.functional
@@ -114,13 +116,19 @@ class RoIHeads(paddle.nn.Layer):
     box's class, below 0.5 background; 512 per image, up to a quarter
     positive; box weights (10, 10, 5, 5). Detections: softmax, per-class
     decoding, clipped, score > score_thresh, boxes under min_size removed,
-    NMS at nms_thresh per class, the detections_per_img best."""
+    NMS at nms_thresh per class, the detections_per_img best.
+    mask_branch (mask_head.MaskBranch, optional): Mask R-CNN. Training adds
+    "loss_mask" on the sampled positive proposals (targets then need
+    "masks" float [N, H, W]); each detection gets "mask_probs" [M, M], the
+    sigmoid of its class's mask over its box (masks.paste_masks puts it
+    into an image)."""
 
     def __init__(self, box_roi_pool, box_head, box_predictor, fg_iou_thresh=0.5, bg_iou_thresh=0.5,
                  batch_size_per_image=512, positive_fraction=0.25, score_thresh=0.05, nms_thresh=0.5,
-                 detections_per_img=100, min_size=1e-2):
+                 detections_per_img=100, min_size=1e-2, mask_branch=None):
         super().__init__()
         self.box_roi_pool, self.box_head, self.box_predictor = box_roi_pool, box_head, box_predictor
+        self.mask_branch = mask_branch
         self.box_coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
         self.matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=False)
         self.sampler = BalancedSampler(batch_size_per_image, positive_fraction)
@@ -131,18 +139,60 @@ class RoIHeads(paddle.nn.Layer):
         if self.training:
             if targets is None:
                 raise ValueError("the box head needs targets in training")
-            proposals, labels, regression_targets = self.select_training_samples(proposals, targets)
+            proposals, labels, regression_targets, matched = self.select_training_samples(proposals, targets)
         logits, deltas = self.box_predictor(self.box_head(self.box_roi_pool(features, proposals)))
         if self.training:
-            return [], fastrcnn_loss(logits, deltas, labels, regression_targets)
-        return self.postprocess(logits, deltas, proposals, image_sizes), {}
+            losses = fastrcnn_loss(logits, deltas, labels, regression_targets)
+            if self.mask_branch is not None:
+                losses["loss_mask"] = self.mask_loss(features, proposals, labels, matched, targets)
+            return [], losses
+        detections = self.postprocess(logits, deltas, proposals, image_sizes)
+        if self.mask_branch is not None:
+            self.add_masks(features, detections)
+        return detections, {}
+
+    def mask_loss(self, features, proposals, labels, matched, targets):
+        """Mask R-CNN's loss on the sampled positive proposals, each against
+        the mask of the box it was matched to (mask_head.maskrcnn_loss)."""
+        boxes, classes, mask_targets, start = [], [], [], 0
+        for image_proposals, image_matched, target in zip(proposals, matched, targets):
+            image_labels = labels[start:start + image_proposals.shape[0]]
+            start += image_proposals.shape[0]
+            positive = paddle.nonzero(image_labels > 0).flatten()
+            if positive.shape[0] == 0:
+                boxes.append(paddle.zeros([0, 4], "float32"))
+                continue
+            boxes.append(image_proposals[positive])
+            classes.append(image_labels[positive] - 1)
+            mask_targets.append(project_masks_on_boxes(target["masks"], boxes[-1], image_matched[positive],
+                                                       2 * self.mask_branch.roi_pool.output_size))
+        if not classes:
+            return paddle.to_tensor(0.0)
+        return maskrcnn_loss(self.mask_branch(features, boxes), paddle.concat(classes), paddle.concat(mask_targets))
+
+    def add_masks(self, features, detections):
+        """Each detection's "mask_probs" [D, M, M]: the sigmoid of its own
+        class's mask logits over its box."""
+        counts = [d["boxes"].shape[0] for d in detections]
+        size = 2 * self.mask_branch.roi_pool.output_size
+        if sum(counts) == 0:
+            for found in detections:
+                found["mask_probs"] = paddle.zeros([0, size, size], "float32")
+            return
+        logits = self.mask_branch(features, [d["boxes"] for d in detections])
+        probabilities = F.sigmoid(own_class(logits, paddle.concat([d["labels"] for d in detections])))
+        start = 0
+        for count, found in zip(counts, detections):
+            found["mask_probs"] = probabilities[start:start + count]
+            start += count
 
     def select_training_samples(self, proposals, targets):
         """Per image: the proposals with the ground-truth boxes added (so
         that every box has positives from the start), matched and sampled ->
         (sampled proposals per image, head labels int64 [sum], encoded box
-        targets [sum, 4])."""
-        sampled, labels, regression = [], [], []
+        targets [sum, 4], per image the index of the box each sampled
+        proposal was matched to (0 for the background ones): the mask loss's)."""
+        sampled, labels, regression, matched_index = [], [], [], []
         for image_proposals, target in zip(proposals, targets):
             gt_boxes = target["boxes"]
             candidates = paddle.concat([image_proposals, gt_boxes]) if gt_boxes.shape[0] else image_proposals
@@ -155,12 +205,14 @@ class RoIHeads(paddle.nn.Layer):
                 matched = gt_boxes[index]
             else:
                 image_labels, matched = paddle.zeros([count], "int64"), paddle.zeros([count, 4], "float32")
+                index = paddle.zeros([count], "int64")
             pos, neg = self.sampler(image_labels)
             chosen = paddle.nonzero(pos | neg).flatten()
             sampled.append(candidates[chosen])
             labels.append(image_labels[chosen])
             regression.append(self.box_coder.encode(matched[chosen], candidates[chosen]))
-        return sampled, paddle.concat(labels), paddle.concat(regression)
+            matched_index.append(index[chosen])
+        return sampled, paddle.concat(labels), paddle.concat(regression), matched_index
 
     def postprocess(self, logits, deltas, proposals, image_sizes):
         """-> per image {"boxes" [D, 4], "scores" [D], "labels" int64 [D] in 0..K-1}."""

@@ -1,5 +1,6 @@
-"""Detection training: config -> VOC/COCO datasets -> Faster R-CNN on a zoo
-body -> epochs -> run folder (`paddle-tl train` with Global.task=detection).
+"""Detection training: config -> VOC/COCO datasets -> Faster R-CNN (Mask
+R-CNN with Arch.mask) on a zoo body -> epochs -> run folder (`paddle-tl
+train` with Global.task=detection).
 
 The run folder is classification's (paddle_tl/runs): opened only once the
 data is read (a refusal before the first epoch leaves it as it was),
@@ -14,7 +15,8 @@ Selection: the best epoch is chosen on the validation split's box AP50
 (its AP breaks ties), held out of the training images as classification
 does (DataLoader.Train.val_fraction, seeded); bbox_ap and bbox_ap50 in
 metrics.json are that epoch's on the Eval split. With val_fraction 0 the
-Eval split chooses, and metrics.json says so.
+Eval split chooses, and metrics.json says so. A Mask R-CNN is chosen the
+same way (on boxes), and metrics.json adds its mask_ap and mask_ap50.
 """
 
 import dataclasses
@@ -46,11 +48,11 @@ from paddle_tl.tasks.detection.transforms import EvalTransform, TrainTransform
 paddle = import_paddle()
 
 SELECTION_METRIC = "bbox_ap50"
+SCORES = ("bbox_ap", "bbox_ap50", "mask_ap", "mask_ap50")  # in the history, where the model has them
 # Bottom stages frozen by default (Transfer.strategy auto or partial without
 # freeze_stages): stride 2 and 4, as torchvision's trainable_backbone_layers=3
 # for ResNet-50; the high-resolution stages cost most and gain least.
 DEFAULT_FROZEN_STAGES = 2
-LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
 
 
 @dataclass
@@ -103,9 +105,9 @@ def frozen_stages(cfg):
 def load_data(cfg):
     """Train (less its validation share), validation and Eval datasets,
     refused in one line where they cannot be read (data.py's readers)."""
-    loaders = cfg.DataLoader
-    train = read_dataset(loaders.Train.dataset, "Train")
-    evaluation = read_dataset(loaders.Eval.dataset, "Eval", train.class_names)
+    loaders, masks = cfg.DataLoader, cfg.Arch.mask
+    train = read_dataset(loaders.Train.dataset, "Train", masks=masks)
+    evaluation = read_dataset(loaders.Eval.dataset, "Eval", train.class_names, masks=masks)
     train, val = split_validation(train, loaders.Train.val_fraction, cfg.Global.seed)
     if len(train) < loaders.Train.batch_size:
         raise DataError(f"DataLoader.Train: {len(train)} training images, fewer than one batch "
@@ -201,7 +203,7 @@ def fit(cfg, folder, model, optimizer, state, data, steps, run_started):
             if (epoch + 1) % g.eval_interval == 0 or last:
                 found = evaluate(data.choosing, predict(model, data.choosing, eval_tf, arch=arch))
                 split = "val" if data.val is not None else "eval"
-                row.update({f"{split}_bbox_ap": found["bbox_ap"], f"{split}_bbox_ap50": found["bbox_ap50"]})
+                row.update({f"{split}_{key}": found[key] for key in SCORES if key in found})
                 score = [found["bbox_ap50"], found["bbox_ap"]]
                 improved = state["best_score"] is None or score > state["best_score"]
                 if improved:
@@ -236,9 +238,10 @@ def train_epoch(cfg, model, optimizer, state, data, transform, arch, epoch, step
     finite never updates the model (Global.nan_policy)."""
     g = cfg.Global
     model.train()
-    sums, counted, skipped_in_a_row, stopped = dict.fromkeys(LOSS_NAMES, 0.0), 0, 0, False
+    # The losses are whatever the model returns (Mask R-CNN adds loss_mask).
+    sums, counted, skipped_in_a_row, stopped = {}, 0, 0, False
     batch_size = cfg.DataLoader.Train.batch_size
-    loader = batches(data.train, transform, batch_size, arch, shuffle=True, drop_last=True)
+    loader = batches(data.train, transform, batch_size, arch, shuffle=True, drop_last=True, masks=model.mask)
     for step, batch in enumerate(progress(loader, f"epoch {epoch + 1}/{state['epochs']}", total=steps,
                                           unit="batches")):
         losses = model(batch.images, batch.targets)
@@ -260,8 +263,8 @@ def train_epoch(cfg, model, optimizer, state, data, transform, arch, epoch, step
         optimizer.clear_grad()
         optimizer._learning_rate.step()
         counted += 1
-        for name in LOSS_NAMES:
-            sums[name] += float(losses[name])
+        for name, value in losses.items():
+            sums[name] = sums.get(name, 0.0) + float(value)
         if (step + 1) % g.log_interval == 0:
             at = epoch * steps + step + 1
             writer.add_scalar("train_step/loss", float(loss), at)
@@ -277,14 +280,14 @@ def _finite_gradients(optimizer):
 
 
 def epoch_line(row, epochs):
-    scores = ", ".join(f"{key} {row[key]:.4f}" for key in row if key.endswith("bbox_ap50") or key.endswith("bbox_ap"))
+    scores = ", ".join(f"{key} {row[key]:.4f}" for key in row if key.endswith(SCORES))
     return (f"epoch {row['epoch'] + 1}/{epochs}: loss {row['train_loss']:.4f}"
             f"{', ' + scores if scores else ''}, lr {row['lr']:.5f}, {row['train_seconds']:.0f} s")
 
 
 def record_run(cfg, folder, model, state, data, train_seconds):
     """Eval AP of best_model (and of the last epoch where it differs) into
-    metrics.json."""
+    metrics.json; a Mask R-CNN's mask AP beside its box AP."""
     eval_tf = EvalTransform(cfg.Arch.detector.short_side, cfg.Arch.detector.max_size)
     found = predict(model, data.eval, eval_tf)
     last = evaluate(data.eval, found)
@@ -312,7 +315,12 @@ def record_run(cfg, folder, model, state, data, train_seconds):
         "detector": dataclasses.asdict(cfg.Arch.detector), "skipped_batches": state["skipped_batches"],
         "history": state["history"],
     }
+    if model.mask:
+        metrics.update({"mask_ap": best["mask_ap"], "mask_ap50": best["mask_ap50"], "mask_ap75": best["mask_ap75"],
+                        "per_class_mask_ap": best["mask_per_class"], "final_mask_ap": last["mask_ap"],
+                        "final_mask_ap50": last["mask_ap50"]})
     write_json(Path(folder) / METRICS_FILE, metrics)
     print(f"report: {write_detection_report(folder, found, data.eval)}")
-    print(json.dumps({key: metrics[key] for key in ("bbox_ap", "bbox_ap50", "best_epoch", "train_seconds")}))
+    print(json.dumps({key: metrics[key] for key in ("bbox_ap", "bbox_ap50", "mask_ap", "mask_ap50", "best_epoch",
+                                                    "train_seconds") if key in metrics}))
     return metrics

@@ -206,7 +206,7 @@ def test_box_head_targets_add_ground_truth_and_shift_labels():
     proposals = [paddle.to_tensor([[0, 0, 10, 10], [50, 50, 60, 60]], dtype="float32")]
     targets = [{"boxes": paddle.to_tensor([[1, 1, 10, 10]], dtype="float32"),
                 "labels": paddle.to_tensor([2], dtype="int64")}]
-    sampled, labels, regression = heads.select_training_samples(proposals, targets)
+    sampled, labels, regression, _ = heads.select_training_samples(proposals, targets)
     rows = sorted(zip(sampled[0].numpy().tolist(), labels.numpy().tolist()))
     # IoU 81/100 -> data class 2 = head class 3; the far one is background;
     # the ground truth itself is added as a positive.
