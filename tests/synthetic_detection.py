@@ -88,10 +88,13 @@ def voc_xml(filename, size, objects):
     return "".join(parts) + "</annotation>"
 
 
-def write_voc(root, splits, seed=0, size=(96, 72), empty_every=0, difficult_every=0):
+def write_voc(root, splits, seed=0, size=(96, 72), empty_every=0, difficult_every=0, masks=False):
     """A VOC folder with the given {split: image count}; returns {split:
-    make_images' dicts}. Every `difficult_every`-th object is difficult."""
-    for folder in ("JPEGImages", "Annotations", "ImageSets/Main"):
+    make_images' dicts}. Every `difficult_every`-th object is difficult.
+    masks: SegmentationObject/<id>.png for images with objects, as VOC
+    writes them: a palette PNG of instance indices 1..N in the XML's order,
+    0 background, 255 (void) on each object's outermost pixels."""
+    for folder in ("JPEGImages", "Annotations", "ImageSets/Main", *(("SegmentationObject",) if masks else ())):
         (root / folder).mkdir(parents=True, exist_ok=True)
     written, offset = {}, 0
     for split, count in splits.items():
@@ -105,10 +108,28 @@ def write_voc(root, splits, seed=0, size=(96, 72), empty_every=0, difficult_ever
                        for label, b, d in zip(image["labels"], image["boxes"], image["difficult"])]
             (root / "Annotations" / f"{image['id']}.xml").write_text(
                 voc_xml(f"{image['id']}.jpg", size, objects))
+            if masks and len(image["masks"]):
+                instance_png(image["masks"]).save(root / "SegmentationObject" / f"{image['id']}.png")
         (root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i['id']}\n" for i in images))
         written[split] = images
         offset += 1
     return written
+
+
+def instance_png(masks):
+    """VOC's SegmentationObject PNG of masks uint8 [N, H, W]: instance
+    k + 1 on mask k, void (255) on its border pixels (those with a
+    4-neighbour outside it), as VOC outlines its objects."""
+    indices = np.zeros(masks.shape[1:], np.uint8)
+    for number, mask in enumerate(masks, 1):
+        indices[mask > 0] = number
+    for mask in masks:
+        inside = np.pad(mask > 0, 1)
+        interior = inside[1:-1, 1:-1] & inside[:-2, 1:-1] & inside[2:, 1:-1] & inside[1:-1, :-2] & inside[1:-1, 2:]
+        indices[(mask > 0) & ~interior] = 255
+    png = Image.frombytes("P", indices.shape[::-1], indices.tobytes())
+    png.putpalette([value for index in range(256) for value in ((index * 37) % 256, (index * 91) % 256, index)])
+    return png
 
 
 def coco_json(images, size, category_ids=None):
