@@ -139,6 +139,8 @@ for key, on, facts in [
         ("Loss.label_smoothing", ["Loss.label_smoothing=0.1"], {}),
         ("data-parallel training", [], {"processes": 2}), ("paddle-tl command", [], {"command": "cv"})]:
     CASES[f"Global.task x {key}"] = ([*_DETECTION, *on], facts, [(_DETECTION, {}), (on, facts)], None)
+# The mask head without detection (its allowed neighbour trains in tests/tasks/detection/test_mask_rcnn.py).
+CASES["Arch.mask x Global.task"] = (["Arch.mask=true"], {}, [([*_DETECTION, "Arch.mask=true"], {}), ([], {})], None)
 
 
 def test_every_rule_has_its_cases():
