@@ -24,11 +24,21 @@ def _mask_api():
     return mask
 
 
+def _polygons(segmentation):
+    """The polygons of a COCO polygon segmentation that have an area: lists
+    of at least 3 x, y pairs. COCO 2017 itself holds a few 2-point
+    "polygons"; as Detectron2, they are left out of their object's outline,
+    and only an object with none left is refused (check_segmentation)."""
+    return [polygon for polygon in segmentation
+            if isinstance(polygon, list) and len(polygon) >= 6 and len(polygon) % 2 == 0
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in polygon)]
+
+
 def check_segmentation(segmentation, size, where):
     """Refuse, in one line, a COCO segmentation that cannot be rasterised:
-    neither polygons (lists of at least 3 x, y pairs) nor an RLE dict whose
-    size is the image's [height, width]. size: the image's (width, height),
-    or None where not known yet."""
+    neither polygons (at least one of 3 x, y pairs or more) nor an RLE dict
+    whose size is the image's [height, width]. size: the image's (width,
+    height), or None where not known yet."""
     if isinstance(segmentation, dict):
         if not isinstance(segmentation.get("counts"), (str, list)) or "size" not in segmentation:
             raise DataError(f"{where}: its RLE segmentation needs 'size' and 'counts'")
@@ -36,9 +46,7 @@ def check_segmentation(segmentation, size, where):
             raise DataError(f"{where}: its RLE segmentation is of size {list(segmentation['size'])} (height, width); "
                             f"the image is {size[0]}x{size[1]}")
         return
-    if not (isinstance(segmentation, list) and segmentation and all(
-            isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p) for p in segmentation)):
+    if not (isinstance(segmentation, list) and _polygons(segmentation)):
         raise DataError(f"{where}: no usable segmentation (Arch.mask needs polygons of at least 3 points, or RLE, "
                         f"for every object); got {str(segmentation)[:60]}")
 
@@ -48,7 +56,7 @@ def rasterize(segmentation, height, width):
     [height, width]."""
     mask_api = _mask_api()
     if isinstance(segmentation, list):
-        rle = mask_api.merge(mask_api.frPyObjects(segmentation, height, width))
+        rle = mask_api.merge(mask_api.frPyObjects(_polygons(segmentation), height, width))
     elif isinstance(segmentation["counts"], list):
         rle = mask_api.frPyObjects(segmentation, height, width)
     else:
@@ -97,7 +105,8 @@ def sample_segmentations(sample):
     if sample.segmentations is None:
         raise DataError(f"{sample.annotation}: no masks for its objects (read the dataset with masks)")
     if sample.mask_file is None:
-        return list(sample.segmentations)
+        # Polygons as rasterize() reads them: without the ones that have no area.
+        return [_polygons(s) if isinstance(s, list) else s for s in sample.segmentations]
     return encode_rle(sample_masks(sample))
 
 

@@ -45,8 +45,8 @@ def test_polygons_and_rle_rasterise_in_continuous_pixels():
         length += 1
     runs.append(length)
     np.testing.assert_array_equal(rasterize({"size": [6, 8], "counts": runs}, 6, 8), expected)
-    # Two polygons of one object are one mask.
-    both = rasterize([[0, 0, 2, 0, 2, 2, 0, 2], [6, 4, 8, 4, 8, 6, 6, 6]], 6, 8)
+    # Two polygons of one object are one mask; a 2-point "polygon" (COCO 2017 has a few) adds nothing.
+    both = rasterize([[0, 0, 2, 0, 2, 2, 0, 2], [6, 4, 8, 4, 8, 6, 6, 6], [1, 1, 5, 5]], 6, 8)
     assert both.sum() == 8 and both[0, 0] == 1 and both[5, 7] == 1
 
 
@@ -89,6 +89,11 @@ def test_objects_without_masks_are_refused_naming_the_file(tmp_path):
     with pytest.raises(DataError, match=r"annotations\.json: annotation 2 .*no usable segmentation"):
         read_coco(images_dir, annotations, masks=True)
     read_coco(images_dir, annotations)
+
+    data["annotations"][1]["segmentation"] = [[1, 1, 5, 5]]  # a line: no area
+    annotations.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"annotation 2 .*no usable segmentation"):
+        read_coco(images_dir, annotations, masks=True)
 
     data["annotations"][1]["segmentation"] = {"size": [10, 10], "counts": "abc"}
     annotations.write_text(json.dumps(data))
