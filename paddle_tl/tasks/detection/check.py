@@ -28,9 +28,12 @@ def check_voc(train_root, eval_root=None, out_dir=None, splits=DEFAULT_SPLITS):
 
 
 def check_config(cfg, out_dir=None):
-    """`paddle-tl check-data` of a detection config: its Train and Eval datasets (VOC or COCO)."""
-    train = read_dataset(cfg.DataLoader.Train.dataset, "Train")
-    return check_datasets(train, read_dataset(cfg.DataLoader.Eval.dataset, "Eval", train.class_names), out_dir)
+    """`paddle-tl check-data` of a detection config: its Train and Eval
+    datasets (VOC or COCO), with their masks where Arch.mask trains them."""
+    masks = cfg.Arch.mask
+    train = read_dataset(cfg.DataLoader.Train.dataset, "Train", masks=masks)
+    return check_datasets(train, read_dataset(cfg.DataLoader.Eval.dataset, "Eval", train.class_names, masks=masks),
+                          out_dir)
 
 
 def check_datasets(train, evaluation, out_dir=None):
