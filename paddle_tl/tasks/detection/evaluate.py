@@ -192,9 +192,9 @@ def evaluate_checkpoint(cfg):
     """`paddle-tl eval` of a detection run: Global.pretrained_model's box AP
     (and mask AP, for a Mask R-CNN) on the Eval split, at the evaluation
     size the checkpoint records."""
+    from paddle_tl.tasks.detection.data import read_dataset
     from paddle_tl.tasks.detection.loader import predict
     from paddle_tl.tasks.detection.model import trained_detector
-    from paddle_tl.tasks.detection.data import read_dataset
     from paddle_tl.tasks.detection.transforms import EvalTransform
     import_cocoeval()
     model, record = trained_detector(cfg)
