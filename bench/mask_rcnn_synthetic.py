@@ -38,7 +38,8 @@ SMALL = ["Arch.detector.short_side=96", "Arch.detector.max_size=128", "Arch.dete
          "Arch.detector.anchor_sizes=[16, 32, 64, 128]", "Arch.detector.rpn_pre_nms_top_n=[300, 300]",
          "Arch.detector.rpn_post_nms_top_n=[200, 100]", "Arch.detector.rois_per_image=128",
          "Arch.detector.mask_channels=32", "Global.epochs=6", "Global.eval_interval=2", "Global.device=cpu",
-         "Optimizer.lr.learning_rate=0.005", "Optimizer.lr.warmup_epochs=1", "DataLoader.Train.batch_size=2",
+         "Optimizer.lr.learning_rate=0.005", "Optimizer.lr.warmup_epochs=1", "Optimizer.lr.warmup_start_lr=0.0001",
+         "DataLoader.Train.batch_size=2",
          "DataLoader.Train.val_fraction=0.1"]
 
 

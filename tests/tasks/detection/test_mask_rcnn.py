@@ -52,6 +52,24 @@ def test_mask_rcnn_trains_a_mask_loss_and_gives_each_detection_a_mask():
         assert ((probabilities >= 0) & (probabilities <= 1)).all()
 
 
+def test_images_without_objects_train_and_predict_without_masks():
+    paddle.seed(0)
+    model = FasterRCNN(3, **TINY)
+    images = make_images(4, seed=3, empty_every=2)  # objects in images 0 and 2 only
+    model.train()
+    for batch in (images[:2], images[1::2]):  # one image with objects, then none at all
+        losses = model(_inputs(batch), [{"boxes": i["boxes"], "labels": i["labels"], "masks": i["masks"]}
+                                        for i in batch])
+        assert all(np.isfinite(float(v)) for v in losses.values())
+        sum(losses.values()).backward()
+    assert float(losses["loss_mask"]) == 0.0  # no positive proposal, no mask to learn
+    model.eval()
+    model.roi_heads.score_thresh = 0.999  # no detection passes
+    with paddle.no_grad():
+        found = model(_inputs(images[:2]))
+    assert [tuple(d["mask_probs"].shape) for d in found] == [(0, 28, 28), (0, 28, 28)]
+
+
 def test_the_mask_loss_falls_on_a_few_synthetic_images(shared_dir):
     """The mask branch alone trains (Adam), through the whole model's
     training pass: proposals, their matching, the projected targets. Below
