@@ -167,6 +167,12 @@ def evaluate_checkpoint(cfg):
     model, record = trained_detector(cfg)
     dataset = read_dataset(cfg.DataLoader.Eval.dataset, "Eval", record["class_names"])
     pre = record["preprocess"]
-    found = evaluate(dataset, predict(model, dataset, EvalTransform(pre["short_side"], pre["max_size"])))
+    return ap_summary(dataset, predict(model, dataset, EvalTransform(pre["short_side"], pre["max_size"])))
+
+
+def ap_summary(dataset, predictions):
+    """What `paddle-tl eval` prints of a detection model (and `paddle-tl
+    infer --eval` of its export): box AP, AP50, AP75, per class, images."""
+    found = evaluate(dataset, predictions)
     return {"task": "detection", "bbox_ap": found["bbox_ap"], "bbox_ap50": found["bbox_ap50"],
             "bbox_ap75": found["bbox_ap75"], "per_class_ap": found["per_class"], "images": len(dataset)}

@@ -1,0 +1,154 @@
+"""Export of a detection run (tasks/detection/export.py) and prediction
+from its inference folder (tasks/detection/predictor.py): parity with the
+dynamic network, `infer --eval` equal to `eval`, the JSON lines and drawn
+images, and the refusals of a folder of the other task. The run folder is
+made in-process from random weights on a synthetic VOC set, without training."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from synthetic_detection import CLASSES, write_voc
+
+from paddle_tl import cli
+from paddle_tl.config import load_config
+from paddle_tl.errors import ExportError
+from paddle_tl.predict.predictor import META_FILE, Predictor
+from paddle_tl.runs import BEST_MODEL, CONFIG_FILE
+from paddle_tl.runs.checkpoint import save_checkpoint
+from paddle_tl.runtime import import_paddle
+from paddle_tl.tasks.detection.model import build_detector, describe_detector
+
+pytest.importorskip("pycocotools", reason="detection AP needs pycocotools (the `detect` extra)")
+
+from paddle_tl.tasks.detection.evaluate import evaluate_checkpoint  # noqa: E402
+from paddle_tl.tasks.detection.export import check_parity  # noqa: E402
+from paddle_tl.tasks.detection.predictor import DetectionPredictor  # noqa: E402
+
+paddle = import_paddle()
+
+SIZE = (96, 72)
+# Small settings for CPU (test_faster_rcnn.py's): 64 px short side, anchors from 16 px, few proposals.
+SMALL = ["Arch.detector.short_side=64", "Arch.detector.max_size=128", "Arch.detector.fpn_channels=32",
+         "Arch.detector.representation_size=64", "Arch.detector.anchor_sizes=[16, 32, 64, 128]",
+         "Arch.detector.rpn_pre_nms_top_n=[300, 200]", "Arch.detector.rpn_post_nms_top_n=[200, 100]",
+         "Arch.pretrained=false"]
+
+
+def _decisive(model):
+    """Spread the heads' scores as training does: random heads (N(0, 0.01))
+    give scores that all but tie, and near ties may swap under oneDNN's
+    float rounding, which a trained network's scores do not. And call most
+    boxes class 0, so that some hit and the AP compared is not 0."""
+    rng = np.random.RandomState(0)
+    for layer, std in ((model.rpn.head.objectness, 0.3), (model.roi_heads.box_predictor.cls_score, 0.3)):
+        layer.weight.set_value((rng.standard_normal(layer.weight.shape) * std).astype("float32"))
+    bias = model.roi_heads.box_predictor.cls_score.bias
+    bias.set_value(np.array([0, 3] + [0] * (bias.shape[0] - 2), np.float32))  # the head's class 1 is the data's 0
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    base = tmp_path_factory.mktemp("detection_export")
+    voc = base / "voc"
+    write_voc(voc, {"train": 2, "val": 5}, seed=11, size=SIZE, difficult_every=4)
+    run = base / "run"
+    cfg = load_config(cli_config(), [*SMALL, f"DataLoader.Train.dataset.root={voc}",
+                                     f"DataLoader.Eval.dataset.root={voc}", f"Global.output_dir={run}"])
+    record = describe_detector(cfg, list(CLASSES))
+    paddle.seed(0)
+    model = build_detector(record)
+    _decisive(model)
+    run.mkdir()
+    cfg.save(run / CONFIG_FILE)
+    save_checkpoint(run / BEST_MODEL, model, state={"model": record, "class_names": list(CLASSES)})
+    return run
+
+
+def cli_config():
+    return Path(__file__).resolve().parents[3] / "configs" / "faster_rcnn_mobilenet_v2_voc.yaml"
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("detection_inference") / "inference"
+    assert cli.main(["export", str(run_dir), "--output", str(out)]) == 0
+    return out
+
+
+def test_export_writes_a_detection_folder_that_matches_the_network(exported, run_dir, capsys):
+    meta = yaml.safe_load((exported / META_FILE).read_text())
+    assert meta["task"] == "detection" and meta["class_names"] == list(CLASSES) and meta["num_classes"] == 3
+    assert meta["inputs"] == ["image", "im_shape", "scale_factor"]
+    assert meta["outputs"] == ["boxes", "scores", "label_ids"]
+    assert meta["preprocess"]["short_side"] == 64 and meta["preprocess"]["size_divisor"] == 32
+    assert set(meta["files"]) == {meta["model_file"], meta["params_file"]}
+    from paddle_tl.runs.run_folder import run_config
+    from paddle_tl.tasks.detection.export import parity_dataset
+    from paddle_tl.tasks.detection.model import trained_detector
+    cfg = run_config(run_dir)
+    model, record = trained_detector(cfg)
+    dataset, source = parity_dataset(cfg, record, 5)
+    box_diff, score_diff, compared = check_parity(model, record, DetectionPredictor(exported), dataset, 1e-2,
+                                                  source)
+    assert compared > 0 and box_diff <= 1e-2 and score_diff <= 1e-4
+
+
+def test_infer_eval_gives_evals_ap(exported, run_dir, capsys):
+    from paddle_tl.runs.run_folder import run_config
+    expected = evaluate_checkpoint(run_config(run_dir))
+    voc = run_config(run_dir).DataLoader.Eval.dataset.root
+    capsys.readouterr()
+    assert cli.main(["infer", "--model_dir", str(exported), "--input", str(voc), "--eval"]) == 0
+    found = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert found["images"] == expected["images"] == 5 and expected["bbox_ap50"] > 0
+    for key in ("bbox_ap", "bbox_ap50", "bbox_ap75"):
+        assert found[key] == pytest.approx(expected[key], abs=1e-6), key
+
+
+def test_infer_writes_rows_in_original_pixels_and_draws(exported, run_dir, tmp_path, capsys):
+    from paddle_tl.runs.run_folder import run_config
+    voc = run_config(run_dir).DataLoader.Eval.dataset.root
+    images = Path(voc) / "JPEGImages"
+    (images / "broken.jpg").write_bytes(b"not an image")
+    try:
+        out, drawn = tmp_path / "rows.jsonl", tmp_path / "drawn"
+        assert cli.main(["infer", "--model_dir", str(exported), "--input", str(images), "--output", str(out),
+                         "--draw", str(drawn), "--draw_threshold", "0"]) == 0
+    finally:
+        (images / "broken.jpg").unlink()
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 8 and "error" in [r for r in rows if r["file"].endswith("broken.jpg")][0]
+    good = [r for r in rows if "error" not in r]
+    for row in good:
+        assert set(row) == {"file", "boxes", "scores", "label_ids", "label_names"}
+        boxes = np.array(row["boxes"]).reshape(-1, 4)
+        assert len(boxes) == len(row["scores"]) == len(row["label_ids"]) == len(row["label_names"])
+        assert row["scores"] == sorted(row["scores"], reverse=True)
+        assert (boxes >= 0).all() and (boxes[:, [0, 2]] <= SIZE[0]).all() and (boxes[:, [1, 3]] <= SIZE[1]).all()
+        assert row["label_names"] == [CLASSES[i] for i in row["label_ids"]]
+    assert any(len(r["boxes"]) for r in good)
+    pictures = sorted(p.name for p in drawn.iterdir())
+    assert len(pictures) == 7 and Image.open(drawn / pictures[0]).size == SIZE
+
+
+def test_a_folder_of_the_other_task_is_refused_in_one_line(exported, tmp_path, tiny_image_folder, capsys):
+    with pytest.raises(ExportError, match="holds a detection model"):
+        Predictor(exported)
+    classification = tmp_path / "classification"
+    classification.mkdir()
+    meta = yaml.safe_load((exported / META_FILE).read_text())
+    meta["task"] = "classification"
+    for name in (meta["model_file"], meta["params_file"]):
+        (classification / name).write_bytes((exported / name).read_bytes())
+    (classification / META_FILE).write_text(yaml.safe_dump(meta))
+    with pytest.raises(ExportError, match="holds a classification model"):
+        DetectionPredictor(classification)
+    assert cli.main(["infer", "--model_dir", str(classification), "--input", str(tmp_path),
+                     "--draw", str(tmp_path / "d")]) == 2
+    assert "holds a classification model" in capsys.readouterr().err
+    assert cli.main(["infer", "--model_dir", str(exported), "--input", str(tmp_path), "--top_k", "3"]) == 2
+    assert "--top_k does not apply" in capsys.readouterr().err
