@@ -424,6 +424,18 @@ def benchmark(predictor, paths, runs=20):
     return result
 
 
+def open_predictor(model_dir, backend=None, cpu_threads=None):
+    """The predictor of an inference folder's task, for the HTTP service:
+    Predictor, or tasks/detection/predictor.py's DetectionPredictor."""
+    if task_of(read_meta(model_dir)) == CLASSIFICATION:
+        return Predictor(model_dir, backend=backend, cpu_threads=cpu_threads)
+    if backend not in (None, "paddle"):
+        raise ConfigError(f"{model_dir} holds a detection model, which runs with Paddle Inference only; leave out "
+                          f"--backend {backend}")
+    from paddle_tl.tasks.detection.predictor import DetectionPredictor
+    return DetectionPredictor(model_dir, cpu_threads=cpu_threads)
+
+
 def _parser():
     parser = argparse.ArgumentParser(prog="paddle-tl infer",
                                      description="Predict with an exported inference model (Paddle Inference "

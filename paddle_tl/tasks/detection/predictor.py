@@ -56,6 +56,7 @@ class DetectionPredictor:
         self.normalize = Normalize(SimpleNamespace(mean=pre["mean"], std=pre["std"]))
         self.class_names = list(meta["class_names"])
         self.model_file = model_dir / meta["model_file"]
+        self.backend = "paddle"  # no ONNX export of the detector yet
         try:
             config = inference_config(self.model_file, model_dir / meta["params_file"], device, cpu_threads,
                                       use_mkldnn, gpu_mem)
@@ -91,7 +92,23 @@ class DetectionPredictor:
     def detect(self, image):
         """{"boxes" float32 [D, 4] x1y1x2y2 in `image`'s pixels, "scores"
         float32 [D], "labels" int64 [D]} of a PIL image, best first."""
-        for name, value in self.prepare(image).items():
+        return self.run(self.prepare(image))
+
+    def preprocess(self, path, reduced=False):
+        """The graph's inputs (prepare) for an image file; raises DataError
+        when it cannot be decoded. Always decoded in full (`reduced` is the
+        classification service's choice): the boxes are in the decoded
+        image's pixels, which must be the file's."""
+        return self.prepare(load_rgb(path))
+
+    @staticmethod
+    def draft_size(width, height):
+        """The decode size the service budgets pixels by: the full image (preprocess)."""
+        return width, height
+
+    def run(self, inputs):
+        """detect() of prepared inputs (prepare)."""
+        for name, value in inputs.items():
             handle = self._predictor.get_input_handle(name)
             handle.reshape(list(value.shape))
             handle.copy_from_cpu(value)

@@ -152,3 +152,25 @@ def test_a_folder_of_the_other_task_is_refused_in_one_line(exported, tmp_path, t
     assert "holds a classification model" in capsys.readouterr().err
     assert cli.main(["infer", "--model_dir", str(exported), "--input", str(tmp_path), "--top_k", "3"]) == 2
     assert "--top_k does not apply" in capsys.readouterr().err
+
+
+def test_serve_answers_detection_rows_and_its_page_draws_them(exported, run_dir):
+    pytest.importorskip("httpx", reason="httpx is not installed (the dev extra): FastAPI's TestClient needs it")
+    from fastapi.testclient import TestClient
+
+    from paddle_tl.predict.serve import create_app
+    from paddle_tl.runs.run_folder import run_config
+    image = Path(run_config(run_dir).DataLoader.Eval.dataset.root) / "JPEGImages" / "val_img_000.jpg"
+    expected = DetectionPredictor(exported).row(DetectionPredictor(exported).detect(Image.open(image).convert("RGB")))
+    with TestClient(create_app(exported)) as client:
+        meta = client.get("/metadata").json()
+        assert meta["task"] == "detection" and meta["class_names"] == list(CLASSES)
+        answer = client.post("/predict", files={"file": ("val_img_000.jpg", image.read_bytes(), "image/jpeg")})
+        assert answer.status_code == 200
+        row = answer.json()["predictions"][0]
+        assert row == {"file": "val_img_000.jpg", **expected}
+        refused = client.post("/predict?reject_below=0.5",
+                              files={"file": ("val_img_000.jpg", image.read_bytes(), "image/jpeg")})
+        assert refused.status_code == 400 and "detects objects" in refused.json()["error"]
+        page = client.get("/").text
+        assert "showBoxes" in page and "strokeRect" in page
