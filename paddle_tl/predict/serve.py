@@ -181,8 +181,9 @@ class Service:
     def metadata(self):
         meta = self.predictor.meta
         files = {key: meta[key] for key in ("model_file", "params_file", "onnx_file") if key in meta}
-        data = {"task": task_of(meta), "class_names": self.predictor.class_names, "num_classes": len(self.predictor.class_names),
-                "preprocess": meta["preprocess"], "backend": self.predictor.backend,
+        data = {"task": task_of(meta), "class_names": self.predictor.class_names,
+                "num_classes": len(self.predictor.class_names), "preprocess": meta["preprocess"],
+                "backend": self.predictor.backend,
                 "backend_file": Path(self.predictor.model_file).name, "files": {**files, "meta_file": META_FILE},
                 "limits": {"max_mb": self.max_mb, "max_files": MAX_FILES, "field": FIELD,
                            "max_pixels": Image.MAX_IMAGE_PIXELS, "max_request_pixels": self.max_pixels}}
