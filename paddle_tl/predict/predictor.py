@@ -565,7 +565,7 @@ def main(argv=None):
     check_task_flags(args, task)
     if task != CLASSIFICATION:  # the one place that chooses the predictor by the folder's task
         from paddle_tl.tasks.detection.predictor import run as run_detection
-        run_detection(args, list_inputs)
+        run_detection(args)
         return
     predictor = Predictor(args.model_dir, device=args.device, cpu_threads=args.cpu_threads,
                           use_mkldnn=not args.no_mkldnn, batch_size=args.batch_size, backend=args.backend,

@@ -174,3 +174,29 @@ def test_serve_answers_detection_rows_and_its_page_draws_them(exported, run_dir)
         assert refused.status_code == 400 and "detects objects" in refused.json()["error"]
         page = client.get("/").text
         assert "showBoxes" in page and "strokeRect" in page
+
+
+@pytest.mark.parametrize("flag", ["--onnx", "--int8"])
+def test_onnx_or_int8_export_of_a_detection_run_is_refused(run_dir, tmp_path, flag, capsys):
+    assert cli.main(["export", str(run_dir), "--output", str(tmp_path / "out"), flag]) == 2
+    assert f"{flag}: not for a detection model yet" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_image_without_detections_is_an_empty_row(run_dir, tmp_path, capsys):
+    """No box above the score threshold: empty tensors all through the
+    graph's postprocessing, which oneDNN's kernels refuse unless the
+    predictor keeps them off those ops."""
+    import shutil
+    strict = tmp_path / "strict_run"
+    shutil.copytree(run_dir, strict)
+    state_file = strict / f"{BEST_MODEL}.state.json"
+    state = json.loads(state_file.read_text())
+    state["model"]["detector"]["score_threshold"] = 0.999
+    state_file.write_text(json.dumps(state))
+    out = tmp_path / "inference"
+    assert cli.main(["export", str(strict), "--output", str(out)]) == 0
+    assert "0 detections" in capsys.readouterr().out
+    image = Path(load_config(strict / CONFIG_FILE).DataLoader.Eval.dataset.root) / "JPEGImages" / "val_img_000.jpg"
+    assert list(DetectionPredictor(out).predict_paths([image])) == [
+        {"file": str(image), "boxes": [], "scores": [], "label_ids": [], "label_names": []}]
