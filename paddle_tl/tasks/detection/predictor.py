@@ -221,5 +221,5 @@ def run(args):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 draw_detections(load_rgb(record["file"]), record, args.draw_threshold).save(target)
     seconds = time.perf_counter() - started
-    log.info("detected in %d images, %d unreadable, in %.1f s (%.0f ms per image)", len(paths) - failed, failed,
+    log.info("detected objects in %d images, %d unreadable, in %.1f s (%.0f ms per image)", len(paths) - failed, failed,
              seconds, 1000 * seconds / max(1, len(paths)))

@@ -200,3 +200,62 @@ def test_an_image_without_detections_is_an_empty_row(run_dir, tmp_path, capsys):
     image = Path(load_config(strict / CONFIG_FILE).DataLoader.Eval.dataset.root) / "JPEGImages" / "val_img_000.jpg"
     assert list(DetectionPredictor(out).predict_paths([image])) == [
         {"file": str(image), "boxes": [], "scores": [], "label_ids": [], "label_names": []}]
+
+
+@pytest.mark.slow
+def test_detection_page_in_headless_chromium(exported, run_dir, tmp_path, chromium):
+    """A person's path: pick an image on the page and see its boxes drawn on
+    the canvas over it, listed as the service answers them; the screenshot
+    is kept as /tmp/serve_detection_page.png."""
+    pytest.importorskip("websocket", reason="websocket-client is not installed (the dev extra)")
+    pytest.importorskip("httpx", reason="httpx is not installed (the dev extra)")
+    import base64
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    from browser import DevTools, open_browser
+    from paddle_tl.runs.run_folder import run_config
+    image = tmp_path / "big.png"  # enlarged, so the boxes are not drawn at 96 x 72
+    source = Path(run_config(run_dir).DataLoader.Eval.dataset.root) / "JPEGImages" / "val_img_000.jpg"
+    Image.open(source).resize((384, 288), Image.BILINEAR).save(image)
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "paddle_tl.cli", "serve", "--model_dir", str(exported),
+                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        expected = httpx.post(f"{url}/predict", files=[("file", ("big.png", image.read_bytes()))],
+                              timeout=60).json()["predictions"][0]
+        browser, page_url = open_browser(chromium, tmp_path / "profile")
+        try:
+            page = DevTools(page_url)
+            page.call("Emulation.setDeviceMetricsOverride", width=1000, height=900, deviceScaleFactor=1, mobile=False)
+            page.call("Page.navigate", url=f"{url}/")
+            page.wait_for("document.readyState === 'complete' && "
+                          "document.getElementById('title').textContent === 'Object detector'")
+            root = page.call("DOM.getDocument")["root"]["nodeId"]
+            file_input = page.call("DOM.querySelector", nodeId=root, selector="#file")["nodeId"]
+            page.call("DOM.setFileInputFiles", files=[str(image)], nodeId=file_input)
+            page.wait_for("!document.getElementById('canvas').hidden")
+            listed = page.evaluate("document.querySelectorAll('#results .detection').length")
+            size = page.evaluate("[document.getElementById('canvas').width, document.getElementById('canvas').height]")
+            screenshot = base64.b64decode(page.call("Page.captureScreenshot", format="png")["data"])
+        finally:
+            browser.kill()
+            browser.wait()
+    finally:
+        server.terminate()
+        server.wait()
+    Path("/tmp/serve_detection_page.png").write_bytes(screenshot)
+    assert size == [384, 288]
+    assert listed == sum(score >= 0.5 for score in expected["scores"]) > 0
