@@ -80,7 +80,8 @@ def export_detector(cfg, parity_images=4, tolerance=1e-2):
                 check_parity(model, record, DetectionPredictor(folder), dataset, tolerance, source, out_dir)
 
         publish_folder(out_dir, write, what="Global.save_inference_dir")
-    print(f"exported {record['arch']} Faster R-CNN ({record['num_classes']} classes) to {out_dir}")
+    count = record["num_classes"]
+    print(f"exported {record['arch']} Faster R-CNN ({count} class{'' if count == 1 else 'es'}) to {out_dir}")
     return out_dir
 
 
@@ -160,9 +161,10 @@ def check_parity(model, record, predictor, dataset, tolerance, source="images", 
         if unmatched or extra:
             problems.append(f"{Path(dataset.samples[index].image).name}: {unmatched} of {len(trained['scores'])} "
                             f"trained detections without an exported match, {extra} exported ones left over")
+    vacuous = "" if compared else ": no detection above score_threshold on these images, only empty answers"
     print(f"Paddle Inference parity on {source}: {compared} detections, max |box difference| {box_diff:.2e} px "
           f"(allowed {tolerance:.0e}), max |score difference| {score_diff:.1e} (allowed {SCORE_TOLERANCE:.0e}), "
-          f"{len(problems)} images differ")
+          f"{len(problems)} images differ{vacuous}")
     if problems:
         where = f"; nothing was written to {out_dir}" if out_dir is not None else ""
         raise ExportError(f"the exported model {predictor.model_file.name} does not reproduce the trained network "

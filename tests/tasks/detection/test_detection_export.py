@@ -210,17 +210,18 @@ def test_detection_page_in_headless_chromium(exported, run_dir, tmp_path, chromi
     pytest.importorskip("websocket", reason="websocket-client is not installed (the dev extra)")
     pytest.importorskip("httpx", reason="httpx is not installed (the dev extra)")
     import base64
+    import socket
     import subprocess
     import sys
     import time
 
     import httpx
     from browser import DevTools, open_browser
+
     from paddle_tl.runs.run_folder import run_config
     image = tmp_path / "big.png"  # enlarged, so the boxes are not drawn at 96 x 72
     source = Path(run_config(run_dir).DataLoader.Eval.dataset.root) / "JPEGImages" / "val_img_000.jpg"
     Image.open(source).resize((384, 288), Image.BILINEAR).save(image)
-    import socket
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
