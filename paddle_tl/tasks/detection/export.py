@@ -28,7 +28,7 @@ from paddle_tl.files import publish_folder
 from paddle_tl.models.static import PARAMS_FILE, save_program
 from paddle_tl.predict.predictor import META_FILE
 from paddle_tl.runtime import import_paddle
-from paddle_tl.tasks.detection.data import DetectionDataset, DetectionSample
+from paddle_tl.tasks.detection.data import DetectionDataset, DetectionSample, read_dataset
 from paddle_tl.tasks.detection.faster_rcnn import SIZE_DIVISOR
 from paddle_tl.tasks.detection.inference_graph import INPUT_NAMES, OUTPUT_NAMES, InferenceDetector
 from paddle_tl.tasks.detection.loader import predict
@@ -113,7 +113,6 @@ def parity_dataset(cfg, record, count):
     """(DetectionDataset of up to `count` Eval images spread over the split,
     what they are), or (None, None) when the Eval data cannot be read or
     count is 0."""
-    from paddle_tl.tasks.detection.train import read_dataset  # the config's dataset keys, read as eval reads them
     if count <= 0:
         return None, None
     try:
