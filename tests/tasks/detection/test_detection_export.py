@@ -260,3 +260,25 @@ def test_detection_page_in_headless_chromium(exported, run_dir, tmp_path, chromi
     Path("/tmp/serve_detection_page.png").write_bytes(screenshot)
     assert size == [384, 288]
     assert listed == sum(score >= 0.5 for score in expected["scores"]) > 0
+
+
+# ---------------------------------------------------------------- the traceable forms, equal to what they replace
+
+@pytest.mark.parametrize("small, large", [((3, 4), (5, 8)), ((4, 4), (8, 8)), ((7, 13), (13, 25)), ((1, 1), (2, 1))])
+def test_fpn_upsampling_is_interpolate_nearest_to_the_bit(small, large):
+    from paddle_tl.tasks.detection.fpn import upsample_nearest
+    x = paddle.rand([2, 3, *small])
+    expected = paddle.nn.functional.interpolate(x, size=list(large), mode="nearest").numpy()
+    assert np.array_equal(upsample_nearest(x, paddle.zeros([2, 3, *large])).numpy(), expected)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batched_nms_over_every_class_equals_over_the_classes_present(seed):
+    from paddle_tl.tasks.detection.boxes import batched_nms
+    rng = np.random.RandomState(seed)
+    corners = rng.uniform(0, 50, (60, 2)).astype(np.float32)
+    boxes = np.concatenate([corners, corners + rng.uniform(5, 30, (60, 2)).astype(np.float32)], axis=1)
+    scores = rng.choice(np.linspace(0.1, 0.9, 12), 60).astype(np.float32)  # ties: the lower index must win
+    classes = rng.choice([0, 2, 5], 60)  # classes 1, 3, 4 empty
+    present = batched_nms(boxes, scores, classes, 0.5).numpy()
+    assert np.array_equal(batched_nms(boxes, scores, classes, 0.5, num_classes=6).numpy(), present)
