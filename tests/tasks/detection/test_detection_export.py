@@ -176,6 +176,15 @@ def test_serve_answers_detection_rows_and_its_page_draws_them(exported, run_dir)
         assert "showBoxes" in page and "strokeRect" in page
 
 
+def test_export_without_eval_data_checks_parity_on_random_images(run_dir, tmp_path, capsys):
+    out = tmp_path / "inference"
+    assert cli.main(["export", str(run_dir), "--output", str(out), "-o",
+                     f"DataLoader.Eval.dataset.root={tmp_path / 'gone'}"]) == 0
+    printed = capsys.readouterr().out
+    assert "parity on 4 random images" in printed and " 0 images differ" in printed
+    assert (out / META_FILE).is_file()
+
+
 @pytest.mark.parametrize("flag", ["--onnx", "--int8"])
 def test_onnx_or_int8_export_of_a_detection_run_is_refused(run_dir, tmp_path, flag, capsys):
     assert cli.main(["export", str(run_dir), "--output", str(tmp_path / "out"), flag]) == 2
