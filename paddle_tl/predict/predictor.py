@@ -47,6 +47,7 @@ BACKENDS = {"paddle": "Paddle Inference", "onnx": "onnxruntime"}
 # --benchmark preprocesses at most this many inputs: enough distinct images for
 # the timed batches, without holding a whole large folder in memory.
 BENCHMARK_MAX_IMAGES = 256
+DEFAULT_TOP_K = 5
 DRAW_THRESHOLD = 0.5  # --draw's default: the boxes a person would call found
 
 
@@ -444,7 +445,8 @@ def _parser():
     parser.add_argument("--input", required=True,
                         help="an image, a folder (searched recursively) or a .txt list; with --eval, a folder of "
                              "class sub-folders (a detection model: a VOC folder, or COCO's image folder)")
-    parser.add_argument("--top_k", type=positive_int, default=5, help="classes per image (default 5)")
+    parser.add_argument("--top_k", type=positive_int, default=DEFAULT_TOP_K,
+                        help=f"classes per image (default {DEFAULT_TOP_K})")
     parser.add_argument("--output", help="also write the JSON lines to this .jsonl file")
     parser.add_argument("--csv", help="also write file, top class, score (and any error) to this .csv file")
     parser.add_argument("--reject_below", type=_probability, metavar="P",
@@ -498,7 +500,7 @@ def check_task_flags(args, task):
         named += ["image_set"] if args.image_set != "val" else []
     else:
         named = [flag for flag in CLASSIFICATION_ONLY if getattr(args, flag)]
-        named += ["top_k"] if args.top_k != 5 else []
+        named += ["top_k"] if args.top_k != DEFAULT_TOP_K else []
     if named:
         flags = ", ".join(f"--{flag}" for flag in named)
         raise ConfigError(f"{args.model_dir} holds a {task} model ({META_FILE}: task {task}); {flags} "

@@ -288,9 +288,11 @@ def batched_nms(boxes, scores, classes, iou_threshold, num_classes=None):
     if num_classes is None:
         if boxes.shape[0] == 0:
             return paddle.zeros([0], dtype="int64")
-        num_classes = np.unique(classes.numpy()).tolist()
+        each_class = np.unique(classes.numpy()).tolist()
+    else:
+        each_class = range(num_classes)
     kept = []
-    for cls in range(num_classes) if isinstance(num_classes, int) else num_classes:
+    for cls in each_class:
         members = paddle.nonzero(classes == int(cls)).flatten()
         kept.append(members[nms(boxes[members], scores[members], iou_threshold)])
     # Best score first; the lower index wins a tie here too, as in a single nms() call.
