@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from paddle_tl.errors import UserError
+from paddle_tl.errors import ConfigError, UserError
 from paddle_tl.flags import check_flags
 
 
@@ -95,6 +95,13 @@ def run_export(argv):
         parser.error(f"--calib_images must be >= 1, got {args.calib_images}")
     output = [f"Global.save_inference_dir={args.output}"] if args.output is not None else []
     cfg = _load(args, output)
+    if cfg.Global.task == "detection":
+        if args.int8 or args.onnx:
+            raise ConfigError(f"{'--int8' if args.int8 else '--onnx'}: not for a detection model yet; export it "
+                              "without (a static Paddle Inference model)")
+        from paddle_tl.tasks.detection.export import export_detector
+        export_detector(cfg)
+        return
     if args.int8:
         from paddle_tl.deploy.quantize import export_int8
         export_int8(cfg, calib_images=200 if args.calib_images is None else args.calib_images,

@@ -26,6 +26,7 @@ INPUT_NAME = "image"
 GPU_MEMORY_POOL_MB = 256
 TRT_PRECISIONS = ("fp32", "fp16")
 
+
 class _BatchedModel:
     """Runs any number of images in batches of at most batch_size, the largest
     batch the model is prepared for."""
@@ -46,6 +47,31 @@ class _BatchedModel:
 INT8_PASS_COUNTS = ("---    quantized ", "---    squashed ")
 
 
+def inference_config(model_file, params_file, device="cpu", cpu_threads=None, use_mkldnn=True, gpu_mem=None):
+    """A Paddle Inference Config for a saved model: on GPU with a gpu_mem MB
+    initial pool, or on CPU with cpu_threads threads (default all cores) and
+    oneDNN unless use_mkldnn is false. Quiet (no glog lines)."""
+    config = paddle.inference.Config(str(model_file), str(params_file))
+    if device == "gpu":
+        if not paddle.device.is_compiled_with_cuda():
+            raise ConfigError("device gpu: this paddle build has no CUDA support (install paddlepaddle-gpu, "
+                              "or use --device cpu)")
+        config.enable_use_gpu(gpu_mem or GPU_MEMORY_POOL_MB, 0)
+    elif device == "cpu":
+        if gpu_mem:  # refused to users as flags (flags.py); a caller's bug here
+            raise ValueError("gpu_mem applies only on device gpu")
+        config.disable_gpu()
+        if use_mkldnn:
+            config.enable_mkldnn()
+        else:
+            config.disable_mkldnn()
+        config.set_cpu_math_library_num_threads(cpu_threads or os.cpu_count() or 1)
+    else:
+        raise ConfigError(f"device {device!r}: expected cpu or gpu")
+    config.disable_glog_info()
+    return config
+
+
 class StaticModel(_BatchedModel):
     """A static model run by Paddle Inference: float32 batches in, outputs out.
     Loaded once and reusable; oneDNN on CPU by default. On device gpu only:
@@ -59,28 +85,13 @@ class StaticModel(_BatchedModel):
         if int8 and (device != "cpu" or not use_mkldnn):
             raise ConfigError("an INT8 model (export --int8) runs on CPU with oneDNN: leave out --device gpu "
                               "and --no_mkldnn")
-        config = paddle.inference.Config(str(model_file), str(params_file))
-        if device == "gpu":
-            if not paddle.device.is_compiled_with_cuda():
-                raise ConfigError("device gpu: this paddle build has no CUDA support (install paddlepaddle-gpu, "
-                                  "or use --device cpu)")
-            config.enable_use_gpu(gpu_mem or GPU_MEMORY_POOL_MB, 0)
-            if trt:
-                self._enable_trt(config, trt, image_size)
-        elif device == "cpu":
-            if gpu_mem or trt:  # refused to users as flags (flags.py); a caller's bug here
-                raise ValueError("gpu_mem and trt apply only on device gpu")
-            config.disable_gpu()
-            if use_mkldnn:
-                config.enable_mkldnn()
-                if int8:
-                    config.enable_mkldnn_int8()
-            else:
-                config.disable_mkldnn()
-            config.set_cpu_math_library_num_threads(cpu_threads or os.cpu_count() or 1)
-        else:
-            raise ConfigError(f"device {device!r}: expected cpu or gpu")
-        config.disable_glog_info()
+        if device == "cpu" and trt:  # refused to users as flags (flags.py); a caller's bug here
+            raise ValueError("trt applies only on device gpu")
+        config = inference_config(model_file, params_file, device, cpu_threads, use_mkldnn, gpu_mem)
+        if device == "gpu" and trt:
+            self._enable_trt(config, trt, image_size)
+        if int8:
+            config.enable_mkldnn_int8()
         with stderr_lines_dropped(*(INT8_PASS_COUNTS if int8 else ())):
             self._predictor = paddle.inference.create_predictor(config)
         self._input = self._predictor.get_input_handle(self._predictor.get_input_names()[0])
@@ -192,18 +203,20 @@ def save_static(network, input_size, out_dir):
 
     The network is in eval mode (trained_model), so every BatchNorm, frozen or
     not, is traced with its running statistics."""
-    for name in MODEL_FILES:
-        # a stale model file from an older export would make the folder ambiguous
-        (out_dir / name).unlink(missing_ok=True)
     # An int is an image size; a tuple is the shape of one input of another
     # kind (stored activations, for the layers after a cut).
     shape = [3, input_size, input_size] if isinstance(input_size, int) else list(input_size)
-    input_spec = [paddle.static.InputSpec([None, *shape], "float32", INPUT_NAME)]
+    return save_program(network, [paddle.static.InputSpec([None, *shape], "float32", INPUT_NAME)], out_dir)
+
+
+def save_program(network, input_spec, out_dir):
+    """Save the network traced for `input_spec` (paddle.static.InputSpecs)
+    in inference form; returns the model file's name."""
+    for name in MODEL_FILES:
+        (out_dir / name).unlink(missing_ok=True)  # a stale model file from an older export: ambiguous
     with stderr_lines_dropped(*PIR_OUT_WARNING):  # paddle's own code, not the user's network: nothing to act on
         paddle.jit.save(network, str(out_dir / PREFIX), input_spec=input_spec)
     written = [name for name in MODEL_FILES if (out_dir / name).is_file()]
     if not written or not (out_dir / PARAMS_FILE).is_file():
         raise ExportError(f"paddle.jit.save wrote no {' or '.join(MODEL_FILES)} + {PARAMS_FILE} in {out_dir}")
     return written[0]
-
-

@@ -39,6 +39,7 @@ paddle = import_paddle()
 log = logging.getLogger("paddle_tl")
 
 META_FILE = "inference.yml"
+CLASSIFICATION = "classification"
 # What EvalTransform does beyond Preprocess's own fields; written into
 # inference.yml for deployers, and refused when a yml asks for anything else.
 FIXED_PREPROCESS = {"interpolation": "bilinear", "scale": 1 / 255}
@@ -46,6 +47,8 @@ BACKENDS = {"paddle": "Paddle Inference", "onnx": "onnxruntime"}
 # --benchmark preprocesses at most this many inputs: enough distinct images for
 # the timed batches, without holding a whole large folder in memory.
 BENCHMARK_MAX_IMAGES = 256
+DEFAULT_TOP_K = 5
+DRAW_THRESHOLD = 0.5  # --draw's default: the boxes a person would call found
 
 
 def import_onnx_package(name):
@@ -94,6 +97,21 @@ def read_meta(model_dir):
     if meta.get("tta", "none") not in TTA_MODES:  # folders exported before TTA have none
         raise ExportError(f"{path}: tta {meta['tta']!r} is not one of {', '.join(TTA_MODES)}; re-export the model")
     return meta
+
+
+def task_of(meta):
+    """What an inference folder's model does: "classification" (folders
+    exported before detection say nothing) or "detection"."""
+    return meta.get("task", CLASSIFICATION)
+
+
+def require_task(model_dir, meta, task):
+    """Refuse a folder exported for another task than the predictor's, in one line."""
+    found = task_of(meta)
+    if found != task:
+        raise ExportError(f"{model_dir} holds a {found} model ({META_FILE}: task {found}), not a {task} one; "
+                          f"give it to the {found} predictor (paddle-tl infer chooses by itself) or export a "
+                          f"{task} run")
 
 
 def check_file(model_dir, meta, name):
@@ -177,6 +195,7 @@ class Predictor:
                  backend=None, gpu_mem=None, trt=None):
         self.model_dir = model_dir = Path(model_dir)
         self.meta = meta = read_meta(model_dir)
+        require_task(model_dir, meta, CLASSIFICATION)
         self.batch_size = batch_size
         self.precision = meta.get("precision", "fp32")
         if self.precision not in ("fp32", "int8"):
@@ -406,14 +425,28 @@ def benchmark(predictor, paths, runs=20):
     return result
 
 
+def open_predictor(model_dir, backend=None, cpu_threads=None):
+    """The predictor of an inference folder's task, for the HTTP service:
+    Predictor, or tasks/detection/predictor.py's DetectionPredictor."""
+    if task_of(read_meta(model_dir)) == CLASSIFICATION:
+        return Predictor(model_dir, backend=backend, cpu_threads=cpu_threads)
+    if backend not in (None, "paddle"):
+        raise ConfigError(f"{model_dir} holds a detection model, which runs with Paddle Inference only; leave out "
+                          f"--backend {backend}")
+    from paddle_tl.tasks.detection.predictor import DetectionPredictor
+    return DetectionPredictor(model_dir, cpu_threads=cpu_threads)
+
+
 def _parser():
     parser = argparse.ArgumentParser(prog="paddle-tl infer",
                                      description="Predict with an exported inference model (Paddle Inference "
                                                  "or onnxruntime).")
     parser.add_argument("--model_dir", required=True, help="inference folder written by export")
-    parser.add_argument("--input", required=True, help="an image, a folder (searched recursively) or a .txt list; "
-                                                        "with --eval, a folder of class sub-folders")
-    parser.add_argument("--top_k", type=positive_int, default=5, help="classes per image (default 5)")
+    parser.add_argument("--input", required=True,
+                        help="an image, a folder (searched recursively) or a .txt list; with --eval, a folder of "
+                             "class sub-folders (a detection model: a VOC folder, or COCO's image folder)")
+    parser.add_argument("--top_k", type=positive_int, default=DEFAULT_TOP_K,
+                        help=f"classes per image (default {DEFAULT_TOP_K})")
     parser.add_argument("--output", help="also write the JSON lines to this .jsonl file")
     parser.add_argument("--csv", help="also write file, top class, score (and any error) to this .csv file")
     parser.add_argument("--reject_below", type=_probability, metavar="P",
@@ -432,7 +465,8 @@ def _parser():
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--eval", action="store_true",
                       help="evaluate on the labelled folder --input; print top-1, top-k and per-class accuracy "
-                           "as one JSON line")
+                           "as one JSON line (a detection model: box AP on a VOC folder's --image_set, or on COCO "
+                           "images with --annotation_file, as paddle-tl eval prints it)")
     mode.add_argument("--benchmark", action="store_true",
                       help="time the model at batch 1 and --batch_size; print latency and throughput as one JSON line")
     parser.add_argument("--benchmark_runs", type=positive_int, default=20, help="timed batches per batch size")
@@ -441,7 +475,36 @@ def _parser():
                              "over it (needs the checkpoint the folder was exported from, or --run)")
     parser.add_argument("--run", metavar="RUN_DIR", help="--cam: the run folder whose best_model was exported "
                                                          "(default: inference.yml's exported_from)")
+    detection = parser.add_argument_group("detection models")
+    detection.add_argument("--draw", metavar="DIR", help="also write each image with its boxes, class names and "
+                                                         "scores drawn to DIR/<its path below --input>.png")
+    detection.add_argument("--draw_threshold", type=_probability, default=DRAW_THRESHOLD, metavar="P",
+                           help=f"--draw: boxes of score >= P (default {DRAW_THRESHOLD})")
+    detection.add_argument("--image_set", default="val",
+                           help="--eval on a VOC folder: the split, ImageSets/Main/<split>.txt (default val)")
+    detection.add_argument("--annotation_file", metavar="JSON",
+                           help="--eval on COCO: the instances json; --input is then its image folder")
     return parser
+
+
+# Flags that mean something for one kind of model only: given for the other
+# kind, they are refused rather than ignored.
+DETECTION_ONLY = ("draw", "annotation_file")
+CLASSIFICATION_ONLY = ("csv", "reject_below", "backend", "cam", "run", "benchmark", "trt")
+
+
+def check_task_flags(args, task):
+    """Refuse, in one line, the flags of the other task's models."""
+    if task == CLASSIFICATION:
+        named = [flag for flag in DETECTION_ONLY if getattr(args, flag)]
+        named += ["image_set"] if args.image_set != "val" else []
+    else:
+        named = [flag for flag in CLASSIFICATION_ONLY if getattr(args, flag)]
+        named += ["top_k"] if args.top_k != DEFAULT_TOP_K else []
+    if named:
+        flags = ", ".join(f"--{flag}" for flag in named)
+        raise ConfigError(f"{args.model_dir} holds a {task} model ({META_FILE}: task {task}); {flags} "
+                          f"{'does' if len(named) == 1 else 'do'} not apply to it")
 
 
 def cam_network(model_dir, meta, run_dir=None):
@@ -500,6 +563,12 @@ def main(argv=None):
     --eval and --benchmark print one JSON object instead."""
     args = _parser().parse_args(argv)
     check_flags("infer", args)  # pairs of flags that cannot go together (flags.py)
+    task = task_of(read_meta(args.model_dir))
+    check_task_flags(args, task)
+    if task != CLASSIFICATION:  # the one place that chooses the predictor by the folder's task
+        from paddle_tl.tasks.detection.predictor import run as run_detection
+        run_detection(args)
+        return
     predictor = Predictor(args.model_dir, device=args.device, cpu_threads=args.cpu_threads,
                           use_mkldnn=not args.no_mkldnn, batch_size=args.batch_size, backend=args.backend,
                           gpu_mem=args.gpu_mem, trt=args.trt)

@@ -5,7 +5,10 @@ uvicorn), for people (`GET /`, a page to drop an image on) and for programs
 The answers are infer.py's: the same Predictor decodes each upload (load_rgb),
 preprocesses it (the eval transform inference.yml describes), runs and ranks
 it, so the service returns what `paddle-tl infer --output` writes for the same
-file, with the uploaded filename as `file`.
+file, with the uploaded filename as `file`. A detection folder answers
+detection rows (boxes in the upload's pixels, scores, label_ids,
+label_names: tasks/detection/predictor.py), decoded in full, and the page
+draws the boxes.
 
 Concurrency: a Paddle Inference predictor has one input and one output handle
 and must not run from two threads at once, and on CPU one run already uses the
@@ -41,7 +44,8 @@ from PIL import Image, UnidentifiedImageError
 
 from paddle_tl.data.datasets import header_sizes
 from paddle_tl.errors import DataError, UserError
-from paddle_tl.predict.predictor import BACKENDS, META_FILE, Predictor, positive_int, read_meta, reject_threshold
+from paddle_tl.predict.predictor import (BACKENDS, CLASSIFICATION, META_FILE, open_predictor, positive_int, read_meta,
+                                         reject_threshold, task_of)
 
 try:
     import h11
@@ -138,8 +142,15 @@ class Service:
                 except DataError as exc:
                     failures.append((_decode_status(exc), str(exc)))
         _refuse(failures)
-        with self._lock:
-            rows = self.predictor.rank(np.stack(arrays), top_k, reject_below)  # predict_paths' ranking
+        if task_of(self.predictor.meta) != CLASSIFICATION:
+            if top_k != DEFAULT_TOP_K or reject_below is not None:
+                raise RequestError(400, "top_k and reject_below rank a classifier's classes; this service detects "
+                                        "objects (boxes, scores, label_ids, label_names per image)")
+            with self._lock:
+                rows = [self.predictor.row(self.predictor.run(inputs)) for inputs in arrays]
+        else:
+            with self._lock:
+                rows = self.predictor.rank(np.stack(arrays), top_k, reject_below)  # predict_paths' ranking
         return [{"file": str(upload), **row} for upload, row in zip(uploads, rows)]
 
     def check_sizes(self, uploads):
@@ -170,12 +181,13 @@ class Service:
     def metadata(self):
         meta = self.predictor.meta
         files = {key: meta[key] for key in ("model_file", "params_file", "onnx_file") if key in meta}
-        data = {"class_names": self.predictor.class_names, "num_classes": len(self.predictor.class_names),
-                "preprocess": meta["preprocess"], "backend": self.predictor.backend,
+        data = {"task": task_of(meta), "class_names": self.predictor.class_names,
+                "num_classes": len(self.predictor.class_names), "preprocess": meta["preprocess"],
+                "backend": self.predictor.backend,
                 "backend_file": Path(self.predictor.model_file).name, "files": {**files, "meta_file": META_FILE},
                 "limits": {"max_mb": self.max_mb, "max_files": MAX_FILES, "field": FIELD,
                            "max_pixels": Image.MAX_IMAGE_PIXELS, "max_request_pixels": self.max_pixels}}
-        for key in ("arch", "precision", "temperature", "tta", "paddle_version"):
+        for key in ("arch", "precision", "temperature", "tta", "paddle_version", "detector"):
             if key in meta:
                 data[key] = meta[key]
         return data
@@ -342,7 +354,7 @@ def _reject_below(text):
 def create_app(model_dir, *, backend=None, cpu_threads=None, max_mb=DEFAULT_MAX_MB, max_mpx=DEFAULT_MAX_MPX,
                allow_origin=()):
     """The FastAPI app serving the inference folder model_dir (loaded now)."""
-    service = Service(Predictor(model_dir, backend=backend, cpu_threads=cpu_threads), max_mb, max_mpx)
+    service = Service(open_predictor(model_dir, backend=backend, cpu_threads=cpu_threads), max_mb, max_mpx)
     page = PAGE.read_text(encoding="utf-8")
     app = FastAPI(title="paddle_tl", docs_url=None, redoc_url=None, openapi_url=None)  # docs would need a CDN
     app.state.service = service

@@ -38,6 +38,7 @@ from paddle_tl.config import load_config  # noqa: E402
 from paddle_tl.deploy.export import export  # noqa: E402
 from paddle_tl.predict.predictor import main as infer_main  # noqa: E402
 from paddle_tl.predict.serve import DECODE_SLOTS, MAX_FILES, create_app  # noqa: E402
+from browser import DevTools, open_browser  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_MB = 1  # small, so that an over-limit upload stays small too
@@ -503,62 +504,6 @@ def test_real_server_drops_stalled_clients_and_logs_hang_ups_in_one_line(model, 
 
 # ---------------------------------------------------------------- the page in a browser
 
-class DevTools:
-    """The Chrome DevTools protocol over one page's websocket: call(method,
-    **params) -> result; events that arrive meanwhile are dropped."""
-
-    def __init__(self, url):
-        import websocket
-        self.socket = websocket.create_connection(url, timeout=60, suppress_origin=True)
-        self.last_id = 0
-
-    def call(self, method, **params):
-        self.last_id += 1
-        self.socket.send(json.dumps({"id": self.last_id, "method": method, "params": params}))
-        while True:
-            message = json.loads(self.socket.recv())
-            if message.get("id") == self.last_id:
-                if "error" in message:
-                    raise RuntimeError(f"{method}: {message['error']}")
-                return message["result"]
-
-    def evaluate(self, expression):
-        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
-        if "exceptionDetails" in result:
-            raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
-        return result["result"].get("value")
-
-    def wait_for(self, expression, timeout=60):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.evaluate(expression):
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"still false after {timeout} s: {expression}")
-
-
-def _browser(binary, profile):
-    """Headless Chromium with DevTools on a free port (it writes the port into
-    the profile's DevToolsActivePort) -> (process, websocket URL of its page)."""
-    process = subprocess.Popen([binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                                "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
-                                "--remote-allow-origins=*", f"--user-data-dir={profile}", "--window-size=1000,760",
-                                "--no-first-run", "about:blank"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    active = profile / "DevToolsActivePort"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if active.is_file() and active.read_text().strip():
-            port = active.read_text().split()[0]
-            pages = [target for target in httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json()
-                     if target["type"] == "page"]
-            if pages:
-                return process, pages[0]["webSocketDebuggerUrl"]
-        time.sleep(0.2)
-    process.kill()
-    raise AssertionError("Chromium did not open its DevTools port within 60 s")
-
-
 @pytest.mark.slow
 def test_page_in_headless_chromium(model, infer_rows, tmp_path, chromium):
     """A person's path: open the page, pick a file that is no image and read
@@ -575,7 +520,7 @@ def test_page_in_headless_chromium(model, infer_rows, tmp_path, chromium):
     with Server(model.dir, tmp_path / "server.log") as server:
         expected = httpx.post(f"{server.url}/predict", files=[("file", ("red_0.png", image.read_bytes()))],
                               timeout=60).json()["predictions"][0]
-        process, page_url = _browser(chromium, tmp_path / "profile")
+        process, page_url = open_browser(chromium, tmp_path / "profile")
         try:
             page = DevTools(page_url)
             page.call("Emulation.setDeviceMetricsOverride", width=1000, height=760, deviceScaleFactor=1, mobile=False)

@@ -37,8 +37,9 @@ BBOX_XFORM_CLIP = math.log(1000.0 / 16)
 
 
 def as_tensor(values, dtype="float32"):
-    """A paddle tensor of `dtype` from a tensor, an array or a list."""
-    if isinstance(values, paddle.Tensor):
+    """A paddle tensor of `dtype` from a tensor, an array or a list (a
+    static graph's value passes as a tensor: export traces these helpers)."""
+    if isinstance(values, (paddle.Tensor, paddle.pir.Value)):
         return values if values.dtype == getattr(paddle, dtype) else values.astype(dtype)
     return paddle.to_tensor(np.asarray(values, dtype=dtype))
 
@@ -67,7 +68,8 @@ def box_iou(boxes1, boxes2):
 
 
 def clip_boxes(boxes, height, width):
-    """Boxes clipped to the image [0, width] x [0, height]."""
+    """Boxes clipped to the image [0, width] x [0, height] (numbers, or
+    0-D tensors in an exported graph, where the size is an input)."""
     boxes = as_tensor(boxes)
     x = paddle.clip(boxes[..., 0::2], 0, width)
     y = paddle.clip(boxes[..., 1::2], 0, height)
@@ -114,8 +116,9 @@ class BoxCoder:
         """Boxes from [N, 4k] deltas (k boxes per reference, e.g. one per
         class) and [N, 4] references: [N, 4k], the deltas' layout."""
         deltas, references = as_tensor(deltas), as_tensor(references)
-        count = deltas.shape[0]
-        deltas = deltas.reshape([count, -1, 4])
+        # Reshaped by the known width, not the count: the count is unknown (-1) when export traces this.
+        width = deltas.shape[1]
+        deltas = deltas.reshape([-1, width // 4, 4])
         wx, wy, ww, wh = self.weights
         widths = (references[:, 2] - references[:, 0])[:, None]
         heights = (references[:, 3] - references[:, 1])[:, None]
@@ -127,7 +130,7 @@ class BoxCoder:
         pred_x, pred_y = dx * widths + ctr_x, dy * heights + ctr_y
         half_w, half_h = 0.5 * paddle.exp(dw) * widths, 0.5 * paddle.exp(dh) * heights
         boxes = paddle.stack([pred_x - half_w, pred_y - half_h, pred_x + half_w, pred_y + half_h], axis=-1)
-        return boxes.reshape([count, -1])
+        return boxes.reshape([-1, width])
 
 
 # ---------------------------------------------------------------- anchors
@@ -166,21 +169,24 @@ class AnchorGenerator:
         return [len(cell) for cell in self.cell_anchors]
 
     def grid_anchors(self, level, height, width):
-        """numpy float32 [height * width * A, 4]: the anchors of one level
-        for a feature map of height x width cells."""
+        """paddle float32 [height * width * A, 4]: the anchors of one level
+        for a feature map of height x width cells (ints, or 0-D tensors in
+        an exported graph, where the map's size is known only when it runs).
+        Whole numbers throughout, so float32 holds them exactly."""
         stride = self.strides[level]
-        shift_x = np.arange(width, dtype=np.float32) * stride
-        shift_y = np.arange(height, dtype=np.float32) * stride
-        y, x = np.meshgrid(shift_y, shift_x, indexing="ij")
-        shifts = np.stack([x.ravel(), y.ravel(), x.ravel(), y.ravel()], axis=1)
-        return (shifts[:, None, :] + self.cell_anchors[level][None, :, :]).reshape(-1, 4)
+        shift_x = paddle.arange(width, dtype="float32") * stride
+        shift_y = paddle.arange(height, dtype="float32") * stride
+        y, x = paddle.meshgrid(shift_y, shift_x)
+        x, y = x.flatten(), y.flatten()
+        shifts = paddle.stack([x, y, x, y], axis=1)
+        return (shifts[:, None, :] + paddle.to_tensor(self.cell_anchors[level])[None, :, :]).reshape([-1, 4])
 
     def __call__(self, feature_sizes):
         """[level anchors as paddle float32 [H_l * W_l * A_l, 4]] for the
         feature maps' (height, width), one per level."""
         if len(feature_sizes) != len(self.strides):
             raise ValueError(f"{len(feature_sizes)} feature maps for {len(self.strides)} anchor levels")
-        return [paddle.to_tensor(self.grid_anchors(level, h, w)) for level, (h, w) in enumerate(feature_sizes)]
+        return [self.grid_anchors(level, h, w) for level, (h, w) in enumerate(feature_sizes)]
 
 
 # ---------------------------------------------------------------- matching
@@ -270,19 +276,25 @@ def nms(boxes, scores, iou_threshold):
     return order[paddle.vision.ops.nms(boxes[order], iou_threshold)]
 
 
-def batched_nms(boxes, scores, classes, iou_threshold):
+def batched_nms(boxes, scores, classes, iou_threshold, num_classes=None):
     """NMS within each class (boxes of different classes never suppress one
     another), best score first over all classes. One NMS per class present
     rather than torchvision's coordinate-offset trick: offsets of
-    class x (largest coordinate + 1) cost float32 precision in the IoU."""
+    class x (largest coordinate + 1) cost float32 precision in the IoU.
+    With `num_classes`, one NMS per class 0..num_classes-1 whether present
+    or not: the same result, without reading the classes' values, so that
+    export can trace it."""
     boxes, scores, classes = as_tensor(boxes), as_tensor(scores), as_tensor(classes, "int64")
-    if boxes.shape[0] == 0:
-        return paddle.zeros([0], dtype="int64")
+    if num_classes is None:
+        if boxes.shape[0] == 0:
+            return paddle.zeros([0], dtype="int64")
+        each_class = np.unique(classes.numpy()).tolist()
+    else:
+        each_class = range(num_classes)
     kept = []
-    for cls in np.unique(classes.numpy()):
+    for cls in each_class:
         members = paddle.nonzero(classes == int(cls)).flatten()
         kept.append(members[nms(boxes[members], scores[members], iou_threshold)])
-    kept = paddle.concat(kept)
-    # The lower index wins a tie here too, as in a single nms() call.
-    order = np.lexsort((kept.numpy(), -scores[kept].numpy()))
-    return kept[paddle.to_tensor(order)]
+    # Best score first; the lower index wins a tie here too, as in a single nms() call.
+    kept = paddle.sort(paddle.concat(kept))
+    return kept[paddle.argsort(scores[kept], descending=True, stable=True)]

@@ -200,10 +200,17 @@ def evaluate_checkpoint(cfg):
     model, record = trained_detector(cfg)
     dataset = read_dataset(cfg.DataLoader.Eval.dataset, "Eval", record["class_names"], masks=model.mask)
     pre = record["preprocess"]
-    found = evaluate(dataset, predict(model, dataset, EvalTransform(pre["short_side"], pre["max_size"])))
+    return ap_summary(dataset, predict(model, dataset, EvalTransform(pre["short_side"], pre["max_size"])))
+
+
+def ap_summary(dataset, predictions):
+    """What `paddle-tl eval` prints of a detection model (and `paddle-tl
+    infer --eval` of its export): box AP, AP50, AP75, per class (and mask
+    AP where the predictions hold masks), images."""
+    found = evaluate(dataset, predictions)
     scores = {"task": "detection", "bbox_ap": found["bbox_ap"], "bbox_ap50": found["bbox_ap50"],
               "bbox_ap75": found["bbox_ap75"], "per_class_ap": found["per_class"]}
-    if model.mask:
+    if "mask_ap" in found:
         scores.update({"mask_ap": found["mask_ap"], "mask_ap50": found["mask_ap50"],
                        "mask_ap75": found["mask_ap75"], "per_class_mask_ap": found["mask_per_class"]})
     return {**scores, "images": len(dataset)}

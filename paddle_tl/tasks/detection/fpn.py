@@ -18,6 +18,20 @@ def _conv(in_channels, out_channels, kernel):
                             bias_attr=paddle.nn.initializer.Constant(0.0))
 
 
+def upsample_nearest(x, like):
+    """x [B, C, h, w] resized to like's H x W by nearest neighbour: what
+    F.interpolate(x, size=(H, W), mode="nearest") computes (source row
+    floor(r * h / H), here in integers), as two gathers. To a size, not by a
+    factor of 2: an odd-sized finer map is not twice the coarser one. Not
+    interpolate itself: with a size known only when an exported graph runs
+    (inference_graph.py), Paddle Inference's oneDNN kernel cannot run it
+    (Paddle 3.3.1: "ConvertPirAttribute2RuntimeAttribute not support")."""
+    small, large = paddle.shape(x), paddle.shape(like)
+    rows = paddle.arange(large[2]) * small[2] // large[2]
+    cols = paddle.arange(large[3]) * small[3] // large[3]
+    return paddle.gather(paddle.gather(x, rows, axis=2), cols, axis=3)
+
+
 class FPN(paddle.nn.Layer):
     """[C_l maps, finest first] -> [P_l maps of out_channels] (+ P6 with
     `extra_max_pool`), finest first."""
@@ -33,8 +47,7 @@ class FPN(paddle.nn.Layer):
         outputs = [self.output[-1](merged)]
         for index in range(len(features) - 2, -1, -1):
             lateral = self.lateral[index](features[index])
-            # size= rather than scale_factor: an odd-sized finer map is not twice the coarser one
-            merged = lateral + paddle.nn.functional.interpolate(merged, size=lateral.shape[-2:], mode="nearest")
+            merged = lateral + upsample_nearest(merged, lateral)
             outputs.insert(0, self.output[index](merged))
         if self.extra_max_pool:
             outputs.append(paddle.nn.functional.max_pool2d(outputs[-1], kernel_size=1, stride=2))

@@ -10,6 +10,8 @@ detections are given back as 0..K-1).
 
 import math
 
+import numpy as np
+
 from paddle_tl.runtime import import_paddle
 from paddle_tl.tasks.detection.boxes import (BalancedSampler, BoxCoder, Matcher, batched_nms, box_iou, clip_boxes,
                                              remove_small_boxes)
@@ -47,7 +49,7 @@ class MultiScaleRoIAlign(paddle.nn.Layer):
         [sum N_i, C, output_size, output_size], in the boxes' order."""
         features = features[:len(self.strides)]
         all_boxes = paddle.concat(boxes)
-        images = paddle.concat([paddle.full([b.shape[0]], i, dtype="int64") for i, b in enumerate(boxes)])
+        images = paddle.concat([paddle.full_like(b[:, 0], i, dtype="int64") for i, b in enumerate(boxes)])
         levels = assign_levels(all_boxes, self.k_min, self.k_max)
         pooled, order = [], []
         for level, (feature, stride) in enumerate(zip(features, self.strides)):
@@ -217,25 +219,29 @@ class RoIHeads(paddle.nn.Layer):
     def postprocess(self, logits, deltas, proposals, image_sizes):
         """-> per image {"boxes" [D, 4], "scores" [D], "labels" int64 [D] in 0..K-1}."""
         num_classes = logits.shape[1]
-        counts = [p.shape[0] for p in proposals]
         scores = F.softmax(logits, axis=-1)
         boxes = self.box_coder.decode(deltas, paddle.concat(proposals)).reshape([-1, num_classes, 4])
-        detections, start = [], 0
-        for count, (height, width) in zip(counts, image_sizes):
-            image_boxes = clip_boxes(boxes[start:start + count], height, width)[:, 1:]  # drop the background
-            image_scores = scores[start:start + count, 1:]
-            start += count
-            image_labels = paddle.arange(num_classes - 1, dtype="int64").expand_as(image_scores)
-            image_boxes, image_scores = image_boxes.reshape([-1, 4]), image_scores.flatten()
-            image_labels = image_labels.flatten()
-            keep = paddle.nonzero(image_scores > self.score_thresh).flatten()
-            image_boxes, image_scores, image_labels = image_boxes[keep], image_scores[keep], image_labels[keep]
-            keep = remove_small_boxes(image_boxes, self.min_size)
-            image_boxes, image_scores, image_labels = image_boxes[keep], image_scores[keep], image_labels[keep]
-            keep = batched_nms(image_boxes, image_scores, image_labels, self.nms_thresh)[:self.detections_per_img]
-            detections.append({"boxes": image_boxes[keep], "scores": image_scores[keep],
-                               "labels": image_labels[keep]})
-        return detections
+        if len(proposals) == 1:  # no counts read: one image traces for export, where its count is unknown
+            per_image = [(boxes, scores)]
+        else:
+            ends = np.cumsum([0] + [p.shape[0] for p in proposals]).tolist()
+            per_image = [(boxes[start:end], scores[start:end]) for start, end in zip(ends, ends[1:])]
+        return [self._detections(image_boxes, image_scores, height, width)
+                for (image_boxes, image_scores), (height, width) in zip(per_image, image_sizes)]
+
+    def _detections(self, boxes, scores, height, width):
+        """One image's boxes [N, K + 1, 4] and scores [N, K + 1] -> its detections."""
+        num_classes = scores.shape[1] - 1
+        boxes = clip_boxes(boxes, height, width)[:, 1:].reshape([-1, 4])  # drop the background
+        scores = scores[:, 1:]
+        labels = (paddle.zeros_like(scores, dtype="int64") + paddle.arange(num_classes, dtype="int64")).flatten()
+        scores = scores.flatten()
+        keep = paddle.nonzero(scores > self.score_thresh).flatten()
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = remove_small_boxes(boxes, self.min_size)
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = batched_nms(boxes, scores, labels, self.nms_thresh, num_classes=num_classes)[:self.detections_per_img]
+        return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
 
 
 def fastrcnn_loss(logits, deltas, labels, regression_targets):

@@ -41,10 +41,11 @@ class RPNHead(paddle.nn.Layer):
         for feature in features:
             hidden = F.relu(self.conv(feature))
             logits, offsets = self.objectness(hidden), self.deltas(hidden)
-            batch, anchors, height, width = logits.shape
-            objectness.append(logits.transpose([0, 2, 3, 1]).reshape([batch, -1]))
-            deltas.append(offsets.reshape([batch, anchors, 4, height, width])
-                          .transpose([0, 3, 4, 1, 2]).reshape([batch, -1, 4]))
+            anchors = logits.shape[1]
+            # 0 copies the batch size and H x W cells go as one axis (row-major: the same order), as an
+            # exported graph (inference_graph.py) knows neither size before it runs
+            objectness.append(logits.transpose([0, 2, 3, 1]).reshape([0, -1]))
+            deltas.append(offsets.reshape([0, anchors, 4, -1]).transpose([0, 3, 1, 2]).reshape([0, -1, 4]))
         return objectness, deltas
 
 
@@ -97,17 +98,20 @@ class RegionProposalNetwork(paddle.nn.Layer):
             boxes, scores, levels = [], [], []
             for level, level_anchors in enumerate(anchors):
                 logits = objectness[level][image]
-                top = paddle.topk(logits, k=min(pre_n, logits.shape[0]))[1]  # choose before decoding: cheaper
+                # k as a tensor: the number of anchors is known only when an exported graph runs
+                count = paddle.shape(logits)[0]
+                k = paddle.minimum(count, paddle.full([], pre_n, count.dtype))
+                top = paddle.topk(logits, k=k)[1]  # choose before decoding: cheaper
                 decoded = self.box_coder.decode(deltas[level][image][top], level_anchors[top])
                 boxes.append(clip_boxes(decoded, height, width))
                 scores.append(F.sigmoid(logits[top]))
-                levels.append(paddle.full([top.shape[0]], level, dtype="int64"))
+                levels.append(paddle.full_like(top, level, dtype="int64"))
             boxes, scores, levels = paddle.concat(boxes), paddle.concat(scores), paddle.concat(levels)
             keep = remove_small_boxes(boxes, self.min_size)
             boxes, scores, levels = boxes[keep], scores[keep], levels[keep]
             keep = paddle.nonzero(scores >= self.score_thresh).flatten()
             boxes, scores, levels = boxes[keep], scores[keep], levels[keep]
-            keep = batched_nms(boxes, scores, levels, self.nms_thresh)[:post_n]
+            keep = batched_nms(boxes, scores, levels, self.nms_thresh, num_classes=len(anchors))[:post_n]
             proposals.append(boxes[keep])
         return proposals
 

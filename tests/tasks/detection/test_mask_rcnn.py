@@ -121,6 +121,10 @@ def test_a_mask_rcnn_run_writes_mask_ap_and_eval_agrees(tmp_path):
     result = evaluate_checkpoint(run_config(tmp_path / "run"))
     assert result["mask_ap"] == pytest.approx(metrics["mask_ap"], abs=1e-9)
     assert result["bbox_ap50"] == pytest.approx(metrics["bbox_ap50"], abs=1e-9)
+    # Its export is refused in one line (the graph would drop the masks), the target left untouched.
+    from paddle_tl.cli import main as cli
+    assert cli(["export", str(tmp_path / "run"), "--output", str(tmp_path / "exported")]) == 2
+    assert not (tmp_path / "exported").exists()
 
 
 def test_the_mask_head_is_refused_for_classification():
