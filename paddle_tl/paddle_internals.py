@@ -55,9 +55,10 @@ PADDLE_INTERNALS = {
         "after construction because gradual unfreezing changes it between epochs"),
     "_learning_rate": (
         "paddle.optimizer.Optimizer._learning_rate",
-        ("paddle_tl/runs/checkpoint.py", "bench/train_throughput.py"),
+        ("paddle_tl/runs/checkpoint.py", "bench/train_throughput.py", "paddle_tl/tasks/detection/train.py"),
         "the optimizer's LRScheduler object (get_lr() gives only its value): its state_dict to keep a "
-        "fresh schedule at its start when resuming, and its step() in a hand-written loop"),
+        "fresh schedule at its start when resuming, its step() in a hand-written loop (also detection's), "
+        "and detection's budget shortening its cosine"),
     "_dygraph_tracer": (
         "paddle.base.framework._dygraph_tracer",
         ("paddle_tl/trust/gradcam.py",),

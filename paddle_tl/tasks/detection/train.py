@@ -248,7 +248,7 @@ def train_epoch(cfg, model, optimizer, state, data, transform, arch, epoch, step
         loss = sum(losses.values())
         if math.isfinite(float(loss)):
             loss.backward()
-        if not math.isfinite(float(loss)) or not _finite_gradients(optimizer):
+        if not math.isfinite(float(loss)) or not _finite_gradients(model):
             optimizer.clear_grad()
             state["skipped_batches"] += 1
             skipped_in_a_row += 1
@@ -274,8 +274,8 @@ def train_epoch(cfg, model, optimizer, state, data, transform, arch, epoch, step
     return means, stopped
 
 
-def _finite_gradients(optimizer):
-    grads = [p.grad for p in optimizer._parameter_list if p.grad is not None]
+def _finite_gradients(model):
+    grads = [p.grad for p in model.parameters() if not p.stop_gradient and p.grad is not None]
     return all(bool(paddle.isfinite(grad).all()) for grad in grads)
 
 
