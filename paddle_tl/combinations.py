@@ -104,6 +104,9 @@ DISTILLING = _is("Distill.teacher", lambda teacher: teacher is not None)
 NOT_PRETRAINED = _is("Arch.pretrained", lambda pretrained: pretrained is False)
 MIXUP = _is("DataLoader.Train.augment.mixup", lambda alpha: alpha > 0)
 CUTMIX = _is("DataLoader.Train.augment.cutmix", lambda alpha: alpha > 0)
+CONCATENATED = _is("Arch.name", lambda name: "+" in name)  # models/concat.py
+BODY_TRAINS = _is("Transfer.strategy",
+                  lambda strategy: strategy in ("partial", "full", "gradual", "bitfit", "lp_ft"))
 CPU = _fact("Global.device", "device", lambda device: device == "cpu",
             lambda device, facts: device if facts.cfg.Global.device == device else f"auto (found {device} only)")
 DATA_PARALLEL = _fact("data-parallel training", "processes", lambda processes: processes > 1,
@@ -188,6 +191,8 @@ RULES = (
                                "Arch.pretrained or Transfer.l2sp_alpha=0"),
     Rule(LP_FT, ALL_STAGES, "lp_ft fine-tunes the stages above Transfer.freeze_stages, and this leaves none; lower "
                             "it, or use Transfer.strategy=linear_probe"),
+    Rule(CONCATENATED, BODY_TRAINS, "concatenated bodies stay frozen and only their head trains; use "
+         "Transfer.strategy=linear_probe"),
     Rule(RESUMING, CROSS_VALIDATING, "cross-validation trains every fold afresh; leave it unset"),
     Rule(DISTILLING, CROSS_VALIDATING, "the teacher was trained on the images every fold holds out, so its soft "
                                        "targets would leak them into the folds' scores; cross-validate without it"),
