@@ -229,9 +229,9 @@ def _cache(cut, train_set, plain_sets, eval_tf, train_tf, views, loader_cfg, see
     arrays, logits, from_images = [], {}, []
     for index, (name, dataset, transform, view) in enumerate(jobs):
         shared = teacher is None or view is None
-        key = _key(cut, dataset, transform, view, seed)
+        key = _key(cut.body, dataset, transform, view, seed)
         # A subsample (datasets.subsample) is served by its parent's rows too.
-        sources = [(key, None)] + ([(_key(cut, dataset.parent, transform, view, seed), dataset.indices)]
+        sources = [(key, None)] + ([(_key(cut.body, dataset.parent, transform, view, seed), dataset.indices)]
                                    if hasattr(dataset, "parent") else [])
         arrays.append(_from_shared(cut, key, sources, loader_cfg.batch_size, f"{cut.what}: {name}")
                       if shared else None)
@@ -258,8 +258,21 @@ def _cache(cut, train_set, plain_sets, eval_tf, train_tf, views, loader_cfg, see
     return train, plain
 
 
-def _key(cut, dataset, transform, view, seed):
-    return cut.body, id(dataset), len(dataset), id(transform), view, seed if view else None
+def _key(body, dataset, transform, view, seed):
+    return body, id(dataset), len(dataset), id(transform), view, seed if view else None
+
+
+def share_features(network, spec, computed):
+    """While shared caches are on, features of `network` computed elsewhere
+    serve it as its own: `computed` is [(dataset, transform, view, array)],
+    view 0 for a training set's plain view, None for a plain set (what
+    cached_datasets reads). A concatenation's features are its bodies'
+    side by side (engine/backbones.py measured them body by body)."""
+    if _shared is None:
+        return
+    body = _body_digest(network, spec)
+    for dataset, transform, view, array in computed:
+        _shared[(len(spec.stages), *_key(body, dataset, transform, view, None))] = array
 
 
 def _from_shared(cut, key, sources, batch_size, desc):
