@@ -201,3 +201,49 @@ def test_a_concatenation_trains_exports_and_infers_with_parity(tmp_path, tiny_im
         row = by_file[str(path)]
         assert row["class_ids"][0] == int(probabilities.argmax())
         np.testing.assert_allclose(row["scores"], np.sort(probabilities)[::-1], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_an_auto_run_whose_concatenation_measures_best_trains_records_and_exports_it(tmp_path, tiny_image_folder,
+                                                                                     monkeypatch, capsys):
+    """The whole path of a concatenation winner: its rows in metrics.json
+    and the report, its recipes measured on it (the ones that would train a
+    body skipped), its features reused from the bodies' passes, config.yaml
+    and the checkpoint naming it, and export with parity. That it measures
+    best is arranged (each body's probe here is as good as the pair's)."""
+    _require_weights()
+    probed = backbones._probed
+
+    def concatenation_ahead(name, *args):
+        row = probed(name, *args)
+        row["val_top1"] = 1.0 if "+" in name else 0.0
+        return row
+
+    monkeypatch.setattr(backbones, "_probed", concatenation_ahead)
+    data = tiny_image_folder(classes=CLASSES, per_class=8, size=(80, 60))
+    cfg = _train_cfg(tmp_path, data, "Transfer.strategy=auto", "DataLoader.Train.val_fraction=0.25")
+    metrics = train(cfg)
+    run, joined = tmp_path / "run", "mobilenet_v2+efficientnet_lite0"
+    rows = metrics["strategy"]["candidates"]
+    assert [row["name"] for row in rows[:3]] == ["backbone:mobilenet_v2", "backbone:efficientnet_lite0",
+                                                 f"backbone:{joined}"]
+    assert all("val_top1" in row and "seconds" in row for row in rows[:3])
+    skipped = {row["name"]: row.get("skipped", "") for row in rows[3:]}
+    assert "concatenated bodies stay frozen" in skipped["lp_ft_top"]
+    record = json.loads((run / "auto.json").read_text())
+    assert record["backbone"]["winner"] == f"backbone:{joined}"
+    assert record["overrides"][:2] == [f"Arch.name={joined}", "Transfer.cache_views=1"]
+    assert load_config(run / "config.yaml", []).Arch.name == joined
+    assert load_state(run / "best_model")["model"]["arch"] == joined
+    page = (run / "report" / "index.html").read_text()
+    assert f"<td>backbone:{joined}</td>" in page
+    # Features of the training and validation images were computed once for each body (MobileNetV2's from its
+    # activations), never for the concatenation: the bodies' serve it. Only its Eval split's come from images.
+    passes = [line.split(":")[1].split("(")[0].strip() for line in capsys.readouterr().err.splitlines()
+              if line.startswith("features:") and ": done" in line]
+    assert sorted(passes) == ["eval", "train view 1/1", "train view 1/1", "validation", "validation"]
+
+    out = export(load_config(run / "config.yaml", [f"Global.pretrained_model={run / 'best_model'}",
+                                                   f"Global.save_inference_dir={tmp_path / 'inference'}"]))
+    assert "top-1 agreement" in capsys.readouterr().out
+    assert yaml.safe_load((out / "inference.yml").read_text())["arch"] == joined
