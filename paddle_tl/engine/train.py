@@ -39,7 +39,7 @@ from paddle_tl.engine.report import write_report
 from paddle_tl.errors import ConfigError, OutOfMemoryError
 from paddle_tl.files import write_json
 from paddle_tl.metrics import classification_metrics
-from paddle_tl.models.concat import load_pretrained_bodies
+from paddle_tl.models.concat import body_names, load_pretrained_bodies
 from paddle_tl.models.features import feature_head
 from paddle_tl.models.heads import build_head
 from paddle_tl.models.static import dynamic_runner
@@ -266,12 +266,10 @@ def _choose_backbone(cfg, run, data, metric):
     changes, rows, rule = backbones.measure(cfg, features_of, data.class_names, data.class_weights,
                                             data.val.class_counts(), metric)
     winner = auto.configured(cfg, changes)
-    name = winner.Arch.name
-    if name in datas:
-        return winner, datas[name], {"overrides": changes, "rows": rows, "rule": rule,
-                                     "seconds": round(time.time() - started, 2)}
-    winner_data = _preprocessed_for(winner, data)
-    _share_concatenated(winner, run, winner_data, datas, features)
+    winner_data = datas.get(winner.Arch.name)
+    if winner_data is None:  # the concatenation
+        winner_data = _preprocessed_for(winner, data)
+        _share_concatenated(winner, run, winner_data, datas, features)
     return winner, winner_data, {"overrides": changes, "rows": rows, "rule": rule,
                                  "seconds": round(time.time() - started, 2)}
 
@@ -293,7 +291,7 @@ def _share_concatenated(winner, run, data, datas, features):
     as its own: where every body's native crop is the shared input's, they
     are what it computes (up to float rounding), and its trials and run need
     no pass of their own over those images. Elsewhere it computes them."""
-    names = winner.Arch.name.split("+")
+    names = body_names(winner.Arch.name)
     if any(datas[name].pre.input_size != data.pre.input_size or
            datas[name].pre.resize_short != data.pre.resize_short for name in names):
         return
