@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from paddle_tl.engine.auto import score_key, standard_error
+from paddle_tl.engine.auto import MEASURING_SHARE, score_key, standard_error
 from paddle_tl.errors import ConfigError
 from paddle_tl.metrics import classification_metrics
 from paddle_tl.models.concat import concatenation_name
@@ -101,20 +101,47 @@ def overrides(cfg, name, concatenated=False):
     return (f"Arch.name={name}", "Arch.pretrained=imagenet", "Arch.pretrained_sha256=null")
 
 
-def measure(cfg, features_of, class_names, class_weights, val_counts, metric="top1"):
+def too_costly(name, cfg, images, pace, spent, input_size):
+    """Why the backbone `name` is not measured, or None: its pass over
+    `images` would end past auto's measuring share of the budget (the same
+    MEASURING_SHARE its recipes keep to), `spent` seconds of it gone. Its
+    pace is estimated from `pace`, the seconds an image took in the pass
+    of Arch.name (at `input_size`) that auto makes anyway, scaled by the
+    pixels of its own input: a rough guess (EfficientNet-Lite2 at 260 px
+    measured twice MobileNetV2's time, not 1.35 times), and measuring goes
+    on where there is none."""
+    if pace is None:
+        return None
+    estimate = pace * images * (get_spec(name).input_size / input_size) ** 2
+    budget = cfg.Transfer.auto_budget_minutes * 60
+    if spent + estimate <= MEASURING_SHARE * budget:
+        return None
+    return (f"budget: its pass over {images} images would take about {estimate:.0f} s, past "
+            f"{MEASURING_SHARE:.0%} of Transfer.auto_budget_minutes={cfg.Transfer.auto_budget_minutes:g} with "
+            f"{spent:.0f} s spent")
+
+
+def measure(cfg, features_of, class_names, class_weights, val_counts, metric="top1", skip=lambda name: None):
     """(the winning backbone's overrides, the rows for auto's record, the
     rule's record). `features_of(name)` returns a Features of that backbone
-    (a single architecture); the concatenation of Arch.name with the best
-    other backbone is measured on both side by side."""
+    (a single architecture); `skip(name)` says why one is not measured (or
+    None). The concatenation of Arch.name with the best other backbone
+    measured is measured on both side by side."""
     rows, features = [], {}
     for name in [cfg.Arch.name, *backbone_names(cfg)]:
+        why_not = skip(name) if rows else None  # Arch.name's features are there already
+        if why_not:
+            print(f"auto: backbone {name} not measured ({why_not})")
+            rows.append({"name": f"backbone:{name}", "kind": "backbone", "arch": name,
+                         "what": f"{name}'s frozen features, a solved linear probe", "skipped": why_not})
+            continue
         started = time.time()
         print(f"auto: measuring the backbone {name} (a solved linear probe on its frozen features)")
         features[name] = features_of(name)
         rows.append(_probed(name, f"{name}'s frozen features, a solved linear probe", features[name], class_names,
                             class_weights, time.time() - started, overrides(cfg, name), metric))
     key = score_key(metric)
-    others = [row for row in rows[1:]]
+    others = [row for row in rows[1:] if key in row]
     if others:
         best_other = max(others, key=lambda row: row[key])["arch"]
         joined = concatenation_name([cfg.Arch.name, best_other])
@@ -125,9 +152,10 @@ def measure(cfg, features_of, class_names, class_weights, val_counts, metric="to
         rows.append(_probed(joined, f"{cfg.Arch.name} and {best_other}'s features concatenated, a solved linear "
                             "probe", side_by_side, class_names, class_weights, time.time() - started,
                             overrides(cfg, joined, concatenated=True), metric))
-    top = max(row[key] for row in rows)
+    measured = [row for row in rows if key in row]
+    top = max(row[key] for row in measured)
     se = standard_error(top, val_counts, metric)
-    tied = [row for row in rows if row[key] >= top - se]
+    tied = [row for row in measured if row[key] >= top - se]
     best = tied[0]
     why = (f"{len(tied)} within one standard error ({se:.4f}, {sum(val_counts)} validation images) of the best "
            f"{top:.4f}: {', '.join(row['arch'] for row in tied)}")

@@ -225,8 +225,8 @@ def choose_auto(cfg, run, data):
     metric = selection_metric(data.class_weights)  # the run's weights, not a capped trial's
     started = time.time()
     with rng_kept():  # the run draws as it would have without the trials
-        _cache_below(cfg, run, data, min(candidate.cut for candidate in candidates))
-        cfg, data, measured_backbones = _choose_backbone(cfg, run, data, metric)
+        pace = _cache_below(cfg, run, data, min(candidate.cut for candidate in candidates))
+        cfg, data, measured_backbones = _choose_backbone(cfg, run, data, metric, started, pace)
         if measured_backbones is not None:
             candidates = auto.candidates(cfg, len(get_spec(cfg.Arch.name).stages), data.train.class_counts())
             if measured_backbones["overrides"]:  # another backbone won: its own pass below the candidates' cuts
@@ -244,10 +244,11 @@ def choose_auto(cfg, run, data):
     return _resolved(run, winner), data, record, kept
 
 
-def _choose_backbone(cfg, run, data, metric):
+def _choose_backbone(cfg, run, data, metric, started, pace):
     """(the config with the winning backbone, its data, what was measured
     or None): engine/backbones.py measures Arch.name and the backbones of
-    Transfer.auto_backbones on their cached features."""
+    Transfer.auto_backbones on their cached features, those whose pass fits
+    in the budget counted from `started` (at `pace`, _cache_below's)."""
     spec = get_spec(cfg.Arch.name)
     has_feature_head = feature_head(build_model(spec.name, data.num_classes, **cfg.Arch.kwargs), spec) is not None
     why_not = backbones.why_not_measured(cfg, has_feature_head, run.teacher)
@@ -255,7 +256,7 @@ def _choose_backbone(cfg, run, data, metric):
         if why_not:
             print(f"auto: the backbone is Arch.name's ({why_not})")
         return cfg, data, None
-    datas, features, started = {}, {}, time.time()
+    datas, features, measuring = {}, {}, time.time()
 
     def features_of(name):
         variant = auto.configured(cfg, backbones.overrides(cfg, name))
@@ -263,15 +264,19 @@ def _choose_backbone(cfg, run, data, metric):
         features[name] = _backbone_features(variant, run, datas[name])
         return features[name]
 
+    def skip(name):
+        return backbones.too_costly(name, cfg, len(data.train) + len(data.val), pace, time.time() - started,
+                                    data.pre.input_size)
+
     changes, rows, rule = backbones.measure(cfg, features_of, data.class_names, data.class_weights,
-                                            data.val.class_counts(), metric)
+                                            data.val.class_counts(), metric, skip)
     winner = auto.configured(cfg, changes)
     winner_data = datas.get(winner.Arch.name)
     if winner_data is None:  # the concatenation
         winner_data = _preprocessed_for(winner, data)
         _share_concatenated(winner, run, winner_data, datas, features)
     return winner, winner_data, {"overrides": changes, "rows": rows, "rule": rule,
-                                 "seconds": round(time.time() - started, 2)}
+                                 "seconds": round(time.time() - measuring, 2)}
 
 
 def _backbone_features(variant, run, data):
@@ -373,17 +378,20 @@ def _cache_below(cfg, run, data, boundary):
     the features) is computed (transfer/feature_cache.py). Skipped, and each
     candidate caches for itself, where the run would not cache there (the
     fit chooser's own test), or with a teacher (whose training views are
-    computed beside its logits, never shared)."""
+    computed beside its logits, never shared). Returns the seconds the pass
+    took an image (None where skipped): what a backbone's pass is paced by."""
     if run.teacher:
-        return
+        return None
     net = load_network(cfg, dataclasses.replace(run, is_main=False), data)
     images = (len(data.train), len(data.eval) + len(data.val))
     if why_not_cached_below(cfg, net.layer, net.spec, boundary, run.processes, images):
-        return
+        return None
     print(f"auto: computing the bottom {boundary} stages' output once for every candidate")
+    started = time.time()
     cached_activations(net.layer, net.spec, boundary, data.pre.input_size, data.train,
                        {"eval": data.eval, "validation": data.val}, data.eval_tf, data.train_tf,
                        cfg.Transfer.cache_views, cfg.DataLoader.Eval, cfg.Global.seed, run.device)
+    return (time.time() - started) / (images[0] * cfg.Transfer.cache_views + images[1])
 
 
 def _trial(cfg, run, data, epochs, metric="top1"):

@@ -247,3 +247,25 @@ def test_an_auto_run_whose_concatenation_measures_best_trains_records_and_export
                                                    f"Global.save_inference_dir={tmp_path / 'inference'}"]))
     assert "top-1 agreement" in capsys.readouterr().out
     assert yaml.safe_load((out / "inference.yml").read_text())["arch"] == joined
+
+
+def test_a_backbone_whose_pass_would_not_fit_in_the_budget_is_skipped():
+    cfg = _cfg("Transfer.auto_backbones=[efficientnet_lite0, efficientnet_lite2]", "Transfer.auto_budget_minutes=1")
+    # 0.1 s an image at 224 px: 200 images take 20 s, at 260 px about 27 s; half the budget is 30 s
+    assert backbones.too_costly("efficientnet_lite0", cfg, 200, 0.1, 5.0, 224) is None
+    why = backbones.too_costly("efficientnet_lite2", cfg, 200, 0.1, 5.0, 224)
+    assert why.startswith("budget: its pass over 200 images would take about 27 s")
+    assert backbones.too_costly("efficientnet_lite2", cfg, 200, None, 5.0, 224) is None  # no pace: measured
+
+    measured = []
+
+    def features_of(name):
+        measured.append(name)
+        return _features(name == "efficientnet_lite0", len(name))
+
+    changes, rows, rule = backbones.measure(cfg, features_of, CLASSES, None, [40] * 3,
+                                            skip=lambda name: "budget" if name == "efficientnet_lite2" else None)
+    assert measured == ["mobilenet_v2", "efficientnet_lite0"]
+    assert rows[2] == {"name": "backbone:efficientnet_lite2", "kind": "backbone", "arch": "efficientnet_lite2",
+                       "what": "efficientnet_lite2's frozen features, a solved linear probe", "skipped": "budget"}
+    assert rows[3]["arch"] == "mobilenet_v2+efficientnet_lite0" and rule["winner"] == "backbone:efficientnet_lite0"
