@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from paddle_tl.engine.auto import MEASURING_SHARE, score_key, standard_error
-from paddle_tl.errors import ConfigError
+from paddle_tl.errors import ConfigError, WeightsError
 from paddle_tl.metrics import classification_metrics
 from paddle_tl.models.concat import concatenation_name
 from paddle_tl.models.zoo import get_spec, list_architectures
@@ -130,14 +130,20 @@ def measure(cfg, features_of, class_names, class_weights, val_counts, metric="to
     rows, features = [], {}
     for name in [cfg.Arch.name, *backbone_names(cfg)]:
         why_not = skip(name) if rows else None  # Arch.name's features are there already
+        started = time.time()
+        if not why_not:
+            print(f"auto: measuring the backbone {name} (a solved linear probe on its frozen features)")
+            try:
+                features[name] = features_of(name)
+            except WeightsError as exc:  # its weights package not installed, say: the others are still measured
+                if not rows:
+                    raise
+                why_not = str(exc)
         if why_not:
             print(f"auto: backbone {name} not measured ({why_not})")
             rows.append({"name": f"backbone:{name}", "kind": "backbone", "arch": name,
                          "what": f"{name}'s frozen features, a solved linear probe", "skipped": why_not})
             continue
-        started = time.time()
-        print(f"auto: measuring the backbone {name} (a solved linear probe on its frozen features)")
-        features[name] = features_of(name)
         rows.append(_probed(name, f"{name}'s frozen features, a solved linear probe", features[name], class_names,
                             class_weights, time.time() - started, overrides(cfg, name), metric))
     key = score_key(metric)

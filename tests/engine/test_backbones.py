@@ -17,7 +17,7 @@ from paddle_tl.data.transforms import eval_transform
 from paddle_tl.deploy.export import export
 from paddle_tl.engine import backbones
 from paddle_tl.engine.train import train
-from paddle_tl.errors import ConfigError
+from paddle_tl.errors import ConfigError, WeightsError
 from paddle_tl.models.concat import ConcatenatedBodies
 from paddle_tl.models.zoo import build_model, get_spec
 from paddle_tl.predict.predictor import Predictor
@@ -269,3 +269,16 @@ def test_a_backbone_whose_pass_would_not_fit_in_the_budget_is_skipped():
     assert rows[2] == {"name": "backbone:efficientnet_lite2", "kind": "backbone", "arch": "efficientnet_lite2",
                        "what": "efficientnet_lite2's frozen features, a solved linear probe", "skipped": "budget"}
     assert rows[3]["arch"] == "mobilenet_v2+efficientnet_lite0" and rule["winner"] == "backbone:efficientnet_lite0"
+
+
+def test_a_backbone_whose_weights_cannot_be_loaded_is_skipped_with_the_reason():
+    cfg = _cfg("Transfer.auto_backbones=[efficientnet_lite0]")
+
+    def features_of(name):
+        if name == "efficientnet_lite0":
+            raise WeightsError("Arch.pretrained: efficientnet_lite0's weights package is not installed")
+        return _features(True, 1)
+
+    changes, rows, rule = backbones.measure(cfg, features_of, CLASSES, None, [40] * 3)
+    assert changes == [] and rule["winner"] == "backbone:mobilenet_v2" and len(rows) == 2
+    assert "not installed" in rows[1]["skipped"]
