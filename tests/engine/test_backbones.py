@@ -248,6 +248,14 @@ def test_an_auto_run_whose_concatenation_measures_best_trains_records_and_export
     assert "top-1 agreement" in capsys.readouterr().out
     assert yaml.safe_load((out / "inference.yml").read_text())["arch"] == joined
 
+    def measure_again(*args, **kwargs):
+        raise AssertionError("a resumed run measured again")
+
+    monkeypatch.setattr(backbones, "measure", measure_again)
+    resumed = train(_train_cfg(tmp_path, data, "Transfer.strategy=auto", "DataLoader.Train.val_fraction=0.25",
+                               "Global.epochs=3", f"Global.resume={run}"))
+    assert resumed["epochs_run"] == 3 and load_state(run / "best_model")["model"]["arch"] == joined
+
 
 def test_a_backbone_whose_pass_would_not_fit_in_the_budget_is_skipped():
     cfg = _cfg("Transfer.auto_backbones=[efficientnet_lite0, efficientnet_lite2]", "Transfer.auto_budget_minutes=1")
