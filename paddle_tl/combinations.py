@@ -162,7 +162,7 @@ RULES = (
     Rule(LAYER_DECAY, STAGE_LR_MULTS, "give either layer_decay or stage_lr_mults, not both"),
     Rule(AMP, CPU, "mixed precision needs a GPU; set Global.amp=false or run on a GPU"),
     Rule(TO_STATIC, UNFREEZING, "stages unfrozen after the graph is traced would stay frozen; use partial or full, "
-                             "or Global.to_static=false"),
+                                "or Global.to_static=false"),
     Rule(TO_STATIC, ADAPTING, "the per-step gradient-reversal and ramp coefficients would be traced as constants; "
                               "use Global.to_static=false"),
     Rule(ADAPTING, LINEAR_PROBE, "domain adaptation moves the body's features, which linear_probe keeps frozen; use "

@@ -54,8 +54,8 @@ CASES = {
         ["Transfer.domain_adaptation=dann", "Transfer.strategy=partial", f"Transfer.freeze_stages={STAGES - 1}"]),
     "Transfer.domain_adaptation x Arch.name": (
         ["Transfer.domain_adaptation=mmd", "Arch.name=squeezenet1_0"], {"feature_head": False},
-        [(["Arch.name=squeezenet1_0"], {"feature_head": False}), (["Transfer.domain_adaptation=mmd"],
-                                                                 {"feature_head": True})],
+        [(["Arch.name=squeezenet1_0"], {"feature_head": False}),
+         (["Transfer.domain_adaptation=mmd"], {"feature_head": True})],
         ["Transfer.domain_adaptation=mmd", "Transfer.strategy=partial"]),
     "Transfer.domain_adaptation x data-parallel training": (
         ["Transfer.domain_adaptation=mmd"], {"processes": 2},
