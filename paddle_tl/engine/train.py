@@ -226,8 +226,9 @@ def choose_auto(cfg, run, data):
     started = time.time()
     with rng_kept():  # the run draws as it would have without the trials
         pace = _cache_below(cfg, run, data, min(candidate.cut for candidate in candidates))
-        cfg, data, measured_backbones = _choose_backbone(cfg, run, data, metric, started, pace)
+        cfg, data, measured_backbones = _choose_backbone(cfg, run, data, metric, pace)
         if measured_backbones is not None:
+            started += measured_backbones["seconds"]  # the backbones' share is their own (backbones.BACKBONE_SHARE)
             candidates = auto.candidates(cfg, len(get_spec(cfg.Arch.name).stages), data.train.class_counts())
             if measured_backbones["overrides"]:  # another backbone won: its own pass below the candidates' cuts
                 _cache_below(cfg, run, data, min(candidate.cut for candidate in candidates))
@@ -244,11 +245,11 @@ def choose_auto(cfg, run, data):
     return _resolved(run, winner), data, record, kept
 
 
-def _choose_backbone(cfg, run, data, metric, started, pace):
+def _choose_backbone(cfg, run, data, metric, pace):
     """(the config with the winning backbone, its data, what was measured
     or None): engine/backbones.py measures Arch.name and the backbones of
     Transfer.auto_backbones on their cached features, those whose pass fits
-    in the budget counted from `started` (at `pace`, _cache_below's)."""
+    in the backbones' share of the budget (at `pace`, _cache_below's)."""
     spec = get_spec(cfg.Arch.name)
     has_feature_head = feature_head(build_model(spec.name, data.num_classes, **cfg.Arch.kwargs), spec) is not None
     why_not = backbones.why_not_measured(cfg, has_feature_head, run.teacher)
@@ -265,7 +266,7 @@ def _choose_backbone(cfg, run, data, metric, started, pace):
         return features[name]
 
     def skip(name):
-        return backbones.too_costly(name, cfg, len(data.train) + len(data.val), pace, time.time() - started,
+        return backbones.too_costly(name, cfg, len(data.train) + len(data.val), pace, time.time() - measuring,
                                     data.pre.input_size)
 
     changes, rows, rule = backbones.measure(cfg, features_of, data.class_names, data.class_weights,
