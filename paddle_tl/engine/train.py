@@ -51,7 +51,7 @@ from paddle_tl.runs.run_folder import (check_output_dir, describe_model, opened_
                                        record_temperature, require_free_space)
 from paddle_tl.runtime import import_paddle, rng_kept, seed_everything, select_device
 from paddle_tl.transfer.distill import find_teacher
-from paddle_tl.transfer.feature_cache import cached_activations, cached_datasets, share_features, shared_caches
+from paddle_tl.transfer.feature_cache import cached_activations, cached_datasets, share_features, shared_caches, unkept
 from paddle_tl.transfer.freezing import GradualUnfreezer, add_l2sp, set_frozen_stages, trainable_parameters
 from paddle_tl.transfer.plan import plan_transfer
 from paddle_tl.transfer.similarity import measure_similarity
@@ -262,7 +262,9 @@ def _choose_backbone(cfg, run, data, metric, pace):
     def features_of(name):
         variant = auto.configured(cfg, backbones.overrides(cfg, name))
         datas[name] = _preprocessed_for(variant, data)
-        features[name] = _backbone_features(variant, run, datas[name])
+        # Arch.name's stay out of the shared caches: its run computes them as it did before backbones were measured.
+        with unkept() if name == cfg.Arch.name else contextlib.nullcontext():
+            features[name] = _backbone_features(variant, run, datas[name])
         return features[name]
 
     def skip(name):

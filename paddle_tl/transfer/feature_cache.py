@@ -219,6 +219,25 @@ def shared_caches():
         _shared = outer
 
 
+@contextlib.contextmanager
+def unkept():
+    """Within the context, outputs are read from the shared caches as ever,
+    but what it computes is not kept there: afterwards they hold what they
+    held before. For a look that must leave the run's own path as it was
+    (auto's backbones measure Arch.name's features, which the run derives
+    later from whichever cut is nearest then; float16 activations make
+    another path's features differ in the last bits)."""
+    if _shared is None:
+        yield
+        return
+    before = set(_shared)
+    try:
+        yield
+    finally:
+        for key in set(_shared) - before:
+            del _shared[key]
+
+
 def _cache(cut, train_set, plain_sets, eval_tf, train_tf, views, loader_cfg, seed, teacher=None):
     """(train views, [plain views]). Each view comes from the shared caches
     (at this cut, or computed from a lower cut's), else from the images; the
