@@ -104,6 +104,9 @@ DISTILLING = _is("Distill.teacher", lambda teacher: teacher is not None)
 NOT_PRETRAINED = _is("Arch.pretrained", lambda pretrained: pretrained is False)
 MIXUP = _is("DataLoader.Train.augment.mixup", lambda alpha: alpha > 0)
 CUTMIX = _is("DataLoader.Train.augment.cutmix", lambda alpha: alpha > 0)
+CONCATENATED = _is("Arch.name", lambda name: "+" in name)  # models/concat.py
+BODY_TRAINS = _is("Transfer.strategy",
+                  lambda strategy: strategy in ("partial", "full", "gradual", "bitfit", "lp_ft"))
 CPU = _fact("Global.device", "device", lambda device: device == "cpu",
             lambda device, facts: device if facts.cfg.Global.device == device else f"auto (found {device} only)")
 DATA_PARALLEL = _fact("data-parallel training", "processes", lambda processes: processes > 1,
@@ -189,7 +192,7 @@ RULES = (
     Rule(LAYER_DECAY, STAGE_LR_MULTS, "give either layer_decay or stage_lr_mults, not both"),
     Rule(AMP, CPU, "mixed precision needs a GPU; set Global.amp=false or run on a GPU"),
     Rule(TO_STATIC, UNFREEZING, "stages unfrozen after the graph is traced would stay frozen; use partial or full, "
-                             "or Global.to_static=false"),
+                                "or Global.to_static=false"),
     Rule(TO_STATIC, ADAPTING, "the per-step gradient-reversal and ramp coefficients would be traced as constants; "
                               "use Global.to_static=false"),
     Rule(ADAPTING, LINEAR_PROBE, "domain adaptation moves the body's features, which linear_probe keeps frozen; use "
@@ -218,6 +221,8 @@ RULES = (
                                "Arch.pretrained or Transfer.l2sp_alpha=0"),
     Rule(LP_FT, ALL_STAGES, "lp_ft fine-tunes the stages above Transfer.freeze_stages, and this leaves none; lower "
                             "it, or use Transfer.strategy=linear_probe"),
+    Rule(CONCATENATED, BODY_TRAINS, "concatenated bodies stay frozen and only their head trains; use "
+         "Transfer.strategy=linear_probe"),
     Rule(RESUMING, CROSS_VALIDATING, "cross-validation trains every fold afresh; leave it unset"),
     Rule(DISTILLING, CROSS_VALIDATING, "the teacher was trained on the images every fold holds out, so its soft "
                                        "targets would leak them into the folds' scores; cross-validate without it"),

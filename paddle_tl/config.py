@@ -167,6 +167,13 @@ class TransferConfig:
     # auto: minutes for measuring candidate recipes on the validation split and
     # training the best (engine/auto.py); 0 = the four-quadrant rule alone
     auto_budget_minutes: float = 10.0
+    # auto: backbones measured beside Arch.name before the recipes (engine/backbones.py):
+    # each alone and the best of them concatenated with Arch.name, by a solved
+    # linear probe on their frozen features. A list of Arch names; installed:
+    # every architecture whose ImageNet weights an installed package ships;
+    # none: Arch.name alone. EfficientNet-Lite0 by default: as cheap to run as
+    # MobileNetV2 at the same 224 px crop (about one more pass over the images)
+    auto_backbones: Union[list, Literal["installed", "none"]] = field(default_factory=lambda: ["efficientnet_lite0"])
     body_lr_mult: float = 0.1  # learning rate of trainable body stages relative to the head
     layer_decay: Optional[float] = None  # per stage further from the head, multiply by this again
     stage_lr_mults: Optional[list] = None  # explicit multiplier per stage, bottom to top
@@ -201,6 +208,10 @@ class TransferConfig:
         _require(self.unfreeze_every >= 1, f"{at}.unfreeze_every", "must be >= 1")
         _require(self.lp_epochs is None or self.lp_epochs >= 1, f"{at}.lp_epochs", "must be >= 1")
         _require(self.auto_budget_minutes >= 0, f"{at}.auto_budget_minutes", "must be >= 0")
+        _require(isinstance(self.auto_backbones, str) or all(
+            isinstance(name, str) and name and "+" not in name for name in self.auto_backbones)
+            and len(set(self.auto_backbones)) == len(self.auto_backbones), f"{at}.auto_backbones",
+            "must be installed, none, or a list of different architecture names (Arch.name values, without '+')")
         _require(self.l2sp_alpha >= 0, f"{at}.l2sp_alpha", "must be >= 0")
         _require(self.cache_views >= 1, f"{at}.cache_views", "must be >= 1")
         _require(self.domain_weight > 0, f"{at}.domain_weight", "must be > 0")

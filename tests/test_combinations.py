@@ -54,8 +54,8 @@ CASES = {
         ["Transfer.domain_adaptation=dann", "Transfer.strategy=partial", f"Transfer.freeze_stages={STAGES - 1}"]),
     "Transfer.domain_adaptation x Arch.name": (
         ["Transfer.domain_adaptation=mmd", "Arch.name=squeezenet1_0"], {"feature_head": False},
-        [(["Arch.name=squeezenet1_0"], {"feature_head": False}), (["Transfer.domain_adaptation=mmd"],
-                                                                 {"feature_head": True})],
+        [(["Arch.name=squeezenet1_0"], {"feature_head": False}),
+         (["Transfer.domain_adaptation=mmd"], {"feature_head": True})],
         ["Transfer.domain_adaptation=mmd", "Transfer.strategy=partial"]),
     "Transfer.domain_adaptation x data-parallel training": (
         ["Transfer.domain_adaptation=mmd"], {"processes": 2},
@@ -103,6 +103,11 @@ CASES = {
         ["Arch.name=squeezenet1_0"], {"feature_head": False, "command": "check-labels"},
         [(["Arch.name=squeezenet1_0"], {"feature_head": False, "command": "cv"}),
          ([], {"feature_head": True, "command": "check-labels"})], None),
+    # The neighbour (a concatenation's linear probe) trains in tests/engine/test_backbones.py.
+    "Arch.name x Transfer.strategy": (
+        ["Arch.name=mobilenet_v2+efficientnet_lite0", "Transfer.strategy=partial"], {},
+        [(["Arch.name=mobilenet_v2+efficientnet_lite0", "Transfer.strategy=linear_probe"], {}),
+         (["Transfer.strategy=partial"], {})], None),
     "Global.resume x paddle-tl command": (
         ["Global.resume=runs/a"], {"command": "cv"},
         [(["Global.resume=runs/a"], {}), ([], {"command": "cv"})], None),

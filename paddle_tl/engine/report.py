@@ -89,8 +89,10 @@ def predict_eval(cfg, split=None):
 
 def error_heat_maps(split, spec, indices, predicted):
     """Grad-CAM maps ([len(indices), S, S], trust/gradcam.py) of the
-    predicted class over the Eval images at `indices`, as the network saw them."""
-    if not len(indices):
+    predicted class over the Eval images at `indices`, as the network saw them;
+    none for a concatenation of bodies (models/concat.py): no one feature map
+    holds its evidence."""
+    if not len(indices) or spec.source == "concat":
         return []
     images = np.stack([split.dataset[int(i)][0] for i in indices])
     return list(grad_cam(split.network, spec, images, predicted)[0])

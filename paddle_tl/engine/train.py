@@ -6,6 +6,7 @@ a callback, a rule in combinations.py; not as branches in the recipe.
 """
 
 import contextlib
+import copy
 import dataclasses
 import json
 import statistics
@@ -15,6 +16,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
+
 from paddle_tl.calibration import calibrate
 from paddle_tl.combinations import Facts, check_combinations
 from paddle_tl.data.check import duplicates_across_splits, duplicates_problem
@@ -22,7 +25,7 @@ from paddle_tl.data.datasets import (IMBALANCE_RATIO, build_dataset, build_targe
                                      split_validation, subsample)
 from paddle_tl.data.loaders import make_loader, map_batches
 from paddle_tl.data.transforms import Preprocess, eval_transform, train_transform
-from paddle_tl.engine import auto
+from paddle_tl.engine import auto, backbones
 from paddle_tl.engine.callbacks import (BestWeights, Checkpointer, EpochClock, EpochRecorder, EvalSchedule, RunState,
                                         SamplerEpoch, StopAfter, ValidationScore, VisualDLLogger, choosing_key,
                                         metric_names)
@@ -35,19 +38,20 @@ from paddle_tl.engine.parts import Network, Run, TrainingData
 from paddle_tl.engine.report import write_report
 from paddle_tl.errors import ConfigError, OutOfMemoryError
 from paddle_tl.files import write_json
+from paddle_tl.metrics import classification_metrics
+from paddle_tl.models.concat import body_names, load_pretrained_bodies
 from paddle_tl.models.features import feature_head
 from paddle_tl.models.heads import build_head
 from paddle_tl.models.static import dynamic_runner
 from paddle_tl.models.weights import load_pretrained
 from paddle_tl.models.zoo import build_model, get_spec
-from paddle_tl.metrics import classification_metrics
 from paddle_tl.runs import AUTO_RECORD, BEST_MODEL, CONFIG_FILE, LATEST, METRICS_FILE, VDL_DIR
 from paddle_tl.runs.checkpoint import load_state, load_weights, resolve_resume, restore_optimizer, save_checkpoint
 from paddle_tl.runs.run_folder import (check_output_dir, describe_model, opened_run_folder, rebuild_model,
                                        record_temperature, require_free_space)
 from paddle_tl.runtime import import_paddle, rng_kept, seed_everything, select_device
 from paddle_tl.transfer.distill import find_teacher
-from paddle_tl.transfer.feature_cache import cached_activations, shared_caches
+from paddle_tl.transfer.feature_cache import cached_activations, cached_datasets, share_features, shared_caches, unkept
 from paddle_tl.transfer.freezing import GradualUnfreezer, add_l2sp, set_frozen_stages, trainable_parameters
 from paddle_tl.transfer.plan import plan_transfer
 from paddle_tl.transfer.similarity import measure_similarity
@@ -62,7 +66,8 @@ def train(cfg):
     started = time.time()  # training time includes auto's measuring and computing cached outputs
     with open_run_folder(cfg, run):  # config.yaml; a refusal before the first epoch leaves the folder as it was
         with shared_caches():  # auto's candidates and the run share one pass of frozen layers over the images
-            cfg, chosen, kept = choose_auto(cfg, run, data)  # auto measures candidates on the validation split
+            # auto measures backbones, then recipes, on the validation split (the data then is the winner's)
+            cfg, data, chosen, kept = choose_auto(cfg, run, data)
             net = load_network(cfg, run, data)  # the architecture for these classes, with its pretrained weights
             plan = plan_strategy(cfg, run, net, data, chosen)  # which stages train when
             state = start_state(cfg, run, net, plan, data, kept)  # fresh, resumed, or auto's trial already done
@@ -86,6 +91,8 @@ def start_run(cfg):
     device = select_device(g.device)
     processes, rank = paddle.distributed.get_world_size(), paddle.distributed.get_rank()
     check_combinations(Facts(cfg, device=device, processes=processes, stages=len(get_spec(cfg.Arch.name).stages)))
+    if cfg.Transfer.strategy == "auto":
+        backbones.backbone_names(cfg)  # an unknown one is refused before any work
     resume = resolve_resume(g.resume) if g.resume else None
     teacher = find_teacher(cfg.Distill)
     folder = check_output_dir(g.output_dir)
@@ -161,7 +168,10 @@ def load_network(cfg, run, data):
     if run.is_main:
         require_free_space(run.folder, layer, master_weights=cfg.Global.amp_level == "O2")
     pretrained = cfg.Arch.pretrained is not False
-    if pretrained:
+    if pretrained and spec.source == "concat":
+        for report in load_pretrained_bodies(layer, cfg.Arch.pretrained, cfg.Arch.pretrained_sha256):
+            print(report.summary())
+    elif pretrained:
         report = load_pretrained(layer, cfg.Arch.pretrained, spec.head, imagenet_url=spec.imagenet_url,
                                  imagenet_md5=spec.imagenet_md5, sha256=cfg.Arch.pretrained_sha256, arch=spec.name,
                                  imagenet_package=spec.imagenet_package, imagenet_sha256=spec.imagenet_sha256)
@@ -192,42 +202,151 @@ class Kept:
 
 
 def choose_auto(cfg, run, data):
-    """(the config to train, auto's record or None, Kept or None). `auto`
-    with a budget measures its candidates (engine/auto.py) and returns the
-    winner's config; a resumed run reads what was chosen (RUN/auto.json)."""
+    """(the config to train, its data, auto's record or None, Kept or
+    None). `auto` with a budget measures its backbones
+    (engine/backbones.py), then its recipes on the winning one
+    (engine/auto.py), and returns the winner's config, with the data in its
+    backbone's preprocessing; a resumed run reads what was chosen
+    (RUN/auto.json)."""
     if cfg.Transfer.strategy != "auto":
-        return cfg, None, None
+        return cfg, data, None, None
     chosen = run.folder / AUTO_RECORD
     if run.resume is not None and chosen.is_file():
         record = json.loads(chosen.read_text())
         print(f"auto: resuming with {record['chosen']}, chosen before ({chosen})")
-        return _resolved(run, auto.restore(record, cfg)), record, None
+        winner = _resolved(run, auto.restore(record, cfg))
+        return winner, _preprocessed_for(winner, data), record, None
     why_not = "resuming a run that measured nothing (no auto.json)" if run.resume is not None else \
         auto.why_not_measured(cfg, run.processes, data.val is not None, cfg.Arch.pretrained is not False)
     if why_not:
         print(f"auto: the four-quadrant rule alone decides ({why_not})")
-        return cfg, None, None
+        return cfg, data, None, None
     candidates = auto.candidates(cfg, len(get_spec(cfg.Arch.name).stages), data.train.class_counts())
     metric = selection_metric(data.class_weights)  # the run's weights, not a capped trial's
     started = time.time()
     with rng_kept():  # the run draws as it would have without the trials
-        _cache_below(cfg, run, data, min(candidate.cut for candidate in candidates))
+        pace = _cache_below(cfg, run, data, min(candidate.cut for candidate in candidates))
+        cfg, data, measured_backbones = _choose_backbone(cfg, run, data, metric, pace)
+        if measured_backbones is not None:
+            started += measured_backbones["seconds"]  # the backbones' share is their own (backbones.BACKBONE_SHARE)
+            candidates = auto.candidates(cfg, len(get_spec(cfg.Arch.name).stages), data.train.class_counts())
+            if measured_backbones["overrides"]:  # another backbone won: its own pass below the candidates' cuts
+                _cache_below(cfg, run, data, min(candidate.cut for candidate in candidates))
         winner, record, trials = auto.measure(cfg, lambda variant, epochs: _trial(variant, run, data, epochs, metric),
                                               candidates, data.val.class_counts(), started, metric)
         best = _best_measured(record, metric)
         kept = Kept(trials[record["chosen"]], record["complete"],
                     _measured(auto.configured(cfg, best["overrides"]), run, data, best["name"],
                               best[auto.score_key(metric)], trials[best["name"]]), record)
+        if measured_backbones is not None:
+            _record_backbones(record, measured_backbones)
     if run.is_main:
         write_json(chosen, record)
-    return _resolved(run, winner), record, kept
+    return _resolved(run, winner), data, record, kept
+
+
+def _choose_backbone(cfg, run, data, metric, pace):
+    """(the config with the winning backbone, its data, what was measured
+    or None): engine/backbones.py measures Arch.name and the backbones of
+    Transfer.auto_backbones on their cached features, those whose pass fits
+    in the backbones' share of the budget (at `pace`, _cache_below's)."""
+    spec = get_spec(cfg.Arch.name)
+    has_feature_head = feature_head(build_model(spec.name, data.num_classes, **cfg.Arch.kwargs), spec) is not None
+    why_not = backbones.why_not_measured(cfg, has_feature_head, run.teacher)
+    if why_not or not backbones.backbone_names(cfg):
+        if why_not:
+            print(f"auto: the backbone is Arch.name's ({why_not})")
+        return cfg, data, None
+    datas, features, measuring = {}, {}, time.time()
+
+    def features_of(name):
+        variant = auto.configured(cfg, backbones.overrides(cfg, name))
+        datas[name] = _preprocessed_for(variant, data)
+        # Arch.name's stay out of the shared caches: its run computes them as it did before backbones were measured.
+        with unkept() if name == cfg.Arch.name else contextlib.nullcontext():
+            features[name] = _backbone_features(variant, run, datas[name])
+        return features[name]
+
+    def skip(name):
+        return backbones.too_costly(name, cfg, len(data.train) + len(data.val), pace, time.time() - measuring,
+                                    data.pre.input_size)
+
+    changes, rows, rule = backbones.measure(cfg, features_of, data.class_names, data.class_weights,
+                                            data.val.class_counts(), metric, skip)
+    winner = auto.configured(cfg, changes)
+    winner_data = datas.get(winner.Arch.name)
+    if winner_data is None:  # the concatenation
+        winner_data = _preprocessed_for(winner, data)
+        _share_concatenated(winner, run, winner_data, datas, features)
+    return winner, winner_data, {"overrides": changes, "rows": rows, "rule": rule,
+                                 "seconds": round(time.time() - measuring, 2)}
+
+
+def _backbone_features(variant, run, data):
+    """The frozen features of `variant`'s backbone, of the plain view of the
+    training images and of the validation split, through the shared caches
+    (the run and auto's trials read them from there)."""
+    net = load_network(variant, dataclasses.replace(run, is_main=False), data)
+    train, (val,), _, _ = cached_datasets(net.layer, net.spec, data.pre.input_size, data.train,
+                                          {"validation": data.val}, data.eval_tf, data.train_tf, 1,
+                                          variant.DataLoader.Eval, variant.Global.seed, run.device)
+    return backbones.Features(train.views[0], train.labels, val.views[0], val.labels)
+
+
+def _share_concatenated(winner, run, data, datas, features):
+    """A concatenation's features of the training (plain view) and
+    validation images, as its bodies' side by side, into the shared caches
+    as its own: where every body's native crop is the shared input's, they
+    are what it computes (up to float rounding), and its trials and run need
+    no pass of their own over those images. Elsewhere it computes them."""
+    names = body_names(winner.Arch.name)
+    if any(datas[name].pre.input_size != data.pre.input_size or
+           datas[name].pre.resize_short != data.pre.resize_short for name in names):
+        return
+    net = load_network(winner, dataclasses.replace(run, is_main=False), data)
+    bodies = [features[name] for name in names]
+    share_features(net.layer, net.spec, [
+        (data.train, data.eval_tf, 0, np.concatenate([body.train for body in bodies], axis=1)),
+        (data.val, data.eval_tf, None, np.concatenate([body.val for body in bodies], axis=1))])
+
+
+def _record_backbones(record, measured):
+    """auto's record with the backbones measured before its recipes: their
+    rows first among the candidates, the winner's changes first among the
+    overrides (a resumed run restores both), the rule under `backbone`."""
+    record["candidates"] = measured["rows"] + record["candidates"]
+    record["overrides"] = measured["overrides"] + record["overrides"]
+    record["backbone"] = dict(measured["rule"], seconds=measured["seconds"])
+    record["reason"] = f"backbone {measured['rule']['winner'][len('backbone:'):]} ({measured['rule']['why']}); " \
+        + record["reason"]
+
+
+def _preprocessed_for(cfg, data):
+    """The data in the preprocessing of cfg's architecture: the same
+    objects where it is the data's already, else copies of the datasets
+    with that architecture's transforms."""
+    pre = Preprocess.from_spec(get_spec(cfg.Arch.name), cfg.Arch.input_size)
+    if pre == data.pre:
+        return data
+    train_tf, eval_tf = train_transform(pre, cfg.DataLoader.Train.augment), eval_transform(pre)
+
+    def viewed(dataset, transform):
+        if dataset is None:
+            return None
+        view = copy.copy(dataset)
+        view.transform = transform
+        return view
+
+    return dataclasses.replace(data, pre=pre, train_tf=train_tf, eval_tf=eval_tf, train=viewed(data.train, train_tf),
+                               val=viewed(data.val, eval_tf), eval=viewed(data.eval, eval_tf),
+                               target=viewed(data.target, train_tf))
 
 
 def _best_measured(record, metric):
     """The measured candidate with the best validation score (a tie goes to
     the winner, then to the lower loss)."""
     key = auto.score_key(metric)
-    rows = [row for row in record["candidates"] if "val_top1" in row]
+    rows = [row for row in record["candidates"] if "val_top1" in row and row.get("kind") != "backbone"]
     return min(rows, key=lambda row: (-row[key], row["name"] != record["chosen"], row["val_loss"]))
 
 
@@ -262,17 +381,20 @@ def _cache_below(cfg, run, data, boundary):
     the features) is computed (transfer/feature_cache.py). Skipped, and each
     candidate caches for itself, where the run would not cache there (the
     fit chooser's own test), or with a teacher (whose training views are
-    computed beside its logits, never shared)."""
+    computed beside its logits, never shared). Returns the seconds the pass
+    took an image (None where skipped): what a backbone's pass is paced by."""
     if run.teacher:
-        return
+        return None
     net = load_network(cfg, dataclasses.replace(run, is_main=False), data)
     images = (len(data.train), len(data.eval) + len(data.val))
     if why_not_cached_below(cfg, net.layer, net.spec, boundary, run.processes, images):
-        return
+        return None
     print(f"auto: computing the bottom {boundary} stages' output once for every candidate")
+    started = time.time()
     cached_activations(net.layer, net.spec, boundary, data.pre.input_size, data.train,
                        {"eval": data.eval, "validation": data.val}, data.eval_tf, data.train_tf,
                        cfg.Transfer.cache_views, cfg.DataLoader.Eval, cfg.Global.seed, run.device)
+    return (time.time() - started) / (images[0] * cfg.Transfer.cache_views + images[1])
 
 
 def _trial(cfg, run, data, epochs, metric="top1"):

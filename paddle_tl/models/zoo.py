@@ -22,7 +22,8 @@ Table conventions, shared by every entry:
 
 paddle.vision entries and paddle_tl's own networks (EfficientNet-Lite) are
 always available; paddleclas entries only when the optional `paddleclas`
-package imports (`pip install -e ".[clas]"`).
+package imports (`pip install -e ".[clas]"`). A name of entries joined with
+"+" is their concatenation (models/concat.py).
 """
 
 import contextlib
@@ -71,6 +72,7 @@ class ArchSpec:
 
 
 FLATTEN = "flatten"
+
 
 def match_prefix(name: str, prefixes) -> bool:
     """True if `name` is one of `prefixes` or lies under one ("fc" does not match "fc1.weight")."""
@@ -368,6 +370,10 @@ def _entry(name: str) -> _Entry:
 
 
 def get_spec(name: str) -> ArchSpec:
+    from paddle_tl.models import concat  # it builds on this table
+
+    if concat.is_concatenation(name):
+        return concat.concatenation_spec(name)
     return _entry(name).spec
 
 
@@ -396,6 +402,10 @@ def build_model(name: str, num_classes: int, **kwargs):
 
     kwargs go to the constructor (e.g. scale=0.25 for mobilenet_v1).
     """
+    from paddle_tl.models import concat
+
+    if concat.is_concatenation(name):
+        return concat.build_concatenation(name, num_classes, **kwargs)
     entry = _entry(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         # paddle.vision treats num_classes <= 0 as "drop the head", which the table cannot describe.

@@ -219,6 +219,25 @@ def shared_caches():
         _shared = outer
 
 
+@contextlib.contextmanager
+def unkept():
+    """Within the context, outputs are read from the shared caches as ever,
+    but what it computes is not kept there: afterwards they hold what they
+    held before. For a look that must leave the run's own path as it was
+    (auto's backbones measure Arch.name's features, which the run derives
+    later from whichever cut is nearest then; float16 activations make
+    another path's features differ in the last bits)."""
+    if _shared is None:
+        yield
+        return
+    before = set(_shared)
+    try:
+        yield
+    finally:
+        for key in set(_shared) - before:
+            del _shared[key]
+
+
 def _cache(cut, train_set, plain_sets, eval_tf, train_tf, views, loader_cfg, seed, teacher=None):
     """(train views, [plain views]). Each view comes from the shared caches
     (at this cut, or computed from a lower cut's), else from the images; the
@@ -229,9 +248,9 @@ def _cache(cut, train_set, plain_sets, eval_tf, train_tf, views, loader_cfg, see
     arrays, logits, from_images = [], {}, []
     for index, (name, dataset, transform, view) in enumerate(jobs):
         shared = teacher is None or view is None
-        key = _key(cut, dataset, transform, view, seed)
+        key = _key(cut.body, dataset, transform, view, seed)
         # A subsample (datasets.subsample) is served by its parent's rows too.
-        sources = [(key, None)] + ([(_key(cut, dataset.parent, transform, view, seed), dataset.indices)]
+        sources = [(key, None)] + ([(_key(cut.body, dataset.parent, transform, view, seed), dataset.indices)]
                                    if hasattr(dataset, "parent") else [])
         arrays.append(_from_shared(cut, key, sources, loader_cfg.batch_size, f"{cut.what}: {name}")
                       if shared else None)
@@ -258,8 +277,21 @@ def _cache(cut, train_set, plain_sets, eval_tf, train_tf, views, loader_cfg, see
     return train, plain
 
 
-def _key(cut, dataset, transform, view, seed):
-    return cut.body, id(dataset), len(dataset), id(transform), view, seed if view else None
+def _key(body, dataset, transform, view, seed):
+    return body, id(dataset), len(dataset), id(transform), view, seed if view else None
+
+
+def share_features(network, spec, computed):
+    """While shared caches are on, features of `network` computed elsewhere
+    serve it as its own: `computed` is [(dataset, transform, view, array)],
+    view 0 for a training set's plain view, None for a plain set (what
+    cached_datasets reads). A concatenation's features are its bodies'
+    side by side (engine/backbones.py measured them body by body)."""
+    if _shared is None:
+        return
+    body = _body_digest(network, spec)
+    for dataset, transform, view, array in computed:
+        _shared[(len(spec.stages), *_key(body, dataset, transform, view, None))] = array
 
 
 def _from_shared(cut, key, sources, batch_size, desc):
