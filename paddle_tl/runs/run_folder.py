@@ -159,7 +159,7 @@ def trained_model(cfg):
     if not cfg.Global.pretrained_model:
         raise ConfigError("Global.pretrained_model: required; point it at a run's best_model "
                           "(e.g. -o Global.pretrained_model=output/run/best_model)")
-    prefix = _prefix(cfg.Global.pretrained_model)
+    prefix = checkpoint_prefix(cfg.Global.pretrained_model)
     state_file = Path(prefix + STATE_SUFFIX)
     if not state_file.is_file():
         raise ConfigError(f"Global.pretrained_model: {state_file} not found; expected a checkpoint "
@@ -201,7 +201,7 @@ def trained_model(cfg):
     return trained
 
 
-def _prefix(pretrained_model):
+def checkpoint_prefix(pretrained_model):
     prefix = str(pretrained_model)
     return prefix[: -len(".pdparams")] if prefix.endswith(".pdparams") else prefix
 
@@ -221,7 +221,7 @@ def trained_temperature(cfg):
     calibrated probabilities, softmax(logits / T): its model record's, 1.0
     where there is none (a checkpoint written before calibration, or during a
     run: `latest`)."""
-    state_file = Path(_prefix(cfg.Global.pretrained_model) + STATE_SUFFIX)
+    state_file = Path(checkpoint_prefix(cfg.Global.pretrained_model) + STATE_SUFFIX)
     record = read_record(state_file).get("model") if state_file.is_file() else None
     return float((record or {}).get("temperature", 1.0))
 

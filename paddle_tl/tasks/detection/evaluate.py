@@ -192,15 +192,23 @@ def evaluate_checkpoint(cfg):
     """`paddle-tl eval` of a detection run: Global.pretrained_model's box AP
     (and mask AP, for a Mask R-CNN) on the Eval split, at the evaluation
     size the checkpoint records."""
+    import_cocoeval()
+    predictions, dataset = predict_eval(cfg)
+    return ap_summary(dataset, predictions)
+
+
+def predict_eval(cfg):
+    """(predictions in original pixels, dataset) of Global.pretrained_model
+    on the Eval split, at the evaluation size the checkpoint records (eval
+    and the report)."""
     from paddle_tl.tasks.detection.data import read_dataset
     from paddle_tl.tasks.detection.loader import predict
     from paddle_tl.tasks.detection.model import trained_detector
     from paddle_tl.tasks.detection.transforms import EvalTransform
-    import_cocoeval()
     model, record = trained_detector(cfg)
     dataset = read_dataset(cfg.DataLoader.Eval.dataset, "Eval", record["class_names"], masks=model.mask)
     pre = record["preprocess"]
-    return ap_summary(dataset, predict(model, dataset, EvalTransform(pre["short_side"], pre["max_size"])))
+    return predict(model, dataset, EvalTransform(pre["short_side"], pre["max_size"])), dataset
 
 
 def ap_summary(dataset, predictions):

@@ -17,6 +17,7 @@ from paddle_tl.data.transforms import Preprocess
 from paddle_tl.errors import ConfigError
 from paddle_tl.models.zoo import get_spec
 from paddle_tl.runs.checkpoint import STATE_SUFFIX, load_weights, read_record
+from paddle_tl.runs.run_folder import checkpoint_prefix
 from paddle_tl.tasks.detection.faster_rcnn import FasterRCNN
 
 TASK = "detection"
@@ -64,8 +65,7 @@ def trained_detector(cfg):
     if not cfg.Global.pretrained_model:
         raise ConfigError("Global.pretrained_model: required; point it at a run's best_model "
                           "(e.g. -o Global.pretrained_model=output/run/best_model)")
-    prefix = str(cfg.Global.pretrained_model)
-    prefix = prefix[: -len(".pdparams")] if prefix.endswith(".pdparams") else prefix
+    prefix = checkpoint_prefix(cfg.Global.pretrained_model)
     state_file = Path(prefix + STATE_SUFFIX)
     if not state_file.is_file():
         raise ConfigError(f"Global.pretrained_model: {state_file} not found; expected a checkpoint "

@@ -35,7 +35,7 @@ def write_detection_report(run_dir, predictions=None, dataset=None):
     false_positives.png, misses.png, index.html); returns index.html's path.
     predictions/dataset: the best model's on the Eval split, where the
     caller has them (training's end); otherwise computed here."""
-    from paddle_tl.tasks.detection.evaluate import coco_evaluation
+    from paddle_tl.tasks.detection.evaluate import coco_evaluation, predict_eval
     run_dir = Path(run_dir)
     if not (run_dir / METRICS_FILE).is_file():
         raise ConfigError(f"{run_dir} has no metrics.json: not the folder of a finished training run")
@@ -60,18 +60,6 @@ def write_detection_report(run_dir, predictions=None, dataset=None):
     index.write_text(render_html(run_dir, metrics, rows, len(false_positives), len(misses), config_text),
                      encoding="utf-8")
     return index
-
-
-def predict_eval(cfg):
-    """(predictions in original pixels, dataset) of Global.pretrained_model on the Eval split."""
-    from paddle_tl.tasks.detection.loader import predict
-    from paddle_tl.tasks.detection.model import trained_detector
-    from paddle_tl.tasks.detection.data import read_dataset
-    from paddle_tl.tasks.detection.transforms import EvalTransform
-    model, record = trained_detector(cfg)
-    dataset = read_dataset(cfg.DataLoader.Eval.dataset, "Eval", record["class_names"])
-    pre = record["preprocess"]
-    return predict(model, dataset, EvalTransform(pre["short_side"], pre["max_size"])), dataset
 
 
 def _csv(value):
