@@ -42,6 +42,18 @@ class DevTools:
             time.sleep(0.2)
         raise AssertionError(f"still false after {timeout} s: {expression}")
 
+    def navigate(self, url, width, height, ready):
+        """Open url in a width x height viewport and wait until `ready` (JavaScript) holds."""
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+        self.call("Page.navigate", url=url)
+        self.wait_for(f"document.readyState === 'complete' && {ready}")
+
+    def pick_file(self, path, selector="#file"):
+        """Choose `path` in the page's file input, as a user picking it would."""
+        root = self.call("DOM.getDocument")["root"]["nodeId"]
+        file_input = self.call("DOM.querySelector", nodeId=root, selector=selector)["nodeId"]
+        self.call("DOM.setFileInputFiles", files=[str(path)], nodeId=file_input)
+
 
 def open_browser(binary, profile):
     """Headless Chromium with DevTools on a free port (it writes the port into

@@ -523,14 +523,10 @@ def test_page_in_headless_chromium(model, infer_rows, tmp_path, chromium):
         process, page_url = open_browser(chromium, tmp_path / "profile")
         try:
             page = DevTools(page_url)
-            page.call("Emulation.setDeviceMetricsOverride", width=1000, height=760, deviceScaleFactor=1, mobile=False)
-            page.call("Page.navigate", url=f"{server.url}/")
-            page.wait_for("document.readyState === 'complete' && "
+            page.navigate(f"{server.url}/", 1000, 760,
                           "document.getElementById('model').textContent.includes('3 classes')")
             # Picked in the file input: a file that is no image, answered with the service's error.
-            root = page.call("DOM.getDocument")["root"]["nodeId"]
-            file_input = page.call("DOM.querySelector", nodeId=root, selector="#file")["nodeId"]
-            page.call("DOM.setFileInputFiles", files=[str(not_an_image)], nodeId=file_input)
+            page.pick_file(not_an_image)
             page.wait_for("document.getElementById('error').textContent !== ''")
             refusal = page.evaluate("document.getElementById('error').textContent")
             # Dropped on the drop zone: the image, answered with bars.

@@ -249,13 +249,8 @@ def test_detection_page_in_headless_chromium(exported, run_dir, tmp_path, chromi
         browser, page_url = open_browser(chromium, tmp_path / "profile")
         try:
             page = DevTools(page_url)
-            page.call("Emulation.setDeviceMetricsOverride", width=1000, height=900, deviceScaleFactor=1, mobile=False)
-            page.call("Page.navigate", url=f"{url}/")
-            page.wait_for("document.readyState === 'complete' && "
-                          "document.getElementById('title').textContent === 'Object detector'")
-            root = page.call("DOM.getDocument")["root"]["nodeId"]
-            file_input = page.call("DOM.querySelector", nodeId=root, selector="#file")["nodeId"]
-            page.call("DOM.setFileInputFiles", files=[str(image)], nodeId=file_input)
+            page.navigate(f"{url}/", 1000, 900, "document.getElementById('title').textContent === 'Object detector'")
+            page.pick_file(image)
             page.wait_for("!document.getElementById('canvas').hidden")
             listed = page.evaluate("document.querySelectorAll('#results .detection').length")
             size = page.evaluate("[document.getElementById('canvas').width, document.getElementById('canvas').height]")
